@@ -1,0 +1,97 @@
+"""Label a round's queried pixels by hand, keyboard only.
+
+    python -m pixelpick.annotation serve --job rounds/r01/job.json --dataset-root data/synthetic --annotator ana
+    python -m pixelpick.annotation export-labels --job rounds/r01/job.json --out rounds/r01/human.parquet
+    python -m pixelpick.annotation split-job --job rounds/r01/job.json --batches 3 --out-dir rounds/r01/batches
+
+Progress is stored beside the job (`job.progress.sqlite`) after every key press; see docs/annotation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from urllib.parse import urlencode
+
+from pixelpick.annotation.jobs import load_job, split_job, write_job
+from pixelpick.annotation.keys import parse_key_overrides, resolve_key_bindings
+from pixelpick.annotation.progress import DEFAULT_LEASE_SECONDS, ProgressStore, default_progress_path, ingest_job_labels
+from pixelpick.annotation.server import TOKEN_ENV, check_host, create_app
+from pixelpick.errors import PixelPickError
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pixelpick.annotation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the web annotator for a job")
+    serve.add_argument("--job", type=Path, required=True, help="the job file (JSON)")
+    serve.add_argument("--dataset-root", type=Path, help="where the job's image ids live (default: the job's root)")
+    serve.add_argument("--db", type=Path, help="progress database (default: <job>.progress.sqlite beside the job)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--token", default=os.environ.get(TOKEN_ENV), help=f"access token (default: ${TOKEN_ENV})")
+    serve.add_argument("--keys", help="remap class keys: 'sky=q,road=r' or a YAML file of class: key")
+    serve.add_argument("--annotator", help="the name labels are stored under when the page does not give one")
+    serve.add_argument("--lease-minutes", type=float, default=DEFAULT_LEASE_SECONDS / 60,
+                       help="an idle annotator's pixels return to the pool after this long (default: 10)")
+
+    export = commands.add_parser("export-labels", help="write a job's labels as a Parquet batch")
+    export.add_argument("--job", type=Path, required=True)
+    export.add_argument("--db", type=Path, help="progress database (default: beside the job)")
+    export.add_argument("--out", type=Path, required=True, help="the Parquet file to write")
+    export.add_argument("--allow-incomplete", action="store_true", help="export even if some pixels are unlabelled")
+
+    split = commands.add_parser("split-job", help="split a job by image into balanced batches, one per annotator")
+    split.add_argument("--job", type=Path, required=True)
+    split.add_argument("--batches", type=int, required=True)
+    split.add_argument("--out-dir", type=Path, required=True)
+    return parser
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn  # only this command needs a web server
+
+    check_host(args.host, args.token)
+    job = load_job(args.job)
+    keys = resolve_key_bindings(job.classes, parse_key_overrides(args.keys) if args.keys else None)
+    store = ProgressStore(args.db or default_progress_path(args.job), job, lease_seconds=args.lease_minutes * 60)
+    root = args.dataset_root or Path(job.dataset.root)
+    app = create_app(job, store, root, class_keys=keys, token=args.token, default_annotator=args.annotator)
+    query = {name: value for name, value in (("annotator", args.annotator), ("token", args.token)) if value}
+    url = f"http://{args.host}:{args.port}/" + (f"?{urlencode(query)}" if query else "")
+    done = store.done_count()
+    print(f"job {job.job_id!r}: {done} of {job.num_pixels} pixels labelled; progress in {store.path}")
+    print(f"annotator at {url}  (Ctrl+C stops it; nothing is lost)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def export_labels(args: argparse.Namespace) -> None:
+    db = args.db or default_progress_path(args.job)
+    path = ingest_job_labels(args.job, db, args.out, allow_incomplete=args.allow_incomplete)
+    print(f"wrote {path}")
+
+
+def write_batches(args: argparse.Namespace) -> None:
+    for batch in split_job(load_job(args.job), args.batches):
+        path = write_job(batch, args.out_dir / f"{batch.job_id}.json")
+        print(f"{path}: {len(batch.images)} images, {batch.num_pixels} pixels")
+
+
+COMMANDS = {"serve": serve, "export-labels": export_labels, "split-job": write_batches}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except PixelPickError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

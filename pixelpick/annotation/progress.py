@@ -1,0 +1,437 @@
+"""Annotation progress: every label stored the moment it is made, in a SQLite database beside the job.
+
+One transaction per label (WAL mode, synchronous=FULL), so closing the tab or killing the server loses nothing and
+an annotator resumes where they stopped. Several annotators can work on one job at once: pixels are handed out by
+claiming them for one annotator with a lease that every action of that annotator renews; a lease left idle for
+`lease_seconds` lapses and its pixels return to the pool. A pixel is labelled at most once; its labeller may
+change the class (review) or undo it (the pixel goes back to them).
+
+Tables: `pixels` (the job's pixels in job order, with the current claim), `labels` (one row per labelled pixel;
+`seq` orders an annotator's labels for undo), `skips` (images an annotator chose to do last), `meta`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import NamedTuple
+
+import pandas as pd
+
+from pixelpick.annotation.jobs import Job, load_job
+from pixelpick.errors import AnnotationJobError, PixelConflictError, SubmissionRejectedError
+from pixelpick.io import write_parquet
+from pixelpick.labels import label_frame
+
+DEFAULT_LEASE_SECONDS = 600.0
+MAX_SECONDS_PER_PIXEL = 24 * 3600.0  # a longer "time per click" is a clock error, not an annotator
+ANNOTATOR_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pixels (
+    id INTEGER PRIMARY KEY,              -- position in the job
+    image_id TEXT NOT NULL, y INTEGER NOT NULL, x INTEGER NOT NULL,
+    claimed_by TEXT, lease_until REAL,   -- unix seconds
+    UNIQUE (image_id, y, x));
+CREATE TABLE IF NOT EXISTS labels (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    pixel_id INTEGER NOT NULL UNIQUE REFERENCES pixels (id),
+    class_id INTEGER NOT NULL, annotator TEXT NOT NULL, seconds REAL NOT NULL,
+    time TEXT NOT NULL,                  -- ISO 8601, UTC
+    submission_id TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS skips (annotator TEXT NOT NULL, image_id TEXT NOT NULL, PRIMARY KEY (annotator, image_id));
+"""
+
+
+class PixelRef(NamedTuple):
+    image_id: str
+    y: int
+    x: int
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One key press: `annotator` gives `class_id` (or the ignore index: unsure) to a pixel."""
+
+    annotator: str
+    image_id: str
+    y: int
+    x: int
+    class_id: int
+    seconds: float  # from the pixel being shown to the key press, measured in the page
+    submission_id: str  # chosen by the page; a retry of the same submission is stored once
+
+
+def default_progress_path(job_path: str | Path) -> Path:
+    """Where a job's progress lives: `batch.json` -> `batch.progress.sqlite`, beside it."""
+    job_path = Path(job_path)
+    return job_path.with_name(f"{job_path.stem}.progress.sqlite")
+
+
+class ProgressStore:
+    """The labels and claims of one job, in the SQLite file `path` (created on first use)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        job: Job,
+        *,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.job = job
+        self.lease_seconds = lease_seconds
+        self._clock = clock
+        self._sizes = {image.image_id: (image.height, image.width) for image in job.images}
+        pixels = [(image.image_id, y, x) for image in job.images for y, x in image.pixels]
+        self._pixel_ids = {pixel: pixel_id for pixel_id, pixel in enumerate(pixels)}
+        self._create_or_check()
+
+    # --- set-up ------------------------------------------------------------------------------------------------
+
+    def _create_or_check(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(self.path, timeout=30)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")  # persistent: readers never block the writer
+        finally:
+            connection.close()
+        fingerprint = self._fingerprint()
+        with self._transaction() as db:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+            stored = db.execute("SELECT value FROM meta WHERE key = 'job'").fetchone()
+            if stored is None:
+                db.execute("INSERT INTO meta VALUES ('job', ?), ('job_id', ?)", (fingerprint, self.job.job_id))
+                db.executemany(
+                    "INSERT INTO pixels (id, image_id, y, x) VALUES (?, ?, ?, ?)",
+                    ((pixel_id, *pixel) for pixel, pixel_id in self._pixel_ids.items()),
+                )
+            elif stored[0] != fingerprint:
+                job_id = db.execute("SELECT value FROM meta WHERE key = 'job_id'").fetchone()[0]
+                raise AnnotationJobError(
+                    f"progress database {self.path} belongs to job {job_id!r} with other pixels, "
+                    f"not to job {self.job.job_id!r}; use a separate database per job"
+                )
+
+    def _fingerprint(self) -> str:
+        digest = hashlib.sha256(self.job.job_id.encode())
+        for pixel in self._pixel_ids:
+            digest.update(repr(pixel).encode())
+        return digest.hexdigest()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One connection per operation (threads and processes can share the file); BEGIN IMMEDIATE serialises
+        writers, so a claim or a label is checked and written without anyone else in between."""
+        connection = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            connection.execute("PRAGMA synchronous=FULL")
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+        finally:
+            connection.close()
+
+    # --- handing out pixels ------------------------------------------------------------------------------------
+
+    def claim(self, annotator: str, count: int) -> list[PixelRef]:
+        """The unlabelled pixels `annotator` holds, topped up from the pool to at least `count`, in job order.
+
+        New pixels come first from images the annotator has not skipped and nobody else is working on.
+        """
+        self._check_annotator(annotator)
+        now = self._clock()
+        with self._transaction() as db:
+            self._renew_leases(db, annotator, now)
+            held = self._held(db, annotator)
+            wanted = count - len(held)
+            if wanted > 0:
+                free = db.execute(
+                    """SELECT p.id FROM pixels p LEFT JOIN labels l ON l.pixel_id = p.id
+                       WHERE l.pixel_id IS NULL AND (p.claimed_by IS NULL OR p.lease_until < :now)
+                       ORDER BY p.image_id IN (SELECT image_id FROM skips WHERE annotator = :me),
+                                p.image_id IN (SELECT image_id FROM pixels
+                                               WHERE claimed_by != :me AND lease_until >= :now),
+                                p.id
+                       LIMIT :wanted""",
+                    {"now": now, "me": annotator, "wanted": wanted},
+                ).fetchall()
+                db.executemany(
+                    "UPDATE pixels SET claimed_by = ?, lease_until = ? WHERE id = ?",
+                    ((annotator, now + self.lease_seconds, pixel_id) for (pixel_id,) in free),
+                )
+                held += self._pixels(db, [pixel_id for (pixel_id,) in free])
+        return held
+
+    def _held(self, db: sqlite3.Connection, annotator: str) -> list[PixelRef]:
+        rows = db.execute(
+            """SELECT p.image_id, p.y, p.x FROM pixels p LEFT JOIN labels l ON l.pixel_id = p.id
+               WHERE p.claimed_by = ? AND l.pixel_id IS NULL ORDER BY p.id""",
+            (annotator,),
+        )
+        return [PixelRef(*row) for row in rows]
+
+    def _pixels(self, db: sqlite3.Connection, pixel_ids: list[int]) -> list[PixelRef]:
+        query = "SELECT image_id, y, x FROM pixels WHERE id = ?"
+        return [PixelRef(*db.execute(query, (pixel_id,)).fetchone()) for pixel_id in pixel_ids]
+
+    def _renew_leases(self, db: sqlite3.Connection, annotator: str, now: float) -> None:
+        db.execute(
+            "UPDATE pixels SET lease_until = ? WHERE claimed_by = ? AND id NOT IN (SELECT pixel_id FROM labels)",
+            (now + self.lease_seconds, annotator),
+        )
+
+    def skip_image(self, annotator: str, image_id: str) -> int:
+        """Give back `annotator`'s claims on `image_id` and hand them its pixels only after every other image.
+
+        Returns the number of pixels given back.
+        """
+        self._check_annotator(annotator)
+        if image_id not in self._sizes:
+            raise SubmissionRejectedError(f"image {image_id!r} is not in job {self.job.job_id!r}")
+        with self._transaction() as db:
+            db.execute("INSERT OR IGNORE INTO skips VALUES (?, ?)", (annotator, image_id))
+            released = db.execute(
+                """UPDATE pixels SET claimed_by = NULL, lease_until = NULL
+                   WHERE claimed_by = ? AND image_id = ? AND id NOT IN (SELECT pixel_id FROM labels)""",
+                (annotator, image_id),
+            ).rowcount
+        return released
+
+    # --- labels ------------------------------------------------------------------------------------------------
+
+    def record(self, submission: Submission) -> bool:
+        """Store a new label; True when stored now, False when this exact submission was stored before (a retry).
+
+        Raises SubmissionRejectedError for a pixel, class or value the job does not allow and PixelConflictError
+        when the pixel is labelled already or held by another annotator; nothing is stored then.
+        """
+        pixel_id = self._check_submission(submission)
+        now = self._clock()
+        with self._transaction() as db:
+            existing = db.execute(
+                "SELECT annotator, submission_id FROM labels WHERE pixel_id = ?", (pixel_id,)
+            ).fetchone()
+            if existing is not None:
+                if existing[1] == submission.submission_id:
+                    return False
+                raise PixelConflictError(f"{_describe(submission)} is already labelled by {existing[0]!r}")
+            holder, lease_until = db.execute(
+                "SELECT claimed_by, lease_until FROM pixels WHERE id = ?", (pixel_id,)
+            ).fetchone()
+            if holder not in (None, submission.annotator) and lease_until >= now:
+                raise PixelConflictError(f"{_describe(submission)} is assigned to annotator {holder!r}")
+            if db.execute("SELECT 1 FROM labels WHERE submission_id = ?", (submission.submission_id,)).fetchone():
+                raise PixelConflictError(f"submission id {submission.submission_id!r} was already used for another pixel")
+            db.execute(
+                "INSERT INTO labels (pixel_id, class_id, annotator, seconds, time, submission_id) VALUES (?,?,?,?,?,?)",
+                (pixel_id, submission.class_id, submission.annotator, submission.seconds, _utc_now(),
+                 submission.submission_id),
+            )
+            db.execute("UPDATE pixels SET claimed_by = ? WHERE id = ?", (submission.annotator, pixel_id))
+            self._renew_leases(db, submission.annotator, now)
+        return True
+
+    def relabel(self, submission: Submission) -> None:
+        """Change the class of a pixel `submission.annotator` labelled before (reviewing with 'back')."""
+        pixel_id = self._check_submission(submission)
+        with self._transaction() as db:
+            existing = db.execute("SELECT annotator FROM labels WHERE pixel_id = ?", (pixel_id,)).fetchone()
+            if existing is None:
+                raise PixelConflictError(f"{_describe(submission)} has no label to change")
+            if existing[0] != submission.annotator:
+                raise PixelConflictError(f"{_describe(submission)} was labelled by {existing[0]!r}; only they can change it")
+            db.execute(
+                "UPDATE labels SET class_id = ?, seconds = ?, time = ? WHERE pixel_id = ?",
+                (submission.class_id, submission.seconds, _utc_now(), pixel_id),
+            )
+            self._renew_leases(db, submission.annotator, self._clock())
+
+    def undo(self, annotator: str, expected: PixelRef | None = None) -> PixelRef:
+        """Delete `annotator`'s most recent label and give its pixel back to them; returns that pixel.
+
+        With `expected`, the page says which pixel it believes is the last one: a mismatch raises
+        PixelConflictError, and an `expected` pixel that is already unlabelled and held by the annotator counts as
+        undone (a retried request). Relabelling does not change which label is the most recent.
+        """
+        self._check_annotator(annotator)
+        now = self._clock()
+        with self._transaction() as db:
+            last = db.execute(
+                """SELECT l.pixel_id, p.image_id, p.y, p.x FROM labels l JOIN pixels p ON p.id = l.pixel_id
+                   WHERE l.annotator = ? ORDER BY l.seq DESC LIMIT 1""",
+                (annotator,),
+            ).fetchone()
+            if expected is not None and (last is None or PixelRef(*last[1:]) != expected):
+                if self._already_undone(db, annotator, expected):
+                    return PixelRef(*expected)
+                found = "no label" if last is None else f"image {last[1]!r} y={last[2]} x={last[3]}"
+                raise PixelConflictError(f"cannot undo: your last label is {found}, not the pixel shown")
+            if last is None:
+                raise PixelConflictError(f"annotator {annotator!r} has no label to undo")
+            db.execute("DELETE FROM labels WHERE pixel_id = ?", (last[0],))
+            db.execute(
+                "UPDATE pixels SET claimed_by = ?, lease_until = ? WHERE id = ?",
+                (annotator, now + self.lease_seconds, last[0]),
+            )
+            self._renew_leases(db, annotator, now)
+        return PixelRef(*last[1:])
+
+    def _already_undone(self, db: sqlite3.Connection, annotator: str, pixel: PixelRef) -> bool:
+        pixel_id = self._pixel_ids.get(tuple(pixel))
+        row = db.execute(
+            """SELECT p.claimed_by, l.pixel_id FROM pixels p LEFT JOIN labels l ON l.pixel_id = p.id
+               WHERE p.id = ?""",
+            (pixel_id,),
+        ).fetchone()
+        return row is not None and row[0] == annotator and row[1] is None
+
+    def _check_submission(self, submission: Submission) -> int:
+        """The pixel's id, after checking everything that does not depend on stored state."""
+        self._check_annotator(submission.annotator)
+        job_id, image_id, y, x = self.job.job_id, submission.image_id, submission.y, submission.x
+        if image_id not in self._sizes:
+            raise SubmissionRejectedError(f"image {image_id!r} is not in job {job_id!r}")
+        height, width = self._sizes[image_id]
+        if not (0 <= y < height and 0 <= x < width):
+            raise SubmissionRejectedError(
+                f"pixel (y={y}, x={x}) is out of bounds of image {image_id!r} ({height}x{width})"
+            )
+        if (image_id, y, x) not in self._pixel_ids:
+            raise SubmissionRejectedError(f"{_describe(submission)} was not queried in job {job_id!r}")
+        num_classes, ignore_index = len(self.job.classes), self.job.ignore_index
+        if not (0 <= submission.class_id < num_classes or submission.class_id == ignore_index):
+            raise SubmissionRejectedError(
+                f"class {submission.class_id} does not exist: classes are 0..{num_classes - 1}, "
+                f"or {ignore_index} for unsure"
+            )
+        if not (math.isfinite(submission.seconds) and 0 <= submission.seconds <= MAX_SECONDS_PER_PIXEL):
+            raise SubmissionRejectedError(f"seconds={submission.seconds} must be between 0 and {MAX_SECONDS_PER_PIXEL:.0f}")
+        if not submission.submission_id or len(submission.submission_id) > 64:
+            raise SubmissionRejectedError("submission_id must be 1 to 64 characters")
+        return self._pixel_ids[(image_id, y, x)]
+
+    @staticmethod
+    def _check_annotator(annotator: str) -> None:
+        if not ANNOTATOR_PATTERN.match(annotator):
+            raise SubmissionRejectedError(
+                f"annotator name {annotator!r} must be 1-64 letters, digits or . _ @ - (starting with a letter or digit)"
+            )
+
+    # --- reading progress --------------------------------------------------------------------------------------
+
+    def done_count(self, image_id: str | None = None) -> int:
+        """How many pixels are labelled (unsure included), in the whole job or in one image."""
+        with self._transaction() as db:
+            query = "SELECT COUNT(*) FROM labels l JOIN pixels p ON p.id = l.pixel_id"
+            if image_id is None:
+                return db.execute(query).fetchone()[0]
+            return db.execute(query + " WHERE p.image_id = ?", (image_id,)).fetchone()[0]
+
+    def done_by_image(self) -> dict[str, int]:
+        """Labelled pixels per image, for images with at least one."""
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT p.image_id, COUNT(*) FROM labels l JOIN pixels p ON p.id = l.pixel_id GROUP BY p.image_id"
+            )
+            return dict(rows.fetchall())
+
+    def history(self, annotator: str, limit: int = 50) -> list[dict[str, object]]:
+        """`annotator`'s most recent labels, oldest first: image_id, y, x, class_id."""
+        with self._transaction() as db:
+            rows = db.execute(
+                """SELECT p.image_id, p.y, p.x, l.class_id FROM labels l JOIN pixels p ON p.id = l.pixel_id
+                   WHERE l.annotator = ? ORDER BY l.seq DESC LIMIT ?""",
+                (annotator, limit),
+            ).fetchall()
+        return [{"image_id": image_id, "y": y, "x": x, "class_id": class_id} for image_id, y, x, class_id in rows[::-1]]
+
+    def annotator_seconds(self, annotator: str) -> tuple[int, float]:
+        """(labels made, their total seconds) by `annotator`."""
+        with self._transaction() as db:
+            count, total = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(seconds), 0) FROM labels WHERE annotator = ?", (annotator,)
+            ).fetchone()
+        return count, total
+
+    def is_complete(self) -> bool:
+        """True when every pixel of the job is labelled (unsure counts as labelled)."""
+        return self.done_count() == len(self._pixel_ids)
+
+    def completed_labels(self) -> pd.DataFrame:
+        """Every stored label in LABEL_COLUMNS, in job order: source "human", round from the job, UTC time."""
+        with self._transaction() as db:
+            rows = db.execute(
+                """SELECT p.image_id, p.y, p.x, l.class_id, l.annotator, l.seconds, l.time
+                   FROM labels l JOIN pixels p ON p.id = l.pixel_id ORDER BY p.id"""
+            ).fetchall()
+        found = pd.DataFrame(rows, columns=["image_id", "y", "x", "class_id", "annotator", "seconds", "time"])
+        return label_frame(
+            {
+                **{name: found[name].tolist() for name in ("image_id", "y", "x", "class_id", "annotator", "seconds")},
+                "round": [self.job.round] * len(found),
+                "source": ["human"] * len(found),
+                "time": [datetime.fromisoformat(stamp) for stamp in found["time"]],
+            }
+        )
+
+
+def _describe(submission: Submission) -> str:
+    return f"pixel (y={submission.y}, x={submission.x}) of image {submission.image_id!r}"
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def ingest_job_labels(
+    job_path: str | Path, progress_db: str | Path, out_path: str | Path, *, allow_incomplete: bool = False
+) -> Path:
+    """Write a job's labels as a Parquet batch in LABEL_COLUMNS at `out_path` (atomically) and return the path.
+
+    The labels are checked against the job again (every pixel queried, once, with a valid class). An unfinished
+    job raises AnnotationJobError unless `allow_incomplete`. The caller appends the batch to the LabelStore.
+    """
+    job = load_job(job_path)
+    if not Path(progress_db).is_file():
+        raise AnnotationJobError(f"progress database {progress_db} does not exist; nobody has labelled job {job.job_id!r}")
+    store = ProgressStore(progress_db, job)
+    labels = store.completed_labels()
+    if len(labels) < job.num_pixels and not allow_incomplete:
+        raise AnnotationJobError(
+            f"job {job.job_id!r} is unfinished: {job.num_pixels - len(labels)} of {job.num_pixels} pixels "
+            "have no label (pass allow_incomplete to ingest what is there)"
+        )
+    check_labels_against_job(labels, job)
+    return write_parquet(labels, out_path)
+
+
+def check_labels_against_job(labels: pd.DataFrame, job: Job) -> None:
+    """Raise AnnotationJobError unless every label is a queried pixel of `job`, labelled once, with a valid class."""
+    queried = {(image.image_id, y, x) for image in job.images for y, x in image.pixels}
+    keys = list(zip(labels["image_id"], labels["y"].astype(int), labels["x"].astype(int), strict=True))
+    stray = [key for key in keys if key not in queried]
+    if stray:
+        raise AnnotationJobError(f"{len(stray)} labels are for pixels job {job.job_id!r} did not query, e.g. {stray[0]}")
+    if len(set(keys)) != len(keys):
+        raise AnnotationJobError(f"labels of job {job.job_id!r} give some pixel more than one label")
+    valid = labels["class_id"].between(0, len(job.classes) - 1) | (labels["class_id"] == job.ignore_index)
+    if not valid.all():
+        raise AnnotationJobError(
+            f"labels of job {job.job_id!r} hold class ids {sorted(set(labels.loc[~valid, 'class_id']))} "
+            "that are not in the job"
+        )

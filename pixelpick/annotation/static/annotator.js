@@ -1,0 +1,597 @@
+"use strict";
+/*
+ * PixelPick annotator page: one queried pixel at a time, labelled with one key press.
+ *
+ * Nothing between a key press and the next pixel on screen waits for the network: the next pixels are claimed
+ * ahead of time and their images decoded in advance, and every change (label, relabel, undo, skip, claim) goes
+ * to the server in the background through one ordered outbox that retries until the server answers. The server
+ * owns the truth: a rejected change is shown with the server's reason, and the counters are resynchronised
+ * whenever the outbox is empty.
+ */
+
+const PREFETCH = 8; // pixels claimed ahead of the one on screen
+const REFILL_BELOW = 4; // claim more when fewer than this are queued
+const ZOOMS = [9, 13, 19, 27, 39, 55, 77, 109, 155]; // image pixels across the magnified view (odd: pixel centred)
+const DEFAULT_ZOOM = 4;
+const HISTORY_LIMIT = 200; // labels kept for back/undo
+const KEEP_IMAGES = 24; // decoded images kept in memory
+const BACKDROP = "#0d0f12";
+const NAME_STORAGE = "pixelpick.annotator";
+const ZOOM_STORAGE = "pixelpick.zoom";
+
+const $ = (id) => document.getElementById(id);
+const pixelKey = (pixel) => `${pixel.image_id}\n${pixel.y}\n${pixel.x}`;
+const imageUrl = (imageId) => "api/images/" + imageId.split("/").map(encodeURIComponent).join("/");
+
+const state = {
+  job: null,
+  annotator: null,
+  images: new Map(), // image_id -> {image_id, height, width, pixels, index}
+  keyToClass: new Map(), // lower-case key -> class id
+  queue: [], // claimed pixels not labelled yet; queue[0] is the one to label
+  known: new Set(), // queued and labelled pixels, so a claim never shows a pixel twice
+  history: [], // my labels, oldest first: {image_id, y, x, class_id}
+  reviewIndex: null, // index into history while reviewing ("back"), else null
+  shown: null, // {key, mode, at}: the pixel on screen and since when (performance.now())
+  pendingKeyAt: null, // timestamp of the key press whose result is being drawn
+  zoom: DEFAULT_ZOOM,
+  done: 0,
+  total: 0,
+  doneByImage: new Map(),
+  clicks: { count: 0, seconds: 0, last: null },
+  outbox: [],
+  sending: false,
+  claimQueued: false,
+  loaded: new Map(), // image_id -> decoded HTMLImageElement
+  loading: new Map(), // image_id -> Promise
+  shownCount: 0,
+};
+// For tests and benchmarks/annotator_latency.py: key press -> next pixel drawn, in ms.
+window.pixelpick = { state, latencies: [] };
+
+/* ---------------------------------------------------------------- the server, through an ordered outbox */
+
+async function api(method, path, body) {
+  const response = await fetch(path, {
+    method,
+    headers: body ? { "Content-Type": "application/json" } : {},
+    body: body ? JSON.stringify(body) : undefined,
+    keepalive: method !== "GET", // a label sent just before the tab closes still arrives
+  });
+  const data = await response.json().catch(() => ({ detail: `HTTP ${response.status}` }));
+  return { ok: response.ok, status: response.status, data };
+}
+
+/** Queue a change; changes reach the server one at a time, in the order they were made. */
+function send(method, path, body, { onDone = () => {}, onReject = () => {} } = {}) {
+  state.outbox.push({ method, path, body, onDone, onReject });
+  showSync();
+  pump();
+}
+
+async function pump() {
+  if (state.sending) return;
+  state.sending = true;
+  let retryDelay = 250;
+  while (state.outbox.length) {
+    const op = state.outbox[0];
+    let result = null;
+    try {
+      result = await api(op.method, op.path, op.body);
+    } catch (error) {
+      result = null; // offline or the server is restarting: keep the change and try again
+    }
+    if (result === null || result.status >= 500) {
+      showSync("offline");
+      await new Promise((resolve) => setTimeout(resolve, retryDelay));
+      retryDelay = Math.min(retryDelay * 2, 5000);
+      continue;
+    }
+    retryDelay = 250;
+    state.outbox.shift();
+    if (result.ok) {
+      if (!state.outbox.length) syncCounts(result.data);
+      op.onDone(result.data);
+    } else {
+      showMessage(result.data.detail || `request failed (HTTP ${result.status})`, "error");
+      op.onReject(result.data);
+    }
+    showSync();
+  }
+  state.sending = false;
+  showSync();
+  if (!current().pixel) render();
+}
+
+/** Adopt the server's counts (they include other annotators' work); only called when nothing is pending. */
+function syncCounts(data) {
+  if (typeof data.done === "number") state.done = data.done;
+  if (typeof data.total === "number") state.total = data.total;
+  if (data.image_id !== undefined) state.doneByImage.set(data.image_id, data.image_done);
+  if (data.done_by_image) state.doneByImage = new Map(Object.entries(data.done_by_image));
+  showProgress();
+}
+
+function requestClaims() {
+  if (state.claimQueued) return;
+  state.claimQueued = true;
+  const done = (data) => {
+    state.claimQueued = false;
+    addClaims(data.pixels || []);
+  };
+  send("POST", "api/claims", { annotator: state.annotator, count: PREFETCH }, { onDone: done, onReject: done });
+}
+
+function addClaims(pixels) {
+  const wasEmpty = !current().pixel;
+  for (const pixel of pixels) {
+    if (state.known.has(pixelKey(pixel))) continue;
+    state.known.add(pixelKey(pixel));
+    state.queue.push(pixel);
+  }
+  prefetchImages();
+  if (wasEmpty) render();
+  if (!state.queue.length && state.done < state.total) setTimeout(requestClaims, 15000); // others may give up
+}
+
+/* ---------------------------------------------------------------- images */
+
+function imageFor(imageId) {
+  if (!state.loading.has(imageId)) {
+    const image = new Image();
+    image.src = imageUrl(imageId);
+    const ready = image.decode().then(
+      () => {
+        state.loaded.set(imageId, image);
+        return image;
+      },
+      () => {
+        state.loading.delete(imageId); // try again next time it is needed
+        throw new Error(`cannot load image ${imageId}`);
+      },
+    );
+    state.loading.set(imageId, ready);
+  }
+  return state.loading.get(imageId);
+}
+
+function prefetchImages() {
+  const wanted = new Set(state.queue.map((pixel) => pixel.image_id));
+  state.history.slice(-10).forEach((pixel) => wanted.add(pixel.image_id));
+  for (const imageId of wanted) imageFor(imageId).catch(() => {});
+  if (state.loaded.size > KEEP_IMAGES) {
+    for (const imageId of state.loaded.keys()) {
+      if (!wanted.has(imageId)) {
+        state.loaded.delete(imageId);
+        state.loading.delete(imageId);
+      }
+    }
+  }
+}
+
+/* ---------------------------------------------------------------- drawing */
+
+function current() {
+  if (state.reviewIndex !== null) return { pixel: state.history[state.reviewIndex], mode: "review" };
+  return { pixel: state.queue[0] || null, mode: "label" };
+}
+
+function render() {
+  const { pixel, mode } = current();
+  const crop = $("crop");
+  showProgress();
+  showLegendChoice(mode === "review" ? pixel.class_id : null);
+  $("review-banner").hidden = mode !== "review";
+  if (!pixel) return renderEmpty();
+  const image = state.loaded.get(pixel.image_id);
+  if (!image) {
+    state.shown = null;
+    setOverlay("Loading image…", "loading");
+    imageFor(pixel.image_id).then(
+      () => render(),
+      (error) => showMessage(error.message, "error"),
+    );
+    return;
+  }
+  setOverlay(null, mode);
+  drawCrop(image, pixel);
+  drawContext(image, pixel);
+  const meta = state.images.get(pixel.image_id);
+  $("pixel-info").textContent =
+    `Image ${meta.index + 1} of ${state.images.size} · ${pixel.image_id} · pixel y ${pixel.y}, x ${pixel.x}`;
+  if (mode === "review") {
+    const name = className(pixel.class_id);
+    $("review-banner").textContent =
+      `Reviewing your label “${name}”: press a class key to change it, → for the next, Esc to go back to labelling.`;
+  }
+  Object.assign(crop.dataset, { imageId: pixel.image_id, y: pixel.y, x: pixel.x });
+  const key = pixelKey(pixel);
+  if (!state.shown || state.shown.key !== key || state.shown.mode !== mode) {
+    state.shown = { key, mode, at: performance.now() }; // a zoom redraw keeps the clock running
+  }
+  crop.dataset.shown = ++state.shownCount;
+  const keyAt = state.pendingKeyAt;
+  state.pendingKeyAt = null;
+  if (keyAt !== null) {
+    requestAnimationFrame(() => window.pixelpick.latencies.push(performance.now() - keyAt));
+  }
+}
+
+function renderEmpty() {
+  state.shown = null;
+  for (const canvas of [$("crop"), $("context")]) canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  $("pixel-info").textContent = "";
+  $("progress-image").textContent = "–";
+  if (state.claimQueued || state.total === 0) return setOverlay("Loading…", "loading");
+  if (state.done >= state.total) {
+    return setOverlay(`All ${state.total} pixels of this job are labelled. Thank you!`, "done");
+  }
+  setOverlay("The remaining pixels are with other annotators. Checking again shortly…", "waiting");
+}
+
+function setOverlay(text, mode) {
+  $("crop").dataset.mode = mode;
+  $("overlay").hidden = text === null;
+  if (text !== null) $("overlay").textContent = text;
+}
+
+/** Size a canvas's backing store to its CSS size in device pixels, so lines stay crisp. */
+function fitCanvas(canvas) {
+  const ratio = window.devicePixelRatio || 1;
+  const width = Math.round(canvas.clientWidth * ratio);
+  const height = Math.round(canvas.clientHeight * ratio);
+  if (canvas.width !== width || canvas.height !== height) {
+    canvas.width = width;
+    canvas.height = height;
+  }
+  return [width, height];
+}
+
+/** The magnified crop: nearest neighbour, the pixel's footprint in the exact centre. */
+function drawCrop(image, pixel) {
+  const canvas = $("crop");
+  const context = canvas.getContext("2d");
+  const [size] = fitCanvas(canvas);
+  const meta = state.images.get(pixel.image_id);
+  const across = ZOOMS[state.zoom];
+  const scale = size / across; // canvas px per image pixel
+  // The job's coordinates are at the working resolution; the file may be larger (it is shown at full detail).
+  const fileX = image.naturalWidth / meta.width;
+  const fileY = image.naturalHeight / meta.height;
+  const left = pixel.x + 0.5 - across / 2;
+  const top = pixel.y + 0.5 - across / 2;
+  const x0 = Math.max(left, 0);
+  const y0 = Math.max(top, 0);
+  const x1 = Math.min(left + across, meta.width);
+  const y1 = Math.min(top + across, meta.height);
+  context.fillStyle = BACKDROP;
+  context.fillRect(0, 0, size, size);
+  context.imageSmoothingEnabled = false;
+  context.drawImage(
+    image,
+    x0 * fileX, y0 * fileY, (x1 - x0) * fileX, (y1 - y0) * fileY,
+    (x0 - left) * scale, (y0 - top) * scale, (x1 - x0) * scale, (y1 - y0) * scale,
+  );
+  drawMarker(context, size / 2, size / 2, scale);
+}
+
+/** A square around the pixel and a ring around that, each a white line on a black one: visible on any colour,
+ *  and leaving the pixel itself uncovered. */
+function drawMarker(context, cx, cy, scale) {
+  const ratio = window.devicePixelRatio || 1;
+  const half = scale / 2;
+  if (scale >= 6 * ratio) {
+    const gap = 2 * ratio;
+    outline(context, ratio, () =>
+      context.strokeRect(cx - half - gap, cy - half - gap, scale + 2 * gap, scale + 2 * gap));
+  }
+  const radius = Math.max(half * Math.SQRT2 + 12 * ratio, 16 * ratio);
+  outline(context, ratio, () => {
+    context.beginPath();
+    context.arc(cx, cy, radius, 0, 2 * Math.PI);
+    context.stroke();
+  });
+}
+
+function outline(context, ratio, strokePath, width = 1.5) {
+  context.lineWidth = (width + 2) * ratio;
+  context.strokeStyle = "rgba(0, 0, 0, 0.85)";
+  strokePath();
+  context.lineWidth = width * ratio;
+  context.strokeStyle = "#ffffff";
+  strokePath();
+}
+
+/** The whole image, small, with the magnified area and the pixel marked. */
+function drawContext(image, pixel) {
+  const canvas = $("context");
+  const meta = state.images.get(pixel.image_id);
+  canvas.style.aspectRatio = `${meta.width} / ${meta.height}`;
+  const [width, height] = fitCanvas(canvas);
+  const context = canvas.getContext("2d");
+  const ratio = window.devicePixelRatio || 1;
+  context.imageSmoothingEnabled = true;
+  context.drawImage(image, 0, 0, width, height);
+  const scale = width / meta.width;
+  const across = ZOOMS[state.zoom];
+  const cx = (pixel.x + 0.5) * scale;
+  const cy = (pixel.y + 0.5) * height / meta.height;
+  outline(context, ratio, () =>
+    context.strokeRect(cx - (across / 2) * scale, cy - (across / 2) * scale, across * scale, across * scale), 1);
+  outline(context, ratio, () => {
+    context.beginPath();
+    context.arc(cx, cy, 4 * ratio, 0, 2 * Math.PI);
+    context.stroke();
+  }, 1);
+}
+
+function showProgress() {
+  const { pixel } = current();
+  if (pixel) {
+    const inImage = state.images.get(pixel.image_id).pixels;
+    const doneInImage = state.doneByImage.get(pixel.image_id) || 0;
+    $("progress-image").textContent = `${doneInImage} of ${inImage} done · ${inImage - doneInImage} left`;
+  }
+  $("progress-job").textContent = `${state.done} of ${state.total} done · ${state.total - state.done} left`;
+  const { count, seconds, last } = state.clicks;
+  if (count) {
+    const lastText = last === null ? "" : ` · last ${last.toFixed(2)} s`;
+    $("progress-time").textContent = `mean ${(seconds / count).toFixed(2)} s${lastText}`;
+  }
+}
+
+function showLegendChoice(classId) {
+  for (const item of $("legend").children) {
+    item.classList.toggle("chosen", classId !== null && Number(item.dataset.classId) === classId);
+  }
+}
+
+function showSync(override) {
+  const sync = $("sync");
+  const pending = state.outbox.length;
+  const mode = override || (pending ? "saving" : "saved");
+  sync.dataset.state = mode;
+  sync.textContent = mode === "offline" ? "offline – retrying" : pending ? `saving ${pending}…` : "saved";
+}
+
+let messageTimer = null;
+function showMessage(text, kind = "hint") {
+  const box = $("message");
+  box.textContent = text;
+  box.dataset.kind = kind;
+  box.hidden = false;
+  clearTimeout(messageTimer);
+  messageTimer = setTimeout(() => (box.hidden = true), kind === "error" ? 8000 : 3500);
+}
+
+/* ---------------------------------------------------------------- keys */
+
+const NAVIGATION = {
+  " ": { run: (event) => answer(state.job.ignore_index, event) },
+  Backspace: { run: undo },
+  ArrowLeft: { run: back },
+  ArrowRight: { run: forward },
+  Escape: { run: stopReviewing },
+  Enter: { run: skipImage },
+  "+": { run: () => zoom(-1), repeats: true },
+  "=": { run: () => zoom(-1), repeats: true },
+  "-": { run: () => zoom(+1), repeats: true },
+};
+
+function onKeyDown(event) {
+  if (!state.job || !state.annotator || event.target.closest?.("input, textarea, button")) return;
+  if (event.ctrlKey || event.metaKey || event.altKey) return; // leave browser shortcuts alone
+  const action = NAVIGATION[event.key];
+  if (action) {
+    event.preventDefault();
+    if (!event.repeat || action.repeats) action.run(event);
+    return;
+  }
+  if (event.key.length !== 1) return; // Shift, Tab, F5, ...: not ours
+  const classId = state.keyToClass.get(event.key.toLowerCase());
+  if (classId === undefined) {
+    showMessage(`“${event.key}” is not a class key – the keys are listed on the right (Space = unsure).`);
+    return;
+  }
+  event.preventDefault();
+  if (!event.repeat) answer(classId, event); // holding a key down must not label a run of pixels
+}
+
+function answer(classId, event) {
+  const { pixel, mode } = current();
+  if (!pixel || !state.shown || state.shown.key !== pixelKey(pixel)) return;
+  const seconds = Math.max(0, (event.timeStamp - state.shown.at) / 1000);
+  const body = {
+    annotator: state.annotator,
+    image_id: pixel.image_id,
+    y: pixel.y,
+    x: pixel.x,
+    class_id: classId,
+    seconds,
+    submission_id: newSubmissionId(),
+  };
+  state.pendingKeyAt = event.timeStamp;
+  if (mode === "review") {
+    if (pixel.class_id !== classId) {
+      pixel.class_id = classId;
+      send("PUT", "api/labels", body);
+    }
+    return forward();
+  }
+  state.queue.shift();
+  const labelled = { image_id: pixel.image_id, y: pixel.y, x: pixel.x, class_id: classId };
+  state.history.push(labelled);
+  if (state.history.length > HISTORY_LIMIT) state.history.shift();
+  countDone(pixel.image_id, +1);
+  state.clicks = { count: state.clicks.count + 1, seconds: state.clicks.seconds + seconds, last: seconds };
+  send("POST", "api/labels", body, {
+    onReject: () => {
+      // Not stored: forget it locally too, so back/undo and the counts match the server.
+      state.history = state.history.filter((item) => item !== labelled);
+      countDone(pixel.image_id, -1);
+      showProgress();
+    },
+  });
+  render();
+  if (state.queue.length < REFILL_BELOW) requestClaims();
+  prefetchImages();
+}
+
+function countDone(imageId, step) {
+  state.done += step;
+  state.doneByImage.set(imageId, (state.doneByImage.get(imageId) || 0) + step);
+}
+
+function undo() {
+  state.reviewIndex = null;
+  const last = state.history.pop();
+  if (!last) return showMessage("Nothing to undo.");
+  const pixel = { image_id: last.image_id, y: last.y, x: last.x };
+  state.queue.unshift(pixel);
+  countDone(pixel.image_id, -1);
+  send("POST", "api/undo", { annotator: state.annotator, expected: pixel }, { onReject: reloadState });
+  render();
+}
+
+function back() {
+  if (!state.history.length) return showMessage("No labels to review yet.");
+  if (state.reviewIndex === 0) return showMessage("That is the oldest label you can review.");
+  state.reviewIndex = (state.reviewIndex === null ? state.history.length : state.reviewIndex) - 1;
+  render();
+}
+
+function forward() {
+  if (state.reviewIndex === null) return;
+  state.reviewIndex += 1;
+  if (state.reviewIndex >= state.history.length) state.reviewIndex = null;
+  render();
+}
+
+function stopReviewing() {
+  if (state.reviewIndex === null) return;
+  state.reviewIndex = null;
+  render();
+}
+
+function skipImage() {
+  state.reviewIndex = null;
+  const pixel = state.queue[0];
+  if (!pixel) return;
+  const skipped = state.queue.filter((item) => item.image_id === pixel.image_id);
+  skipped.forEach((item) => state.known.delete(pixelKey(item)));
+  state.queue = state.queue.filter((item) => item.image_id !== pixel.image_id);
+  send("POST", "api/skip", { annotator: state.annotator, image_id: pixel.image_id });
+  showMessage(`Skipped the rest of ${pixel.image_id}; it comes back after the other images.`);
+  requestClaims();
+  render();
+}
+
+function zoom(step) {
+  state.zoom = Math.min(Math.max(state.zoom + step, 0), ZOOMS.length - 1);
+  localStorage.setItem(ZOOM_STORAGE, String(state.zoom));
+  $("zoom-level").textContent = `(${ZOOMS[state.zoom]} px across)`;
+  render();
+}
+
+function newSubmissionId() {
+  // crypto.randomUUID needs a secure context; getRandomValues works on plain http over the LAN too.
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (byte) => byte.toString(16).padStart(2, "0")).join("");
+}
+
+function className(classId) {
+  if (classId === state.job.ignore_index) return "unsure";
+  return state.job.classes[classId].name;
+}
+
+/* ---------------------------------------------------------------- start-up */
+
+async function getJSON(path) {
+  const { ok, data } = await api("GET", path);
+  if (!ok) throw new Error(data.detail || `cannot load ${path}`);
+  return data;
+}
+
+function askName() {
+  return new Promise((resolve) => {
+    const form = $("name-form");
+    form.hidden = false;
+    $("name-input").focus();
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      form.hidden = true;
+      resolve($("name-input").value.trim());
+    }, { once: true });
+  });
+}
+
+function buildLegend(job) {
+  const legend = $("legend");
+  const entries = job.classes.map((info) => [info.id, info.key, info.name, `rgb(${info.colour.join(",")})`]);
+  entries.push([job.ignore_index, "Space", "unsure / void", "repeating-linear-gradient(45deg,#555 0 3px,#222 3px 6px)"]);
+  for (const [classId, key, name, colour] of entries) {
+    const item = document.createElement("li");
+    item.dataset.classId = classId;
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = colour;
+    const kbd = document.createElement("kbd");
+    kbd.textContent = key;
+    item.append(swatch, kbd, document.createTextNode(" " + name));
+    legend.append(item);
+  }
+}
+
+function loadState(data) {
+  state.history = data.history;
+  state.history.forEach((pixel) => state.known.add(pixelKey(pixel)));
+  state.clicks = { count: data.my_labels, seconds: data.my_seconds, last: null };
+  syncCounts(data);
+}
+
+function reloadState() {
+  send("GET", `api/state?annotator=${encodeURIComponent(state.annotator)}`, null, {
+    onDone: (data) => {
+      state.reviewIndex = null;
+      loadState(data);
+      render();
+    },
+  });
+}
+
+async function start() {
+  const url = new URL(window.location.href);
+  if (url.searchParams.has("token")) {
+    url.searchParams.delete("token"); // the server has set a cookie; keep the token out of history
+    window.history.replaceState(null, "", url);
+  }
+  const job = await getJSON("api/job");
+  state.job = job;
+  state.total = job.images.reduce((sum, image) => sum + image.pixels, 0);
+  job.images.forEach((image, index) => state.images.set(image.image_id, { ...image, index }));
+  job.classes.forEach((info) => state.keyToClass.set(info.key.toLowerCase(), info.id));
+  buildLegend(job);
+  $("job-title").textContent = `job ${job.job_id} · round ${job.round}`;
+  const savedZoom = Number(localStorage.getItem(ZOOM_STORAGE) ?? DEFAULT_ZOOM);
+  state.zoom = Number.isInteger(savedZoom) && savedZoom >= 0 && savedZoom < ZOOMS.length ? savedZoom : DEFAULT_ZOOM;
+  $("zoom-level").textContent = `(${ZOOMS[state.zoom]} px across)`;
+
+  const fromUrl = url.searchParams.get("annotator");
+  const annotator = fromUrl || localStorage.getItem(NAME_STORAGE) || job.default_annotator || (await askName());
+  localStorage.setItem(NAME_STORAGE, annotator);
+  state.annotator = annotator;
+  $("annotator-name").textContent = `labelling as ${annotator}`;
+
+  loadState(await getJSON(`api/state?annotator=${encodeURIComponent(annotator)}`));
+  requestClaims();
+  render();
+}
+
+document.addEventListener("keydown", onKeyDown);
+window.addEventListener("resize", () => current().pixel && render());
+window.addEventListener("beforeunload", (event) => {
+  if (state.outbox.length) event.preventDefault(); // a change is not on the server yet
+});
+start().catch((error) => {
+  setOverlay(error.message, "error");
+  showMessage(error.message, "error");
+});

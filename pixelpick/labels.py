@@ -1,0 +1,266 @@
+"""The labelled-pixel store: one append-only, validated Parquet table shared by every round and annotator.
+
+Each row says "annotator A gave pixel (y, x) of image I class c in round r". A `class_id` equal to the dataset's
+`ignore_index` records "unsure/void": the pixel was asked and answered, so it is never asked again, and it is
+never trained on. A batch is validated whole before anything is written, and every write replaces the file
+atomically, so a crash or a bad batch never leaves a half-written table behind.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from filelock import FileLock
+
+from pixelpick.errors import LabelFileError, LabelValidationError, UnknownImageError
+from pixelpick.io import atomic_write
+
+LABEL_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("y", pa.int32()),
+        ("x", pa.int32()),
+        ("class_id", pa.int16()),
+        ("round", pa.int32()),
+        ("source", pa.string()),  # how the label came about: "initial-random", "simulated", "human", ...
+        ("annotator", pa.string()),
+        ("seconds", pa.float32()),  # time the annotator took for this pixel
+        ("time", pa.timestamp("us", tz="UTC")),
+    ]
+)
+LABEL_COLUMNS: list[str] = list(LABEL_SCHEMA.names)
+PIXEL_KEY = ["image_id", "y", "x"]
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    added: int  # new rows written
+    duplicates: int  # rows skipped because the same pixel already had the same class
+
+
+def label_frame(columns: Mapping[str, object]) -> pd.DataFrame:
+    """A DataFrame in LABEL_COLUMNS order with the store's dtypes (what `LabelStore.read` returns).
+
+    `columns` maps every label column to a sequence; scalars are not broadcast.
+    """
+    return pa.table({name: columns[name] for name in LABEL_COLUMNS}, schema=LABEL_SCHEMA).to_pandas()
+
+
+def read_labels(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a labels Parquet file, checking it follows the label schema.
+
+    Raises `LabelFileError` naming the file when it is missing, unreadable, has other columns or types,
+    or holds missing values. Values are not checked against a dataset: that is `LabelStore.append`'s job.
+    """
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise LabelFileError(f"labels file {path} does not exist") from None
+    except (pa.ArrowException, OSError) as exc:
+        raise LabelFileError(f"labels file {path} is not a readable Parquet file: {exc}") from exc
+    if sorted(table.column_names) != sorted(LABEL_COLUMNS):
+        raise LabelFileError(f"labels file {path} has columns {table.column_names}, expected {LABEL_COLUMNS}")
+    try:
+        table = table.select(LABEL_COLUMNS).cast(LABEL_SCHEMA)
+    except (pa.ArrowException, ValueError) as exc:
+        raise LabelFileError(f"labels file {path} does not match the label schema {LABEL_SCHEMA}: {exc}") from exc
+    with_nulls = [name for name in LABEL_COLUMNS if table[name].null_count]
+    if with_nulls:
+        raise LabelFileError(f"labels file {path} has missing values in columns {with_nulls}")
+    return table.to_pandas()
+
+
+class LabelStore:
+    """The append-only table of labelled pixels at `path`, validated against the dataset it labels.
+
+    image_sizes: image id -> (H, W) at the working resolution, for every image that may be labelled.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        image_sizes: Mapping[str, tuple[int, int]],
+        num_classes: int,
+        ignore_index: int,
+    ) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if 0 <= ignore_index < num_classes:
+            raise ValueError(f"ignore_index {ignore_index} is a real class id (num_classes = {num_classes})")
+        self.path = Path(path)
+        self.image_sizes = dict(image_sizes)
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+
+    def read(self) -> pd.DataFrame:
+        """Every stored label in append order; an empty, correctly typed table when nothing is stored yet."""
+        if not self.path.exists():
+            return LABEL_SCHEMA.empty_table().to_pandas()
+        labels = read_labels(self.path)
+        repeated = labels.duplicated(PIXEL_KEY)
+        if repeated.any():
+            first = labels[repeated].iloc[0]
+            raise LabelFileError(
+                f"label store {self.path} labels {int(repeated.sum())} pixels more than once, "
+                f"e.g. {first['image_id']!r} y={first['y']} x={first['x']}"
+            )
+        return labels
+
+    def append(self, batch: pd.DataFrame) -> AppendResult:
+        """Validate `batch` whole, then add its new rows atomically.
+
+        Rows repeating a stored label exactly (same pixel, same class) are skipped and counted, so re-ingesting
+        a batch changes nothing. Any bad row rejects the whole batch with `LabelValidationError` and leaves the
+        stored file untouched.
+        """
+        # The lock makes read-validate-replace one step for every process (web annotator, flows, CLI).
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.path.with_name(f".{self.path.name}.lock")):
+            stored = self.read()
+            rows, is_duplicate = self._validate(batch, stored)
+            new_rows = rows[~is_duplicate]
+            if len(new_rows):
+                _write_atomic(pd.concat([stored, new_rows], ignore_index=True), self.path)
+        return AppendResult(added=len(new_rows), duplicates=int(is_duplicate.sum()))
+
+    def write_snapshot(self, round_id: int, path: str | os.PathLike) -> Path:
+        """Write the labels of rounds <= round_id to `path` (atomically) and return that path."""
+        labels = self.read()
+        path = Path(path)
+        _write_atomic(labels[labels["round"] <= round_id], path)
+        return path
+
+    def labelled_pixels(self, image_id: str, *, include_void: bool = True) -> np.ndarray:
+        """The (n, 2) int64 (y, x) pixels of `image_id` that have a label, in append order."""
+        if image_id not in self.image_sizes:
+            raise UnknownImageError(f"unknown image id {image_id!r}: not one of the label store's images")
+        labels = self.read()
+        keep = labels["image_id"] == image_id
+        if not include_void:
+            keep &= labels["class_id"] != self.ignore_index
+        return labels.loc[keep, ["y", "x"]].to_numpy(dtype=np.int64)
+
+    def labels_for_training(self) -> pd.DataFrame:
+        """Every stored label except void ("unsure") answers, which are never trained on."""
+        labels = self.read()
+        return labels[labels["class_id"] != self.ignore_index].reset_index(drop=True)
+
+    def _validate(self, batch: pd.DataFrame, stored: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
+        """Return the batch in the store's dtypes and which of its rows are exact duplicates; raise if any is bad."""
+        missing = [name for name in LABEL_COLUMNS if name not in batch.columns]
+        unexpected = [name for name in batch.columns if name not in LABEL_COLUMNS]
+        if missing or unexpected:
+            raise LabelValidationError(
+                f"rejected label batch: missing columns {missing}, unexpected columns {unexpected}; "
+                f"expected exactly {LABEL_COLUMNS}"
+            )
+        original = batch.reset_index(drop=True)
+        values = _coerce(original)
+        checks = self._row_checks(values)
+        bad = np.logical_or.reduce([failed for failed, _ in checks])
+
+        # Only rows with a valid image, pixel and class can clash with another label of the same pixel.
+        rows = values[~bad].astype({"y": np.int32, "x": np.int32, "class_id": np.int16, "round": np.int32})
+        stored_class = stored.set_index(PIXEL_KEY)["class_id"]
+        previous = stored_class.reindex(pd.MultiIndex.from_frame(rows[PIXEL_KEY])).to_numpy(dtype=float)
+        clashes_in_batch = (rows.groupby(PIXEL_KEY)["class_id"].transform("nunique") > 1).to_numpy()
+        clashes_with_store = ~np.isnan(previous) & (previous != rows["class_id"].to_numpy())
+        in_conflict = np.zeros(len(values), dtype=bool)
+        in_conflict[rows.index] = clashes_in_batch | clashes_with_store
+        checks.append((in_conflict, lambda row: _conflict_reason(rows.loc[row.name], stored_class)))
+        bad |= in_conflict
+
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            row = original.iloc[first]
+            reason = next(describe for failed, describe in checks if failed[first])(row)
+            raise LabelValidationError(
+                f"rejected label batch: {int(bad.sum())} of {len(batch)} rows are bad; first bad row "
+                f"{batch.index[first]} (image_id={row['image_id']!r}, y={row['y']}, x={row['x']}): {reason}",
+                row=batch.index[first],
+                reason=reason,
+                n_bad=int(bad.sum()),
+            )
+        # No row is bad, so `rows` is the whole batch and `previous` lines up with it.
+        typed = _to_table(rows).to_pandas()
+        return typed, ~np.isnan(previous) | typed.duplicated(PIXEL_KEY).to_numpy()
+
+    def _row_checks(self, values: pd.DataFrame) -> list[tuple[np.ndarray, Callable[[pd.Series], str]]]:
+        """(failed per row, why) for every per-row rule, in the order a row's first failure is reported."""
+        height = values["image_id"].map({image_id: h for image_id, (h, _) in self.image_sizes.items()})
+        width = values["image_id"].map({image_id: w for image_id, (_, w) in self.image_sizes.items()})
+
+        def integer_in(name: str, low: object, high: object) -> pd.Series:
+            column = values[name]
+            return (column == np.floor(column)) & (column >= low) & (column < high)
+
+        def size(row: pd.Series) -> tuple[int, int]:
+            return self.image_sizes[row["image_id"]]
+
+        is_class = integer_in("class_id", 0, self.num_classes) | (values["class_id"] == self.ignore_index)
+        checks = [
+            (height.isna(), lambda row: f"unknown image id {row['image_id']!r}"),
+            (~integer_in("y", 0, height), lambda row: f"y={row['y']} is not an integer in [0, {size(row)[0]})"),
+            (~integer_in("x", 0, width), lambda row: f"x={row['x']} is not an integer in [0, {size(row)[1]})"),
+            (~is_class, lambda row: f"class_id={row['class_id']} is neither in [0, {self.num_classes}) "
+                                    f"nor the void index {self.ignore_index}"),
+            (~integer_in("round", 0, _INT32_MAX + 1), lambda row: f"round={row['round']} is not an integer >= 0"),
+            (values["source"].isna(), lambda row: "source is missing or empty"),
+            (values["annotator"].isna(), lambda row: "annotator is missing or empty"),
+            (~(np.isfinite(values["seconds"]) & (values["seconds"] >= 0)),
+             lambda row: f"seconds={row['seconds']} is not a finite number >= 0"),
+            (values["time"].isna(), lambda row: "time is missing or not a timestamp"),
+        ]
+        return [(failed.to_numpy(dtype=bool), describe) for failed, describe in checks]
+
+
+def _coerce(batch: pd.DataFrame) -> pd.DataFrame:
+    """The batch with numbers as float64 and times as UTC timestamps; whatever cannot be coerced becomes NaN/NaT."""
+
+    def text(column: pd.Series) -> pd.Series:
+        return column.where(column.map(lambda value: isinstance(value, str) and value != ""))
+
+    values = pd.DataFrame(
+        {
+            "image_id": text(batch["image_id"]),
+            "source": text(batch["source"]),
+            "annotator": text(batch["annotator"]),
+            "time": pd.to_datetime(batch["time"], utc=True, format="ISO8601", errors="coerce").astype(
+                "datetime64[us, UTC]"
+            ),
+        }
+    )
+    for name in ("y", "x", "class_id", "round", "seconds"):
+        values[name] = pd.to_numeric(batch[name], errors="coerce").astype("float64")
+    return values[LABEL_COLUMNS]
+
+
+def _conflict_reason(row: pd.Series, stored_class: pd.Series) -> str:
+    key = (row.image_id, row.y, row.x)
+    if key in stored_class.index and stored_class[key] != row.class_id:
+        return f"the pixel is already labelled class {stored_class[key]}, not {row.class_id}"
+    return "the batch gives this pixel more than one class"
+
+
+def _to_table(labels: pd.DataFrame) -> pa.Table:
+    """`labels` as an Arrow table with the label schema."""
+    columns = {name: labels[name].to_numpy() for name in LABEL_COLUMNS}
+    # Hand Arrow naive UTC times: its pandas path reads tz-aware columns through an API pandas 3.1 deprecates.
+    columns["time"] = labels["time"].dt.tz_convert(None).to_numpy()
+    return pa.table(columns, schema=LABEL_SCHEMA)
+
+
+def _write_atomic(labels: pd.DataFrame, path: Path) -> None:
+    """Write `labels` to `path` so that readers see the old file or the new one, never a partial one."""
+    table = _to_table(labels)
+    atomic_write(path, lambda file: pq.write_table(table, file))

@@ -1,0 +1,43 @@
+"""Pictures of a round: the picked pixels over the image, beside the model's uncertainty map."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: flows run on servers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def query_panel(
+    images: Sequence[np.ndarray],
+    picks: Sequence[np.ndarray],
+    scores: Sequence[np.ndarray | None],
+    titles: Sequence[str],
+) -> bytes:
+    """A PNG with one row per image: the image with its picks (red rings), and the score map (brighter = more
+    informative) when the round had a model."""
+    rows = len(images)
+    fig, axes = plt.subplots(rows, 2, figsize=(7, 2.6 * rows), squeeze=False)
+    for row, (image, yx, score, title) in enumerate(zip(images, picks, scores, titles)):
+        left, right = axes[row]
+        left.imshow(image)
+        left.scatter(yx[:, 1], yx[:, 0], s=36, facecolors="none", edgecolors="red", linewidths=1.5)
+        left.set_title(title, fontsize=8)
+        if score is not None:
+            right.imshow(score, cmap="magma")
+            right.scatter(yx[:, 1], yx[:, 0], s=12, c="cyan", marker="x", linewidths=1)
+            right.set_title("uncertainty (score)", fontsize=8)
+        else:
+            right.text(0.5, 0.5, "round 0: random picks", ha="center", va="center")
+        for ax in (left, right):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=72)
+    plt.close(fig)
+    return buffer.getvalue()

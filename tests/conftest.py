@@ -1,0 +1,59 @@
+"""Shared test set-up: every store in a temporary folder, telemetry off, one Prefect server per session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Set before Prefect or MLflow is imported anywhere: both read their settings at import.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="pixelpick-tests-"))
+os.environ.setdefault("PREFECT_HOME", str(_SESSION_DIR / "prefect"))
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'mlflow.db'}"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def camvid_root() -> Path:
+    """The real CamVid, when PIXELPICK_CAMVID_ROOT points at it; tests using it skip otherwise."""
+    root = os.environ.get("PIXELPICK_CAMVID_ROOT")
+    if not root or not (Path(root) / "train").is_dir():
+        pytest.skip("real CamVid not available (set PIXELPICK_CAMVID_ROOT)")
+    return Path(root)
+
+
+@pytest.fixture
+def tiny_settings(tmp_path):
+    """A campaign small enough for a test: a few tiny synthetic scenes, two short rounds."""
+    from pixelpick.settings import load_settings
+
+    params = tmp_path / "params.yaml"
+    params.write_text(TINY_PARAMS)
+    return load_settings(params)
+
+
+TINY_PARAMS = """
+data:
+  dataset: synthetic
+  root: data/synthetic
+  synthetic: {num_train: 24, num_val: 12, height: 48, width: 64, seed: 0}
+model:
+  arch: deeplabv3plus_mobilenetv2
+train:
+  preset: cpu-synthetic
+  epochs: 2
+  batch_size: 8
+acquire:
+  strategy: margin
+  pixels_per_image: 10
+campaign:
+  name: tiny
+  workdir: data/runs
+  initial_pixels_per_image: 10
+  rounds: 1
+"""

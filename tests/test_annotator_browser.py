@@ -1,0 +1,245 @@
+"""The annotator page in real headless Chromium: keyboard-only labelling, undo, unsure, skip, review, reload, and
+two annotators on one job. Skipped when Debian's Chromium is not installed (`apt-get install chromium`)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from pixelpick.annotation import ProgressStore, export_job, load_job
+from pixelpick.annotation.server import create_app
+from pixelpick.datasets.folder import FolderDataset
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+IGNORE = 255
+SKY, ROAD = 0, 1
+KEYS = {SKY: "k", ROAD: "r"}
+# Three 16x20 images, sky above row 8 and road below; three queried pixels each.
+QUERIES = {f"images/im{i}.png": [(2, 3 + i), (9, 5), (13, 15 - i)] for i in range(3)}
+PIXELS = [(image_id, y, x) for image_id, pixels in QUERIES.items() for y, x in pixels]
+
+
+def truth(pixel: tuple[str, int, int]) -> int:
+    return SKY if pixel[1] < 8 else ROAD
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def store(tmp_path) -> ProgressStore:
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    classes = [{"name": "sky", "colour": [70, 130, 180], "key": "k"}, {"name": "road", "colour": [128, 64, 128], "key": "r"}]
+    root.joinpath("classes.yaml").write_text(yaml.safe_dump({"ignore_index": IGNORE, "classes": classes}))
+    for image_id in QUERIES:
+        image = np.empty((16, 20, 3), np.uint8)
+        image[:8], image[8:] = classes[SKY]["colour"], classes[ROAD]["colour"]
+        Image.fromarray(image).save(root / image_id)
+    queries = pd.DataFrame(PIXELS, columns=["image_id", "y", "x"])
+    job_path = export_job(queries, FolderDataset(root, "train"), job_id="demo", campaign="demo", round_id=1,
+                          path=tmp_path / "job.json")
+    return ProgressStore(tmp_path / "job.progress.sqlite", load_job(job_path))
+
+
+@contextmanager
+def running(store: ProgressStore) -> Iterator[str]:
+    """Serve the annotator for `store` with uvicorn on a free localhost port, in a background thread."""
+    import uvicorn
+
+    app = create_app(store.job, store, Path(store.job.dataset.root))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))  # port 0: any free one
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def url(store) -> Iterator[str]:
+    with running(store) as base_url:
+        yield base_url
+
+
+@pytest.fixture
+def open_page(browser, url):
+    """Open the annotator as `annotator` in a fresh browser context (its own storage, like another person)."""
+    contexts = []
+
+    def open_as(annotator: str):
+        contexts.append(context := browser.new_context(viewport={"width": 1100, "height": 720}))
+        page = context.new_page()
+        page.errors = []
+        page.on("pageerror", lambda error: page.errors.append(str(error)))
+        page.goto(f"{url}?annotator={annotator}")
+        page.wait_for_selector("#crop[data-mode=label]")
+        return page
+
+    yield open_as
+    for context in contexts:
+        context.close()
+
+
+def shown(page) -> tuple[str, int, int] | None:
+    """The pixel on screen, or None when the page shows none (done, waiting)."""
+    data = page.eval_on_selector("#crop", "canvas => ({...canvas.dataset})")
+    if data["mode"] not in ("label", "review"):
+        return None
+    return data["imageId"], int(data["y"]), int(data["x"])
+
+
+def press(page, key: str) -> None:
+    """Press `key` and wait until the page has drawn what comes next (or says there is nothing left)."""
+    before = page.get_attribute("#crop", "data-shown")
+    page.keyboard.press(key)
+    page.wait_for_function(
+        """before => { const crop = document.querySelector('#crop');
+                       return crop.dataset.shown !== before || ['done', 'waiting'].includes(crop.dataset.mode); }""",
+        arg=before,
+    )
+
+
+def wait_saved(page) -> None:
+    page.wait_for_selector("#sync[data-state=saved]")
+
+
+def stored(store: ProgressStore) -> dict[tuple[str, int, int], tuple[int, str]]:
+    labels = store.completed_labels()
+    return {
+        (image_id, y, x): (class_id, annotator)
+        for image_id, y, x, class_id, annotator in zip(
+            labels.image_id, labels.y, labels.x, labels.class_id, labels.annotator, strict=True
+        )
+    }
+
+
+def test_label_a_whole_job_with_keys_only(open_page, store):
+    page = open_page("ana")
+    seen = []
+    while (pixel := shown(page)) is not None:
+        seen.append(pixel)
+        press(page, KEYS[truth(pixel)])
+    wait_saved(page)
+
+    assert seen == PIXELS  # each pixel once, in job order
+    assert stored(store) == {pixel: (truth(pixel), "ana") for pixel in PIXELS}
+    assert (store.completed_labels()["seconds"] > 0).all()
+    assert page.get_attribute("#crop", "data-mode") == "done"
+    assert page.inner_text("#progress-job") == "9 of 9 done · 0 left"
+    assert page.errors == []
+
+
+def test_undo_and_unsure(open_page, store):
+    page = open_page("ana")
+    first, second, third = PIXELS[:3]
+    press(page, "k")
+    press(page, " ")  # unsure about the second...
+    press(page, "Backspace")  # ...undo that, it is on screen again
+    assert shown(page) == second
+    press(page, "r")
+    assert shown(page) == third
+    press(page, " ")
+    wait_saved(page)
+
+    assert stored(store) == {first: (SKY, "ana"), second: (ROAD, "ana"), third: (IGNORE, "ana")}
+    assert page.inner_text("#progress-image") == "0 of 3 done · 3 left"  # now on the second image
+
+
+def test_back_reviews_and_relabels(open_page, store):
+    page = open_page("ana")
+    first, second = PIXELS[:2]
+    press(page, "r")  # wrong: the first pixel is sky
+    press(page, "ArrowLeft")
+    assert shown(page) == first and page.get_attribute("#crop", "data-mode") == "review"
+    assert page.is_visible("#legend li.chosen[data-class-id='1']")
+    press(page, "k")  # relabel, and carry on where we were
+    assert shown(page) == second and page.get_attribute("#crop", "data-mode") == "label"
+    wait_saved(page)
+    assert stored(store) == {first: (SKY, "ana")}
+
+
+def test_skip_sends_the_rest_of_an_image_to_the_end(open_page, store):
+    page = open_page("ana")
+    press(page, "Enter")
+    order = []
+    while (pixel := shown(page)) is not None:
+        order.append(pixel[0])
+        press(page, KEYS[truth(pixel)])
+    wait_saved(page)
+    assert order == ["images/im1.png"] * 3 + ["images/im2.png"] * 3 + ["images/im0.png"] * 3
+    assert store.is_complete()
+
+
+def test_reload_continues_where_it_stopped(open_page, store):
+    page = open_page("ana")
+    for pixel in PIXELS[:4]:
+        press(page, KEYS[truth(pixel)])
+    wait_saved(page)
+    page.reload()
+    page.wait_for_selector("#crop[data-mode=label]")
+
+    assert shown(page) == PIXELS[4]
+    assert page.inner_text("#progress-job") == "4 of 9 done · 5 left"
+    press(page, "Backspace")  # the history survives the reload too
+    assert shown(page) == PIXELS[3]
+    wait_saved(page)
+    assert set(stored(store)) == set(PIXELS[:3])
+
+
+def test_two_annotators_label_disjoint_pixels(open_page, store):
+    pages = {name: open_page(name) for name in ("ana", "ben")}
+    labelled_by = {"ana": [], "ben": []}
+    for _ in range(2 * len(PIXELS)):
+        for name, page in pages.items():
+            if (pixel := shown(page)) is not None:
+                labelled_by[name].append(pixel)
+                press(page, KEYS[truth(pixel)])
+    for page in pages.values():
+        wait_saved(page)
+
+    assert labelled_by["ana"] and labelled_by["ben"]
+    assert set(labelled_by["ana"]).isdisjoint(labelled_by["ben"])
+    assert stored(store) == {
+        pixel: (truth(pixel), name) for name, pixels in labelled_by.items() for pixel in pixels
+    }
+    assert store.is_complete()
+
+
+def test_unknown_keys_do_nothing_but_show_a_hint(open_page, store):
+    page = open_page("ana")
+    before = page.get_attribute("#crop", "data-shown")
+    page.keyboard.press("z")
+    page.keyboard.press("Tab")
+    page.wait_for_selector("#message:not([hidden])")
+    assert "“z” is not a class key" in page.inner_text("#message")
+    assert shown(page) == PIXELS[0] and page.get_attribute("#crop", "data-shown") == before
+    assert store.done_count() == 0
