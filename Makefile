@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_RESULTS_PERSIST_BY_DEFAULT := true
 
-.PHONY: run test setup clean
+.PHONY: run test setup clean repro
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -22,7 +22,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(PY) -m pixelpick campaign
+	$(PY) -m flows.campaign
+
+# Reproduce the campaign's rounds with DVC (stages call `python`, so the environment's bin comes first).
+repro: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
 
 test: setup
 	$(PY) -m pytest

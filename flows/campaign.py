@@ -15,6 +15,7 @@ from prefect import flow
 from flows.round import round_flow
 from pixelpick.settings import Settings, load_settings, parse_override
 from tasks.tracking import start_campaign_run
+from tasks.versioning import version_progress
 
 
 @flow(name="pixelpick-campaign", flow_run_name="campaign-{campaign_name}", log_prints=True)
@@ -30,6 +31,7 @@ def campaign_flow(settings_json: str, campaign_name: str = "campaign") -> list[d
         print(f"{round_id:>5} {metrics['labelled_pixels']:>9} {metrics['pixels_per_image']:>7.1f} "
               f"{100 * metrics['miou']:>6.1f}  v{result['model_version']}")
         results.append({**result, "miou": metrics["miou"], "labelled_pixels": metrics["labelled_pixels"]})
+    version_progress(settings_json)
     return results
 
 

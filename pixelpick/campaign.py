@@ -9,6 +9,7 @@ same result.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -67,6 +68,10 @@ class RoundPaths:
     @property
     def metrics(self) -> Path:
         return self.dir / "metrics.json"
+
+    @property
+    def train_log(self) -> Path:
+        return self.dir / "train_log.json"
 
     @property
     def job(self) -> Path:
@@ -225,9 +230,15 @@ class Campaign:
             "num_classes": self.pool.label_space.num_classes,
             "round": round_id,
             "history": result.history,
-            "seconds_per_epoch": result.seconds_per_epoch,
         }
-        atomic_write(paths.model, lambda f: torch.save(checkpoint, f))
+        # Saved through a buffer: torch names the archive after the file it writes, and the temporary file's
+        # random name would make two identical trainings differ byte for byte. Timings stay out for the same
+        # reason; they go to train_log.json.
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write(paths.model, lambda f: f.write(buffer.getvalue()))
+        write_json({"seconds_per_epoch": result.seconds_per_epoch, "epochs": len(result.history),
+                    "device": str(self.device)}, paths.train_log)
         return paths.model
 
     def evaluate(self, round_id: int, progress: bool = False) -> dict[str, Any]:

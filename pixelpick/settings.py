@@ -66,7 +66,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     ),
     # Random initialisation on CPU: a higher, uniform lr and no heavy photometric noise converge in few epochs.
     "cpu-synthetic": dict(
-        epochs=12, batch_size=8, optimizer="adam", lr_backbone=2e-3, lr_head=2e-3, weight_decay=1e-4,
+        epochs=15, batch_size=8, optimizer="adam", lr_backbone=3e-3, lr_head=3e-3, weight_decay=1e-4,
         schedule="poly", crop_size=None, scale_range=(0.75, 1.25), photometric=False,
     ),
     "cpu-camvid": dict(
@@ -78,11 +78,11 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 class TrainSettings(_Section):
     preset: str | None = "cpu-synthetic"
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(15, ge=1)
     batch_size: int = Field(8, ge=1)
     optimizer: Literal["adam", "sgd"] = "adam"
-    lr_backbone: float = Field(2e-3, gt=0)
-    lr_head: float = Field(2e-3, gt=0)
+    lr_backbone: float = Field(3e-3, gt=0)
+    lr_head: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     schedule: Literal["multistep", "poly", "constant"] = "poly"

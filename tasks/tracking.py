@@ -7,8 +7,11 @@ earlier run by tags instead of logging a second one.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -102,36 +105,44 @@ def log_round(settings_json: str, round_id: int, parent_run_id: str, model_diges
             client.log_metric(run_id, f"query_{key}", value, step=round_id)
     client.log_artifact(run_id, str(paths.metrics))
 
-    version = _register(campaign, run_id, model_name, paths.model, lineage)
+    version = _register(run_id, experiment_id, model_name, paths.model, lineage)
     client.set_tag(run_id, "pixelpick.model_version", version)
     client.set_terminated(run_id)
-    _move_aliases(client, model_name, version, metrics["miou"])
+    _move_aliases(client, model_name, version, round_id, metrics["miou"])
     return version
 
 
-def _register(campaign, run_id: str, model_name: str, checkpoint: Path, lineage: dict[str, str]) -> str:
-    """Log the trained model under the round's run and register it as a new version carrying the lineage tags."""
-    model = campaign.load_model(checkpoint).cpu()
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model, name="model", pip_requirements=["torch", "torchvision"], serialization_format="pickle"
-        )
+def _register(run_id: str, experiment_id: str, model_name: str, checkpoint: Path, lineage: dict[str, str]) -> str:
+    """Log the round's checkpoint as an MLflow LoggedModel (a state dict: no pickled code) and register it as a
+    new version of the campaign's model, with the lineage as tags on both."""
     client = MlflowClient()
-    if not client.search_registered_models(f"name = '{model_name}'"):
-        client.create_registered_model(model_name)
     tags = {k.removeprefix("pixelpick."): v for k, v in lineage.items() if k.startswith("pixelpick.")}
     tags["git_commit"] = lineage["mlflow.source.git.commit"]
-    version = client.create_model_version(model_name, info.model_uri, run_id=run_id, tags=tags)
-    return version.version
+    logged = mlflow.initialize_logged_model(
+        name="segmenter", source_run_id=run_id, tags=tags, model_type="pixelpick-checkpoint",
+        experiment_id=experiment_id,
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copy(checkpoint, Path(folder) / checkpoint.name)
+        client.log_model_artifacts(logged.model_id, folder)
+    mlflow.finalize_logged_model(logged.model_id, "READY")
+    if not client.search_registered_models(f"name = '{model_name}'"):
+        client.create_registered_model(model_name, description="PixelPick segmentation models, one version per round")
+    version = client.create_model_version(
+        model_name, source=f"models:/{logged.model_id}", run_id=run_id, tags=tags, model_id=logged.model_id
+    )
+    return str(version.version)
 
 
 def _version_of_round(client: MlflowClient, model_name: str, round_id: int) -> str | None:
     versions = client.search_model_versions(f"name = '{model_name}' and tags.round = '{round_id}'")
-    return max((v.version for v in versions), key=int, default=None)
+    return max((str(v.version) for v in versions), key=int, default=None)
 
 
-def _move_aliases(client: MlflowClient, model_name: str, version: str, miou: float) -> None:
-    client.set_registered_model_alias(model_name, "latest", version)
+def _move_aliases(client: MlflowClient, model_name: str, version: str, round_id: int, miou: float) -> None:
+    """`round-NN` names each round's version and `best` follows the highest mIoU. (MLflow reserves `latest`:
+    `models:/<name>/latest` already resolves to the newest version.)"""
+    client.set_registered_model_alias(model_name, f"round-{round_id:02d}", version)
     try:
         best = client.get_model_version_by_alias(model_name, "best")
         best_miou = client.get_run(best.run_id).data.metrics.get("miou", -np.inf)
@@ -142,8 +153,6 @@ def _move_aliases(client: MlflowClient, model_name: str, version: str, miou: flo
 
 
 def file_digest_of_text(text: str) -> str:
-    import hashlib
-
     return hashlib.md5(text.encode()).hexdigest()
 
 

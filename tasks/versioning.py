@@ -8,6 +8,7 @@ versioned. DVC holds a repository lock, so calls are serialised with a file lock
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -25,7 +26,7 @@ def dvc_stage_name(round_id: int) -> str:
 
 def run_dvc(*args: str, repo: Path = REPO) -> str:
     with FileLock(repo / ".dvc" / "tmp" / "pixelpick.lock"):
-        done = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"dvc {' '.join(args)} failed: {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout
@@ -55,6 +56,16 @@ def version_round(settings_json: str, round_id: int, model_digest: str) -> str:
     stage = lock["stages"][dvc_stage_name(round_id)]
     snapshot = campaign.paths(round_id).snapshot.resolve()
     return next(out["md5"] for out in stage["outs"] if (REPO / out["path"]).resolve() == snapshot)
+
+
+@task
+def version_progress(settings_json: str) -> str:
+    """Write the campaign's mIoU-against-labelled-pixels table (what `dvc plots show` draws) and commit it."""
+    campaign = open_campaign(settings_json)
+    path = campaign.write_progress()
+    if describes(campaign.run_dir):
+        run_dvc("commit", "--force", "--quiet", "progress")
+    return str(path)
 
 
 # --------------------------------------------------------------------------- dvc.yaml, generated from params.yaml

@@ -56,4 +56,6 @@ campaign:
   workdir: data/runs
   initial_pixels_per_image: 10
   rounds: 1
+  error_rate: 0.0
+  seed: 0
 """

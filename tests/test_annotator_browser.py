@@ -146,6 +146,7 @@ def test_label_a_whole_job_with_keys_only(open_page, store):
     page = open_page("ana")
     seen = []
     while (pixel := shown(page)) is not None:
+        assert page.is_hidden("#overlay")  # nothing covers the crop while labelling
         seen.append(pixel)
         press(page, KEYS[truth(pixel)])
     wait_saved(page)

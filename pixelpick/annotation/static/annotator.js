@@ -3,18 +3,19 @@
  * PixelPick annotator page: one queried pixel at a time, labelled with one key press.
  *
  * Nothing between a key press and the next pixel on screen waits for the network: the next pixels are claimed
- * ahead of time and their images decoded in advance, and every change (label, relabel, undo, skip, claim) goes
- * to the server in the background through one ordered outbox that retries until the server answers. The server
- * owns the truth: a rejected change is shown with the server's reason, and the counters are resynchronised
- * whenever the outbox is empty.
+ * ahead of time and their images decoded in advance, and every change (label, relabel, undo, skip) goes to the
+ * server in the background through one ordered outbox that retries until the server answers. The server owns
+ * the truth: a rejected change is shown with the server's reason, and the counters are resynchronised whenever
+ * the outbox is empty.
  */
 
-const PREFETCH = 8; // pixels claimed ahead of the one on screen
+const PREFETCH = 6; // pixels claimed ahead of the one on screen (kept small: claimed pixels are held from others)
 const REFILL_BELOW = 4; // claim more when fewer than this are queued
+const MAX_CLAIM = 64; // the server's limit per request
 const ZOOMS = [9, 13, 19, 27, 39, 55, 77, 109, 155]; // image pixels across the magnified view (odd: pixel centred)
-const DEFAULT_ZOOM = 4;
+const DEFAULT_ZOOM = 5; // 55 px: enough context to tell road from pavement
 const HISTORY_LIMIT = 200; // labels kept for back/undo
-const KEEP_IMAGES = 24; // decoded images kept in memory
+const KEEP_IMAGES = 12; // decoded images kept in memory (a Cityscapes frame is 8 MB)
 const BACKDROP = "#0d0f12";
 const NAME_STORAGE = "pixelpick.annotator";
 const ZOOM_STORAGE = "pixelpick.zoom";
@@ -27,6 +28,7 @@ const state = {
   job: null,
   annotator: null,
   images: new Map(), // image_id -> {image_id, height, width, pixels, index}
+  imageOrder: [], // image ids in job order
   keyToClass: new Map(), // lower-case key -> class id
   queue: [], // claimed pixels not labelled yet; queue[0] is the one to label
   known: new Set(), // queued and labelled pixels, so a claim never shows a pixel twice
@@ -41,15 +43,16 @@ const state = {
   clicks: { count: 0, seconds: 0, last: null },
   outbox: [],
   sending: false,
-  claimQueued: false,
-  loaded: new Map(), // image_id -> decoded HTMLImageElement
+  claiming: false, // a claim request is under way
+  skips: 0, // images skipped so far
+  loaded: new Map(), // image_id -> decoded ImageBitmap
   loading: new Map(), // image_id -> Promise
   shownCount: 0,
 };
 // For tests and benchmarks/annotator_latency.py: key press -> next pixel drawn, in ms.
 window.pixelpick = { state, latencies: [] };
 
-/* ---------------------------------------------------------------- the server, through an ordered outbox */
+/* ---------------------------------------------------------------- the server */
 
 async function api(method, path, body) {
   const response = await fetch(path, {
@@ -62,6 +65,20 @@ async function api(method, path, body) {
   return { ok: response.ok, status: response.status, data };
 }
 
+/** `api`, retried with backoff until the server answers: offline, or restarting after a crash, loses nothing. */
+async function answerOf(method, path, body) {
+  for (let delay = 250; ; delay = Math.min(delay * 2, 5000)) {
+    try {
+      const result = await api(method, path, body);
+      if (result.status < 500) return result;
+    } catch (error) {
+      // no answer at all: try again
+    }
+    showSync("offline");
+    await new Promise((resolve) => setTimeout(resolve, delay));
+  }
+}
+
 /** Queue a change; changes reach the server one at a time, in the order they were made. */
 function send(method, path, body, { onDone = () => {}, onReject = () => {} } = {}) {
   state.outbox.push({ method, path, body, onDone, onReject });
@@ -72,22 +89,9 @@ function send(method, path, body, { onDone = () => {}, onReject = () => {} } = {
 async function pump() {
   if (state.sending) return;
   state.sending = true;
-  let retryDelay = 250;
   while (state.outbox.length) {
     const op = state.outbox[0];
-    let result = null;
-    try {
-      result = await api(op.method, op.path, op.body);
-    } catch (error) {
-      result = null; // offline or the server is restarting: keep the change and try again
-    }
-    if (result === null || result.status >= 500) {
-      showSync("offline");
-      await new Promise((resolve) => setTimeout(resolve, retryDelay));
-      retryDelay = Math.min(retryDelay * 2, 5000);
-      continue;
-    }
-    retryDelay = 250;
+    const result = await answerOf(op.method, op.path, op.body);
     state.outbox.shift();
     if (result.ok) {
       if (!state.outbox.length) syncCounts(result.data);
@@ -100,6 +104,7 @@ async function pump() {
   }
   state.sending = false;
   showSync();
+  if (!state.queue.length) requestClaims(); // a claim made while labels were pending may have come back short
   if (!current().pixel) render();
 }
 
@@ -112,14 +117,26 @@ function syncCounts(data) {
   showProgress();
 }
 
-function requestClaims() {
-  if (state.claimQueued) return;
-  state.claimQueued = true;
-  const done = (data) => {
-    state.claimQueued = false;
-    addClaims(data.pixels || []);
-  };
-  send("POST", "api/claims", { annotator: state.annotator, count: PREFETCH }, { onDone: done, onReject: done });
+/** Claim more pixels. A claim does not wait behind queued labels (pixels the page knows are ignored anyway),
+ *  except after a skip: the server must give the skipped image back first, or its pixels would return at once. */
+async function requestClaims() {
+  if (state.claiming) return;
+  state.claiming = true;
+  const skips = state.skips;
+  // The server counts pixels whose labels are still in the outbox as held, so ask for those on top.
+  const unsent = state.outbox.filter((op) => op.path === "api/labels" && op.method === "POST").length;
+  const body = { annotator: state.annotator, count: Math.min(PREFETCH + unsent, MAX_CLAIM) };
+  const result = state.outbox.some((op) => op.path === "api/skip")
+    ? await new Promise((resolve) => {
+        const answered = (ok) => (data) => resolve({ ok, data });
+        send("POST", "api/claims", body, { onDone: answered(true), onReject: answered(false) });
+      })
+    : await answerOf("POST", "api/claims", body);
+  state.claiming = false;
+  if (state.skips !== skips) return requestClaims(); // this answer may hold pixels of the skipped image
+  if (!result.ok) return showMessage(result.data.detail || "cannot get pixels to label", "error");
+  if (!state.outbox.length) syncCounts(result.data);
+  addClaims(result.data.pixels);
 }
 
 function addClaims(pixels) {
@@ -136,20 +153,26 @@ function addClaims(pixels) {
 
 /* ---------------------------------------------------------------- images */
 
+/** The image, fetched and decoded into an ImageBitmap: decoding happens off the main thread, ahead of time,
+ *  so drawing it after a key press costs almost nothing. */
 function imageFor(imageId) {
   if (!state.loading.has(imageId)) {
-    const image = new Image();
-    image.src = imageUrl(imageId);
-    const ready = image.decode().then(
-      () => {
-        state.loaded.set(imageId, image);
-        return image;
-      },
-      () => {
-        state.loading.delete(imageId); // try again next time it is needed
-        throw new Error(`cannot load image ${imageId}`);
-      },
-    );
+    const ready = fetch(imageUrl(imageId))
+      .then((response) => {
+        if (!response.ok) throw new Error(`HTTP ${response.status}`);
+        return response.blob();
+      })
+      .then((blob) => createImageBitmap(blob))
+      .then(
+        (bitmap) => {
+          state.loaded.set(imageId, bitmap);
+          return bitmap;
+        },
+        (error) => {
+          state.loading.delete(imageId); // try again next time it is needed
+          throw new Error(`cannot load image ${imageId}: ${error.message}`);
+        },
+      );
     state.loading.set(imageId, ready);
   }
   return state.loading.get(imageId);
@@ -157,11 +180,15 @@ function imageFor(imageId) {
 
 function prefetchImages() {
   const wanted = new Set(state.queue.map((pixel) => pixel.image_id));
+  const last = state.queue[state.queue.length - 1];
+  if (last) wanted.add(state.imageOrder[state.images.get(last.image_id).index + 1]); // likely needed next
+  wanted.delete(undefined);
   state.history.slice(-10).forEach((pixel) => wanted.add(pixel.image_id));
   for (const imageId of wanted) imageFor(imageId).catch(() => {});
   if (state.loaded.size > KEEP_IMAGES) {
-    for (const imageId of state.loaded.keys()) {
+    for (const [imageId, bitmap] of state.loaded) {
       if (!wanted.has(imageId)) {
+        bitmap.close();
         state.loaded.delete(imageId);
         state.loading.delete(imageId);
       }
@@ -222,7 +249,7 @@ function renderEmpty() {
   for (const canvas of [$("crop"), $("context")]) canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
   $("pixel-info").textContent = "";
   $("progress-image").textContent = "–";
-  if (state.claimQueued || state.total === 0) return setOverlay("Loading…", "loading");
+  if (state.claiming || state.total === 0) return setOverlay("Loading…", "loading");
   if (state.done >= state.total) {
     return setOverlay(`All ${state.total} pixels of this job are labelled. Thank you!`, "done");
   }
@@ -256,8 +283,8 @@ function drawCrop(image, pixel) {
   const across = ZOOMS[state.zoom];
   const scale = size / across; // canvas px per image pixel
   // The job's coordinates are at the working resolution; the file may be larger (it is shown at full detail).
-  const fileX = image.naturalWidth / meta.width;
-  const fileY = image.naturalHeight / meta.height;
+  const fileX = image.width / meta.width;
+  const fileY = image.height / meta.height;
   const left = pixel.x + 0.5 - across / 2;
   const top = pixel.y + 0.5 - across / 2;
   const x0 = Math.max(left, 0);
@@ -480,6 +507,7 @@ function skipImage() {
   const skipped = state.queue.filter((item) => item.image_id === pixel.image_id);
   skipped.forEach((item) => state.known.delete(pixelKey(item)));
   state.queue = state.queue.filter((item) => item.image_id !== pixel.image_id);
+  state.skips += 1;
   send("POST", "api/skip", { annotator: state.annotator, image_id: pixel.image_id });
   showMessage(`Skipped the rest of ${pixel.image_id}; it comes back after the other images.`);
   requestClaims();
@@ -568,6 +596,7 @@ async function start() {
   state.job = job;
   state.total = job.images.reduce((sum, image) => sum + image.pixels, 0);
   job.images.forEach((image, index) => state.images.set(image.image_id, { ...image, index }));
+  state.imageOrder = job.images.map((image) => image.image_id);
   job.classes.forEach((info) => state.keyToClass.set(info.key.toLowerCase(), info.id));
   buildLegend(job);
   $("job-title").textContent = `job ${job.job_id} · round ${job.round}`;
