@@ -183,7 +183,21 @@ class Campaign:
         queries = pd.read_parquet(self.paths(round_id).queries)
         name = self.settings.campaign.name
         return export_job(queries, self.pool, job_id=f"{name}-r{round_id:02d}", campaign=name,
-                          round_id=round_id, path=self.paths(round_id).job)
+                          round_id=round_id, path=self.paths(round_id).job, dataset_name=self.settings.data.dataset)
+
+    def human_batch(self, round_id: int) -> Path:
+        """Where a round's human labels land as a batch file (tracked by DVC as an input)."""
+        return self.settings.campaign.labels_dir / self.settings.campaign.name / f"r{round_id:02d}.parquet"
+
+    def collect_human_labels(self, round_id: int) -> Path:
+        """The finished annotation job's labels, validated against the job, as the round's batch file.
+
+        Raises AnnotationJobError while the job is unfinished.
+        """
+        from pixelpick.annotation.progress import default_progress_path, ingest_job_labels
+
+        job = self.paths(round_id).job
+        return ingest_job_labels(job, default_progress_path(job), self.human_batch(round_id))
 
     def annotate_simulated(self, round_id: int) -> Path:
         """Label this round's queries from the ground truth (with the configured error rate)."""
@@ -282,7 +296,8 @@ class Campaign:
         """This round's picks only (the reference accumulated across rounds): label histogram, mean score of
         the picks, and spatial coverage (mean distance of each image's picks from their centroid, in pixels)."""
         queries = pd.read_parquet(self.paths(round_id).queries)
-        labels = pd.read_parquet(self.paths(round_id).annotations)
+        labels = read_labels(self.paths(round_id).snapshot)
+        labels = labels[labels["round"] == round_id]
         names = [c.name for c in self.pool.label_space.classes] + ["void"]
         classes = labels["class_id"].clip(upper=len(names) - 1)
         histogram = {names[c]: int(n) for c, n in classes.value_counts().sort_index().items()}

@@ -133,6 +133,7 @@ class AcquireSettings(_Section):
 class CampaignSettings(_Section):
     name: str = Field("synthetic-margin", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     workdir: Path = Path("data/runs")
+    labels_dir: Path = Path("data/labels")  # human label batches, one per round: DVC-tracked inputs
     initial_pixels_per_image: int = Field(10, ge=1)
     rounds: int = Field(3, ge=0)  # query rounds after the initial random one
     error_rate: float = Field(0.0, ge=0.0, le=1.0)  # simulated annotator noise
@@ -198,7 +199,10 @@ def resolve_paths(settings: Settings, base: Path) -> Settings:
         update={"pretrained_path": absolute(settings.model.pretrained_path) or settings.model.pretrained_path}
     )
     campaign = settings.campaign.model_copy(
-        update={"workdir": absolute(settings.campaign.workdir) or settings.campaign.workdir}
+        update={
+            "workdir": absolute(settings.campaign.workdir) or settings.campaign.workdir,
+            "labels_dir": absolute(settings.campaign.labels_dir) or settings.campaign.labels_dir,
+        }
     )
     return settings.model_copy(update={"data": data, "model": model, "campaign": campaign})
 

@@ -122,3 +122,16 @@ if __name__ == "__main__":
 
     (REPO / "dvc.yaml").write_text(render_pipeline(load_settings(REPO / "params.yaml")))
     print("wrote", REPO / "dvc.yaml")
+
+
+@task(retries=2, retry_delay_seconds=3)
+def track_label_batch(batch_path: str) -> str:
+    """`dvc add` a human label batch, so the labels enter the pipeline as a versioned input; returns its md5."""
+    path = Path(batch_path).resolve()
+    if (REPO / ".dvc").is_dir() and path.is_relative_to(REPO):
+        run_dvc("add", "--quiet", str(path.relative_to(REPO)))
+    else:
+        get_run_logger().info("%s is outside this DVC repository: not tracked", path)
+    from tasks.common import file_md5
+
+    return file_md5(path)

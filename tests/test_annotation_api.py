@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -46,9 +45,8 @@ def setup(tmp_path):
     queries = pd.DataFrame(
         [(image_id, y, x) for image_id, pixels in QUERIES.items() for y, x in pixels], columns=["image_id", "y", "x"]
     )
-    job_path = export_job(
-        queries, FolderDataset(root, "train"), job_id="demo-r01", campaign="demo", round_id=1, path=tmp_path / "job.json"
-    )
+    dataset = FolderDataset(root, "train")
+    job_path = export_job(queries, dataset, job_id="demo-r01", campaign="demo", round_id=1, path=tmp_path / "job.json")
     return {"root": root, "job_path": job_path, "db": tmp_path / "job.progress.sqlite"}
 
 
@@ -128,8 +126,8 @@ def test_a_pixel_is_labelled_once(setup):
 
 def test_a_pixel_claimed_by_another_annotator_is_refused(setup):
     client, store = make_client(setup)
-    ana_pixels = claim(client, "ana", 2)
-    response = client.post("/api/labels", json=label(annotator="ben", image_id=ana_pixels[0][0], y=ana_pixels[0][1], x=ana_pixels[0][2]))
+    image_id, y, x = claim(client, "ana", 2)[0]
+    response = client.post("/api/labels", json=label("ben", image_id, y, x))
     assert response.status_code == 409
     assert "assigned to annotator 'ana'" in response.json()["detail"]
     assert store.done_count() == 0
@@ -164,12 +162,14 @@ def test_undo_relabel_and_skip(setup):
     assert relabel.status_code == 200
     assert client.put("/api/labels", json=label(annotator="ben", class_id=0)).status_code == 409
 
-    undone = client.post("/api/undo", json={"annotator": "ana", "expected": {"image_id": "images/a.png", "y": 1, "x": 2}})
+    second = {"image_id": "images/a.png", "y": 1, "x": 2}
+    undone = client.post("/api/undo", json={"annotator": "ana", "expected": second})
     assert undone.status_code == 200
-    assert undone.json()["pixel"] == {"image_id": "images/a.png", "y": 1, "x": 2}
+    assert undone.json()["pixel"] == second
     assert undone.json()["image_done"] == 1
     assert claim(client, "ana", 1) == [("images/a.png", 1, 2)]  # given back to ana first
-    mismatch = client.post("/api/undo", json={"annotator": "ana", "expected": {"image_id": "images/b.png", "y": 2, "x": 2}})
+    elsewhere = {"image_id": "images/b.png", "y": 2, "x": 2}
+    mismatch = client.post("/api/undo", json={"annotator": "ana", "expected": elsewhere})
     assert mismatch.status_code == 409
     assert store.completed_labels()[["y", "x", "class_id"]].values.tolist() == [[0, 0, 1]]
 
@@ -293,5 +293,6 @@ def test_cli_exports_labels_and_refuses_a_public_host_without_token(setup, tmp_p
         cli(["serve", "--job", str(setup["job_path"]), "--keys", "sky=r"])
 
     cli(["split-job", "--job", str(setup["job_path"]), "--batches", "2", "--out-dir", str(tmp_path / "batches")])
-    assert sorted(path.name for path in (tmp_path / "batches").iterdir()) == ["demo-r01-1of2.json", "demo-r01-2of2.json"]
-    assert sum(load_job(path).num_pixels for path in (tmp_path / "batches").iterdir()) == 5
+    batches = sorted((tmp_path / "batches").iterdir())
+    assert [path.name for path in batches] == ["demo-r01-1of2.json", "demo-r01-2of2.json"]
+    assert sum(load_job(path).num_pixels for path in batches) == 5

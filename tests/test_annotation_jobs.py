@@ -74,7 +74,8 @@ def write_document(path: Path, document: dict) -> Path:
 def test_export_job_lists_images_sorted_and_pixels_row_major(tmp_path):
     dataset = make_dataset(tmp_path / "data", {"b.png": (5, 7), "a.png": (4, 6)})
     queries = pd.DataFrame(
-        {"image_id": ["images/b.png", "images/a.png", "images/b.png", "images/a.png"], "y": [4, 3, 0, 1], "x": [6, 0, 2, 5]}
+        [("images/b.png", 4, 6), ("images/a.png", 3, 0), ("images/b.png", 0, 2), ("images/a.png", 1, 5)],
+        columns=["image_id", "y", "x"],
     )
     path = export_job(queries, dataset, job_id="demo-r02", campaign="demo", round_id=2, path=tmp_path / "job.json")
 

@@ -53,7 +53,10 @@ def browser():
 def store(tmp_path) -> ProgressStore:
     root = tmp_path / "data"
     (root / "images").mkdir(parents=True)
-    classes = [{"name": "sky", "colour": [70, 130, 180], "key": "k"}, {"name": "road", "colour": [128, 64, 128], "key": "r"}]
+    classes = [
+        {"name": "sky", "colour": [70, 130, 180], "key": "k"},
+        {"name": "road", "colour": [128, 64, 128], "key": "r"},
+    ]
     root.joinpath("classes.yaml").write_text(yaml.safe_dump({"ignore_index": IGNORE, "classes": classes}))
     for image_id in QUERIES:
         image = np.empty((16, 20, 3), np.uint8)

@@ -136,7 +136,8 @@ def _check_unique(values: list[str], field: str, what: str) -> None:
     first_index: dict[str, int] = {}
     for index, value in enumerate(values):
         if value in first_index:
-            raise ValueError(f"{field}[{index}] has the duplicate {what} {value!r} (also {field}[{first_index[value]}])")
+            first = first_index[value]
+            raise ValueError(f"{field}[{index}] has the duplicate {what} {value!r} (also {field}[{first}])")
         first_index[value] = index
 
 

@@ -103,12 +103,13 @@ class ProgressStore:
         connection = sqlite3.connect(self.path, timeout=30)
         try:
             connection.execute("PRAGMA journal_mode=WAL")  # persistent: readers never block the writer
+            connection.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as error:
+            raise AnnotationJobError(f"progress database {self.path} is not usable: {error}") from error
         finally:
             connection.close()
         fingerprint = self._fingerprint()
         with self._transaction() as db:
-            for statement in filter(str.strip, _SCHEMA.split(";")):
-                db.execute(statement)
             stored = db.execute("SELECT value FROM meta WHERE key = 'job'").fetchone()
             if stored is None:
                 db.execute("INSERT INTO meta VALUES ('job', ?), ('job_id', ?)", (fingerprint, self.job.job_id))
@@ -236,7 +237,9 @@ class ProgressStore:
             if holder not in (None, submission.annotator) and lease_until >= now:
                 raise PixelConflictError(f"{_describe(submission)} is assigned to annotator {holder!r}")
             if db.execute("SELECT 1 FROM labels WHERE submission_id = ?", (submission.submission_id,)).fetchone():
-                raise PixelConflictError(f"submission id {submission.submission_id!r} was already used for another pixel")
+                raise PixelConflictError(
+                    f"submission id {submission.submission_id!r} was already used for another pixel"
+                )
             db.execute(
                 "INSERT INTO labels (pixel_id, class_id, annotator, seconds, time, submission_id) VALUES (?,?,?,?,?,?)",
                 (pixel_id, submission.class_id, submission.annotator, submission.seconds, _utc_now(),
@@ -254,7 +257,9 @@ class ProgressStore:
             if existing is None:
                 raise PixelConflictError(f"{_describe(submission)} has no label to change")
             if existing[0] != submission.annotator:
-                raise PixelConflictError(f"{_describe(submission)} was labelled by {existing[0]!r}; only they can change it")
+                raise PixelConflictError(
+                    f"{_describe(submission)} was labelled by {existing[0]!r}; only they can change it"
+                )
             db.execute(
                 "UPDATE labels SET class_id = ?, seconds = ?, time = ? WHERE pixel_id = ?",
                 (submission.class_id, submission.seconds, _utc_now(), pixel_id),
@@ -320,7 +325,9 @@ class ProgressStore:
                 f"or {ignore_index} for unsure"
             )
         if not (math.isfinite(submission.seconds) and 0 <= submission.seconds <= MAX_SECONDS_PER_PIXEL):
-            raise SubmissionRejectedError(f"seconds={submission.seconds} must be between 0 and {MAX_SECONDS_PER_PIXEL:.0f}")
+            raise SubmissionRejectedError(
+                f"seconds={submission.seconds} must be between 0 and {MAX_SECONDS_PER_PIXEL:.0f}"
+            )
         if not submission.submission_id or len(submission.submission_id) > 64:
             raise SubmissionRejectedError("submission_id must be 1 to 64 characters")
         return self._pixel_ids[(image_id, y, x)]
@@ -329,7 +336,8 @@ class ProgressStore:
     def _check_annotator(annotator: str) -> None:
         if not ANNOTATOR_PATTERN.match(annotator):
             raise SubmissionRejectedError(
-                f"annotator name {annotator!r} must be 1-64 letters, digits or . _ @ - (starting with a letter or digit)"
+                f"annotator name {annotator!r} must be 1-64 letters, digits or . _ @ - "
+                "(starting with a letter or digit)"
             )
 
     # --- reading progress --------------------------------------------------------------------------------------
@@ -408,7 +416,9 @@ def ingest_job_labels(
     """
     job = load_job(job_path)
     if not Path(progress_db).is_file():
-        raise AnnotationJobError(f"progress database {progress_db} does not exist; nobody has labelled job {job.job_id!r}")
+        raise AnnotationJobError(
+            f"progress database {progress_db} does not exist; nobody has labelled job {job.job_id!r}"
+        )
     store = ProgressStore(progress_db, job)
     labels = store.completed_labels()
     if len(labels) < job.num_pixels and not allow_incomplete:
@@ -426,7 +436,9 @@ def check_labels_against_job(labels: pd.DataFrame, job: Job) -> None:
     keys = list(zip(labels["image_id"], labels["y"].astype(int), labels["x"].astype(int), strict=True))
     stray = [key for key in keys if key not in queried]
     if stray:
-        raise AnnotationJobError(f"{len(stray)} labels are for pixels job {job.job_id!r} did not query, e.g. {stray[0]}")
+        raise AnnotationJobError(
+            f"{len(stray)} labels are for pixels job {job.job_id!r} did not query, e.g. {stray[0]}"
+        )
     if len(set(keys)) != len(keys):
         raise AnnotationJobError(f"labels of job {job.job_id!r} give some pixel more than one label")
     valid = labels["class_id"].between(0, len(job.classes) - 1) | (labels["class_id"] == job.ignore_index)

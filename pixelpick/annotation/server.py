@@ -8,7 +8,6 @@ that the page shows. Images are served only when they belong to the job and reso
 from __future__ import annotations
 
 import ipaddress
-import logging
 import mimetypes
 import secrets
 from collections.abc import Sequence
@@ -25,8 +24,6 @@ from pixelpick.annotation.jobs import Job
 from pixelpick.annotation.keys import NAVIGATION_KEYS, resolve_key_bindings
 from pixelpick.annotation.progress import ANNOTATOR_PATTERN, PixelRef, ProgressStore, Submission
 from pixelpick.errors import AnnotatorConfigError, PixelConflictError, SubmissionRejectedError
-
-log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 TOKEN_ENV = "PIXELPICK_ANNOTATOR_TOKEN"
@@ -83,12 +80,13 @@ def create_app(
 ) -> FastAPI:
     """The annotator app for `job`, storing into `store` and serving images from `dataset_root`.
 
-    class_keys: the key of each class in id order (default: the job's keys); see keys.resolve_key_bindings.
+    class_keys: the key of each class in id order (default: the job's keys); checked for collisions again.
     token: when set, every request needs it (header, `?token=` or the cookie the page gets from `?token=`).
     """
     root = Path(dataset_root).resolve()
     check_images_present(job, root)
-    keys = list(class_keys) if class_keys is not None else resolve_key_bindings(job.classes)
+    names = [info.name for info in job.classes]
+    keys = resolve_key_bindings(job.classes, dict(zip(names, class_keys, strict=True)) if class_keys else None)
     images = {image.image_id: image for image in job.images}
     app = FastAPI(title="PixelPick annotator", docs_url=None, redoc_url=None, openapi_url=None)
     if token:

@@ -229,7 +229,7 @@ function render() {
   if (mode === "review") {
     const name = className(pixel.class_id);
     $("review-banner").textContent =
-      `Reviewing your label “${name}”: press a class key to change it, → for the next, Esc to go back to labelling.`;
+      `Reviewing your label “${name}”: a class key changes it, → goes to the next, Esc back to labelling.`;
   }
   Object.assign(crop.dataset, { imageId: pixel.image_id, y: pixel.y, x: pixel.x });
   const key = pixelKey(pixel);
@@ -555,7 +555,8 @@ function askName() {
 function buildLegend(job) {
   const legend = $("legend");
   const entries = job.classes.map((info) => [info.id, info.key, info.name, `rgb(${info.colour.join(",")})`]);
-  entries.push([job.ignore_index, "Space", "unsure / void", "repeating-linear-gradient(45deg,#555 0 3px,#222 3px 6px)"]);
+  const hatched = "repeating-linear-gradient(45deg, #555 0 3px, #222 3px 6px)";
+  entries.push([job.ignore_index, "Space", "unsure / void", hatched]);
   for (const [classId, key, name, colour] of entries) {
     const item = document.createElement("li");
     item.dataset.classId = classId;

@@ -1,0 +1,201 @@
+"""Performance of the round pipeline (issue 3). Prints figures; asserts nothing.
+
+    python benchmarks/pipeline.py                      # all four measurements
+    python benchmarks/pipeline.py --only select,memory
+
+overhead   a round through Prefect (tasks, cache, artifacts, MLflow) against the same library calls in plain Python
+inference  inference into the Zarr store against a bare torch loop over the same images
+select     score-and-select from Zarr against the reference's way (per image: softmax, then topk on the whole map),
+           on CamVid-sized maps (11 x 360 x 480)
+memory     peak memory of selection as the pool grows tenfold (synthetic probabilities)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pixelpick.acquisition import score_pixels, select_pixels  # noqa: E402
+from pixelpick.probstore import ProbabilityStore, ProbabilityWriter  # noqa: E402
+
+CAMVID_SHAPE = (11, 360, 480)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_overhead(workdir: Path) -> None:
+    from flows.round import round_flow
+    from pixelpick.campaign import Campaign
+    from pixelpick.settings import load_settings
+    from tasks.tracking import start_campaign_run
+
+    overrides = {"campaign.workdir": str(workdir), "train.epochs": 3}
+    plain = Campaign(load_settings(REPO / "params.yaml", {**overrides, "campaign.name": "bench-plain"}))
+    flowed = load_settings(REPO / "params.yaml", {**overrides, "campaign.name": "bench-prefect"})
+    settings_json = flowed.model_dump_json()
+    parent = start_campaign_run(settings_json)  # starts the ephemeral server: excluded from the timing
+    rows = []
+    for round_id in (0, 1):
+        t_plain = timed(lambda: plain.run_round(round_id))
+        t_flow = timed(lambda: round_flow(settings_json, round_id, parent))
+        rows.append((round_id, t_plain, t_flow))
+        print(f"overhead  round {round_id}: plain {t_plain:6.1f} s  prefect {t_flow:6.1f} s  "
+              f"(+{100 * (t_flow / t_plain - 1):.1f}%)", flush=True)
+    total_plain, total_flow = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    print(f"overhead  both rounds: plain {total_plain:.1f} s, prefect {total_flow:.1f} s, "
+          f"+{100 * (total_flow / total_plain - 1):.1f}% (target <= 10%)")
+
+
+def bench_inference(workdir: Path, arch: str, dataset_overrides: dict, limit: int | None) -> None:
+    from pixelpick.campaign import Campaign
+    from pixelpick.inference import infer_to_store, predict_probabilities
+    from pixelpick.settings import load_settings
+
+    settings = load_settings(REPO / "params.yaml", {"model.arch": arch, **dataset_overrides})
+    campaign = Campaign(settings)
+    pool = campaign.pool
+    if limit:
+        pool.image_ids = pool.image_ids[:limit]
+    model = campaign.new_model().eval()
+    device = torch.device("cpu")
+    label = f"{settings.data.dataset} {pool.image_size(pool.image_ids[0])} {arch}"
+
+    def bare() -> None:
+        for _ in predict_probabilities(model, pool, pool.image_ids, device):
+            pass
+
+    def into_zarr() -> None:
+        infer_to_store(model, pool, workdir / "probs.zarr", device, strategy="margin")
+
+    bare()  # warm-up
+    t_bare, t_zarr = timed(bare), timed(into_zarr)
+    n = len(pool.image_ids)
+    print(f"inference {label}: bare {n / t_bare:6.1f} img/s, into Zarr {n / t_zarr:6.1f} img/s "
+          f"= {100 * t_bare / t_zarr:.0f}% of bare (target >= 90%)", flush=True)
+
+
+def write_synthetic_store(path: Path, num_images: int, shape=CAMVID_SHAPE, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    ids = [f"img{i:05d}.png" for i in range(num_images)]
+    with ProbabilityWriter(path, ids, num_classes=shape[0], strategy="margin") as writer:
+        for image_id in ids:
+            logits = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) * 3)
+            probs = logits.softmax(0)
+            writer.write(image_id, probs.numpy(), score_pixels("margin", probs).numpy())
+    return ids
+
+
+def bench_select(workdir: Path, num_images: int = 40) -> None:
+    store_path = workdir / "select.zarr"
+    write_synthetic_store(store_path, num_images)
+    rng = np.random.default_rng(1)
+    logits = [torch.from_numpy(rng.standard_normal(CAMVID_SHAPE, dtype=np.float32) * 3) for _ in range(num_images)]
+    _, height, width = CAMVID_SHAPE
+    labelled = np.zeros((height, width), dtype=bool)
+    labelled[rng.integers(0, height, 50), rng.integers(0, width, 50)] = True
+    bytes_per_map = np.prod(CAMVID_SHAPE) * 4
+
+    def reference() -> None:
+        # The reference: per image softmax, margin, value overwrite of labelled pixels, topk of 5% of the map,
+        # then a random choice of k among them.
+        generator = torch.Generator().manual_seed(0)
+        top_n = int(height * width * 0.05)
+        for image_logits in logits:
+            prob = image_logits.softmax(dim=0)
+            top2 = prob.topk(2, dim=0).values
+            margin = (top2[0] - top2[1]).flatten()
+            margin[torch.from_numpy(labelled).flatten()] = 1.0
+            candidates = (-margin).topk(top_n).indices
+            candidates[torch.randperm(top_n, generator=generator)[:10]].numpy()
+
+    def ours_from_scores() -> None:
+        store = ProbabilityStore(store_path)
+        generator = torch.Generator().manual_seed(0)
+        for _, scores in store.iter_scores():
+            select_pixels(scores, k=10, exclude=labelled, top_fraction=0.05, generator=generator)
+
+    def ours_rescoring_probs() -> None:
+        store = ProbabilityStore(store_path)
+        generator = torch.Generator().manual_seed(0)
+        for image_id in store.image_ids:
+            scores = score_pixels("margin", torch.from_numpy(store.probs(image_id)))
+            select_pixels(scores, k=10, exclude=labelled, top_fraction=0.05, generator=generator)
+
+    for name, fn in (("reference (softmax + topk)", reference), ("ours: scores from Zarr", ours_from_scores),
+                     ("ours: float16 probs from Zarr, rescored", ours_rescoring_probs)):
+        fn()  # warm-up
+        seconds = min(timed(fn) for _ in range(3))
+        print(f"select    {name:42s} {num_images / seconds:7.1f} img/s  "
+              f"{num_images * bytes_per_map / seconds / 1e9:6.2f} GB/s of 11x360x480 float32 maps", flush=True)
+
+
+def bench_memory(workdir: Path) -> None:
+    for num_images in (30, 300):
+        out = subprocess.run([sys.executable, __file__, "--memory-child", str(num_images), str(workdir)],
+                             capture_output=True, text=True, check=True)
+        print(f"memory    selection over {num_images:4d} images: {out.stdout.strip()}", flush=True)
+
+
+def memory_child(num_images: int, workdir: Path) -> None:
+    store_path = workdir / f"memory-{num_images}.zarr"
+    write_synthetic_store(store_path, num_images, shape=(11, 96, 128))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Measure the peak of selection alone in a fresh process image: fork after writing.
+    pid = os.fork()
+    if pid == 0:
+        store = ProbabilityStore(store_path)
+        generator = torch.Generator().manual_seed(0)
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for _, scores in store.iter_scores():
+            select_pixels(scores, k=10, exclude=None, top_fraction=0.05, generator=generator)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(f"peak RSS {peak / 1024:.0f} MiB (grew {max(peak - start, 0) / 1024:.1f} MiB while selecting)")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    del before
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="overhead,inference,select,memory")
+    parser.add_argument("--camvid-root", default=os.environ.get("PIXELPICK_CAMVID_ROOT"))
+    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(int(args.memory_child[0]), Path(args.memory_child[1]))
+        return
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        workdir = Path(folder)
+        only = args.only.split(",")
+        if "select" in only:
+            bench_select(workdir)
+        if "memory" in only:
+            bench_memory(workdir)
+        if "inference" in only:
+            bench_inference(workdir, "lraspp_mobilenetv3", {}, None)
+            if args.camvid_root:
+                bench_inference(workdir, "deeplabv3plus_mobilenetv2",
+                                {"data.dataset": "camvid", "data.root": args.camvid_root}, 48)
+        if "overhead" in only:
+            bench_overhead(workdir)
+
+
+if __name__ == "__main__":
+    main()
