@@ -147,38 +147,32 @@ def bench_select(workdir: Path, num_images: int = 40) -> None:
 
 def bench_memory(workdir: Path) -> None:
     for num_images in (30, 300):
-        out = subprocess.run([sys.executable, __file__, "--memory-child", str(num_images), str(workdir)],
+        store_path = workdir / f"memory-{num_images}.zarr"
+        write_synthetic_store(store_path, num_images, shape=(11, 96, 128))
+        # A fresh process per pool size, so its peak RSS is selection's alone (plus the imports).
+        out = subprocess.run([sys.executable, __file__, "--memory-child", str(store_path)],
                              capture_output=True, text=True, check=True)
         print(f"memory    selection over {num_images:4d} images: {out.stdout.strip()}", flush=True)
 
 
-def memory_child(num_images: int, workdir: Path) -> None:
-    store_path = workdir / f"memory-{num_images}.zarr"
-    write_synthetic_store(store_path, num_images, shape=(11, 96, 128))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Measure the peak of selection alone in a fresh process image: fork after writing.
-    pid = os.fork()
-    if pid == 0:
-        store = ProbabilityStore(store_path)
-        generator = torch.Generator().manual_seed(0)
-        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        for _, scores in store.iter_scores():
-            select_pixels(scores, k=10, exclude=None, top_fraction=0.05, generator=generator)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(f"peak RSS {peak / 1024:.0f} MiB (grew {max(peak - start, 0) / 1024:.1f} MiB while selecting)")
-        os._exit(0)
-    os.waitpid(pid, 0)
-    del before
+def memory_child(store_path: Path) -> None:
+    store = ProbabilityStore(store_path)
+    generator = torch.Generator().manual_seed(0)
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _, scores in store.iter_scores():
+        select_pixels(scores, k=10, exclude=None, top_fraction=0.05, generator=generator)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"peak RSS {peak / 1024:.0f} MiB (+{(peak - start) / 1024:.1f} MiB while selecting)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="overhead,inference,select,memory")
     parser.add_argument("--camvid-root", default=os.environ.get("PIXELPICK_CAMVID_ROOT"))
-    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        memory_child(int(args.memory_child[0]), Path(args.memory_child[1]))
+        memory_child(Path(args.memory_child))
         return
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:

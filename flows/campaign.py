@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from prefect import flow
@@ -45,8 +46,6 @@ def run_single_round(settings: Settings, round_id: int) -> dict:
 
 
 def _read_metrics(path: str) -> dict:
-    import json
-
     return json.loads(Path(path).read_text())
 
 

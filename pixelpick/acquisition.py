@@ -169,10 +169,22 @@ def select_pixels(
 
     n_picks = min(k, len(candidates))
     pool_size = min(max(k, math.floor(top_fraction * height * width)), len(candidates))
-    pool = candidates[scores.flatten()[candidates].topk(pool_size).indices]
-    draw = torch.randperm(pool_size, generator=generator, device=generator.device)[:n_picks].to(pool.device)
-    picked = pool[draw].sort().values.cpu()  # flat indices, row-major
+    pool = _top_set(scores.flatten()[candidates].cpu().numpy(), pool_size)
+    pool = torch.from_numpy(np.sort(candidates.cpu().numpy()[pool]))  # a fixed order makes the draw reproducible
+    draw = torch.randperm(pool_size, generator=generator, device=generator.device)[:n_picks].cpu()
+    picked = pool[draw].sort().values  # flat indices, row-major
     return torch.stack((picked // width, picked % width), dim=1).numpy().astype(np.int64)
+
+
+def _top_set(values: np.ndarray, size: int) -> np.ndarray:
+    """Indices of the `size` largest values, in no particular order.
+
+    The pick is drawn at random from this set, so it need not be sorted: a linear-time partition replaces the
+    full top-k sort the reference ran on every map.
+    """
+    if size >= len(values):
+        return np.arange(len(values))
+    return np.argpartition(-values, size - 1)[:size]
 
 
 def random_pixels(

@@ -49,7 +49,7 @@ def start_campaign_run(settings_json: str) -> str:
     client = MlflowClient()
     experiment = client.get_experiment_by_name(name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
-    settings_md5 = file_digest_of_text(settings_json)
+    settings_md5 = text_md5(settings_json)
     existing = _find_run(client, experiment_id, kind="campaign", settings=settings_md5)
     if existing:
         return existing.info.run_id
@@ -64,7 +64,7 @@ def start_campaign_run(settings_json: str) -> str:
 @task(retries=2, retry_delay_seconds=5)
 def log_round(settings_json: str, round_id: int, parent_run_id: str, model_digest: str) -> str:
     """Log the round (params, per-epoch curves, mIoU, per-class IoU, query statistics), register its model with
-    lineage tags, move the `latest` and `best` aliases. Returns the registered model version."""
+    lineage tags, move the `round-NN` and `best` aliases. Returns the registered model version."""
     campaign = open_campaign(settings_json)
     paths = campaign.paths(round_id)
     client = MlflowClient()
@@ -89,6 +89,13 @@ def log_round(settings_json: str, round_id: int, parent_run_id: str, model_diges
     }
     run = client.create_run(experiment_id, run_name=f"round-{round_id:02d}", tags=lineage)
     run_id = run.info.run_id
+    settings = campaign.settings
+    for key, value in {
+        "round": round_id, "strategy": settings.acquire.strategy, "pixels_per_image": settings.acquire.pixels_per_image,
+        "top_fraction": settings.acquire.top_fraction, "arch": settings.model.arch, "epochs": settings.train.epochs,
+        "warm_start": settings.train.warm_start, "labelled_pixels": metrics["labelled_pixels"],
+    }.items():
+        client.log_param(run_id, key, value)
     for epoch_metrics in checkpoint["history"]:
         for key in ("loss", "lr_head"):
             client.log_metric(run_id, f"train_{key}", epoch_metrics[key], step=epoch_metrics["epoch"])
@@ -152,7 +159,7 @@ def _move_aliases(client: MlflowClient, model_name: str, version: str, round_id:
         client.set_registered_model_alias(model_name, "best", version)
 
 
-def file_digest_of_text(text: str) -> str:
+def text_md5(text: str) -> str:
     return hashlib.md5(text.encode()).hexdigest()
 
 

@@ -15,7 +15,7 @@ import yaml
 from filelock import FileLock
 from prefect import get_run_logger, task
 
-from tasks.common import open_campaign
+from tasks.common import file_md5, open_campaign
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,6 +132,4 @@ def track_label_batch(batch_path: str) -> str:
         run_dvc("add", "--quiet", str(path.relative_to(REPO)))
     else:
         get_run_logger().info("%s is outside this DVC repository: not tracked", path)
-    from tasks.common import file_md5
-
     return file_md5(path)
