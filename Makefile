@@ -4,14 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-# Every store in the project, never the user's home: Prefect's database, MLflow's tracking database.
-export PREFECT_HOME ?= $(CURDIR)/data/prefect
-export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/data/mlflow.db
-export DO_NOT_TRACK := 1
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export MLFLOW_DISABLE_TELEMETRY := true
-export PREFECT_RESULTS_PERSIST_BY_DEFAULT := true
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
+# Store locations (Prefect, MLflow) default to data/: see tasks/__init__.py.
 
 .PHONY: run test setup clean repro
 setup: $(VENV)/.installed

@@ -48,7 +48,11 @@ def start_campaign_run(settings_json: str) -> str:
     name = campaign.settings.campaign.name
     client = MlflowClient()
     experiment = client.get_experiment_by_name(name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    # Artifacts go beside the tracking database, not into whatever directory the flow happens to run in.
+    artifacts = Path(__file__).resolve().parents[1] / "data" / "mlartifacts"
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment(name, artifact_location=artifacts.as_uri())
+    )
     settings_md5 = text_md5(settings_json)
     existing = _find_run(client, experiment_id, kind="campaign", settings=settings_md5)
     if existing:
