@@ -93,7 +93,7 @@ def bench_inference(workdir: Path, arch: str, dataset_overrides: dict, limit: in
 def write_synthetic_store(path: Path, num_images: int, shape=CAMVID_SHAPE, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
     ids = [f"img{i:05d}.png" for i in range(num_images)]
-    with ProbabilityWriter(path, ids, num_classes=shape[0], strategy="margin") as writer:
+    with ProbabilityWriter(path, dict.fromkeys(ids, shape[1:]), num_classes=shape[0], strategy="margin") as writer:
         for image_id in ids:
             logits = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) * 3)
             probs = logits.softmax(0)

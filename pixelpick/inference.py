@@ -73,7 +73,8 @@ def infer_to_store(
     generator = torch.Generator().manual_seed(seed)
     image_ids = list(dataset.image_ids)
     stream = predict_probabilities(model, dataset, image_ids, device, mc_samples=mc_samples, batch_size=batch_size)
-    with ProbabilityWriter(store_path, image_ids, dataset.label_space.num_classes, strategy, dtype) as writer:
+    sizes = {image_id: dataset.image_size(image_id) for image_id in image_ids}
+    with ProbabilityWriter(store_path, sizes, dataset.label_space.num_classes, strategy, dtype) as writer:
         for image_id, probs in tqdm(stream, total=len(image_ids), desc="infer", disable=not progress, leave=False):
             scores = score_pixels(strategy, probs, generator=generator)
             mean_probs = probs.mean(dim=0) if probs.dim() == 4 else probs

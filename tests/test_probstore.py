@@ -8,7 +8,7 @@ def test_round_trip_per_image_shards_of_any_size(tmp_path):
     rng = np.random.default_rng(0)
     images = {"a.png": (5, 7), "sub/b.png": (3, 4)}  # different sizes need no padding
     written = {}
-    with ProbabilityWriter(tmp_path / "p.zarr", list(images), num_classes=3, strategy="margin") as writer:
+    with ProbabilityWriter(tmp_path / "p.zarr", images, num_classes=3, strategy="margin") as writer:
         for image_id, (h, w) in images.items():
             probs = rng.dirichlet(np.ones(3), size=(h, w)).transpose(2, 0, 1)
             scores = rng.random((h, w)).astype(np.float32)
@@ -25,7 +25,7 @@ def test_round_trip_per_image_shards_of_any_size(tmp_path):
 
 def test_interrupted_inference_leaves_an_unusable_store(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
-        with ProbabilityWriter(tmp_path / "p.zarr", ["a", "b"], num_classes=2, strategy="entropy") as writer:
+        with ProbabilityWriter(tmp_path / "p.zarr", {"a": (2, 2), "b": (2, 2)}, num_classes=2, strategy="entropy") as writer:
             writer.write("a", np.full((2, 2, 2), 0.5), np.zeros((2, 2)))
             raise RuntimeError("boom")
     with pytest.raises(RuntimeError, match="incomplete"):
@@ -34,9 +34,9 @@ def test_interrupted_inference_leaves_an_unusable_store(tmp_path):
 
 def test_missing_images_are_an_error_and_unknown_ids_are_named(tmp_path):
     with pytest.raises(RuntimeError, match="never written"):
-        with ProbabilityWriter(tmp_path / "p.zarr", ["a", "b"], num_classes=2, strategy="margin") as writer:
+        with ProbabilityWriter(tmp_path / "p.zarr", {"a": (2, 2), "b": (2, 2)}, num_classes=2, strategy="margin") as writer:
             writer.write("a", np.full((2, 2, 2), 0.5), np.zeros((2, 2)))
-    with ProbabilityWriter(tmp_path / "q.zarr", ["a"], num_classes=2, strategy="margin") as writer:
+    with ProbabilityWriter(tmp_path / "q.zarr", {"a": (2, 2)}, num_classes=2, strategy="margin") as writer:
         writer.write("a", np.full((2, 2, 2), 0.5), np.zeros((2, 2)))
     with pytest.raises(KeyError, match="nope"):
         ProbabilityStore(tmp_path / "q.zarr").scores("nope")
