@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -76,10 +77,14 @@ def infer_to_store(
     sizes = {image_id: dataset.image_size(image_id) for image_id in image_ids}
     with ProbabilityWriter(store_path, sizes, dataset.label_space.num_classes, strategy, dtype) as writer:
         for image_id, probs in tqdm(stream, total=len(image_ids), desc="infer", disable=not progress, leave=False):
-            scores = score_pixels(strategy, probs, generator=generator)
-            mean_probs = probs.mean(dim=0) if probs.dim() == 4 else probs
-            writer.write(image_id, mean_probs.numpy(), scores.numpy())
+            writer.write_computed(image_id, partial(_mean_and_scores, probs, strategy, generator))
     return Path(store_path)
+
+
+def _mean_and_scores(probs: torch.Tensor, strategy: str, generator: torch.Generator) -> tuple:
+    scores = score_pixels(strategy, probs, generator=generator)
+    mean_probs = probs.mean(dim=0) if probs.dim() == 4 else probs
+    return mean_probs.numpy(), scores.numpy()
 
 
 def same_size_batches(

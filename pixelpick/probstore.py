@@ -16,7 +16,7 @@ A store is usable only once `complete` is set; an interrupted inference is simpl
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -104,13 +104,19 @@ class ProbabilityWriter:
 
     def write(self, image_id: str, probs: np.ndarray, scores: np.ndarray) -> None:
         """Queue one image's (C, H, W) probabilities and (H, W) scores for writing."""
+        self.write_computed(image_id, lambda: (probs, scores))
+
+    def write_computed(self, image_id: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
+        """Queue `compute() -> (probs, scores)` and its write: both run on the writer thread, in queue order, so
+        work that releases the GIL (torch scoring, compression) overlaps the caller's next forward pass."""
         key, row = self._rows[image_id]
-        self._pending.append(self._pool.submit(self._write, key, row, probs, scores))
+        self._pending.append(self._pool.submit(self._write, key, row, compute))
         self._written.add(image_id)
         while len(self._pending) > 2:
             self._pending.pop(0).result()
 
-    def _write(self, key: str, row: int, probs: np.ndarray, scores: np.ndarray) -> None:
+    def _write(self, key: str, row: int, compute: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
+        probs, scores = compute()
         self._arrays["probs", key][row] = probs
         self._arrays["scores", key][row] = scores
 
