@@ -14,7 +14,7 @@ import argparse
 from prefect import flow
 
 from pixelpick.settings import load_settings, parse_override
-from tasks.common import file_md5, open_campaign, refreshed
+from tasks.common import NO_INPUT, open_campaign, previous_digests, refreshed
 from tasks.human import collect_human_labels, job_progress
 from tasks.round import (
     evaluate_model,
@@ -27,22 +27,12 @@ from tasks.round import (
 from tasks.tracking import log_round, start_campaign_run
 from tasks.versioning import track_label_batch
 
-NO_INPUT = "none"
-
-
-def _previous_digests(campaign, round_id: int) -> tuple[str, str]:
-    if round_id == 0:
-        return NO_INPUT, NO_INPUT
-    before = campaign.paths(round_id - 1)
-    return file_md5(before.model), file_md5(before.snapshot)
-
-
 @flow(name="pixelpick-query", flow_run_name="query-r{round_id:02d}", log_prints=True)
 def query_flow(settings_json: str, round_id: int) -> str:
     """Pick the round's pixels with the previous round's model (at random in round 0) and export the job."""
     campaign = open_campaign(settings_json)
     paths = campaign.paths(round_id)
-    model_digest, labels_digest = _previous_digests(campaign, round_id)
+    model_digest, labels_digest = previous_digests(campaign, round_id)
     probs_digest = NO_INPUT
     if round_id > 0:
         probs_digest = refreshed(infer_probabilities, paths.probs)(settings_json, round_id, model_digest)["digest"]
@@ -62,7 +52,7 @@ def train_flow(settings_json: str, round_id: int) -> dict:
     if progress["done"] < progress["total"]:
         print(f"waiting: {progress['done']} of {progress['total']} pixels labelled in round {round_id}'s job")
         return {"status": "waiting", **progress}
-    _, labels_digest = _previous_digests(campaign, round_id)
+    _, labels_digest = previous_digests(campaign, round_id)
     batch = collect_human_labels(settings_json, round_id)
     track_label_batch(batch["path"])
     labels = refreshed(ingest_labels, paths.snapshot)(

@@ -11,7 +11,7 @@ from prefect import flow
 
 from pixelpick.settings import load_settings, parse_override
 from tasks.artifacts import publish_round_artifacts
-from tasks.common import file_md5, open_campaign, refreshed
+from tasks.common import NO_INPUT, open_campaign, previous_digests, refreshed
 from tasks.round import (
     annotate_simulated,
     evaluate_model,
@@ -24,30 +24,24 @@ from tasks.round import (
 from tasks.tracking import log_round
 from tasks.versioning import version_round
 
-NO_INPUT = "none"
-
-
 @flow(name="pixelpick-round", flow_run_name="round-{round_id:02d}", log_prints=True)
 def round_flow(settings_json: str, round_id: int, parent_run_id: str) -> dict:
     """Run round `round_id` with the simulated annotator; rounds before it must have finished."""
     campaign = open_campaign(settings_json)
     paths = campaign.paths(round_id)
-    previous = {"model_digest": NO_INPUT, "labels_digest": NO_INPUT}
-    if round_id > 0:
-        before = campaign.paths(round_id - 1)
-        previous = {"model_digest": file_md5(before.model), "labels_digest": file_md5(before.snapshot)}
+    model_digest, labels_digest = previous_digests(campaign, round_id)
 
     probs_digest = NO_INPUT
     if round_id > 0:
-        probs = refreshed(infer_probabilities, paths.probs)(settings_json, round_id, previous["model_digest"])
+        probs = refreshed(infer_probabilities, paths.probs)(settings_json, round_id, model_digest)
         probs_digest = probs["digest"]
     queries = refreshed(select_queries, paths.queries)(
-        settings_json, round_id, probs_digest, previous["labels_digest"]
+        settings_json, round_id, probs_digest, labels_digest
     )
     job = refreshed(export_annotation_job, paths.job)(settings_json, round_id, queries["digest"])
     batch = refreshed(annotate_simulated, paths.annotations)(settings_json, round_id, queries["digest"])
     labels = refreshed(ingest_labels, paths.snapshot)(
-        settings_json, round_id, batch["path"], batch["digest"], previous["labels_digest"]
+        settings_json, round_id, batch["path"], batch["digest"], labels_digest
     )
     model = refreshed(train_model, paths.model)(settings_json, round_id, labels["digest"])
     metrics = refreshed(evaluate_model, paths.metrics)(settings_json, round_id, model["digest"])

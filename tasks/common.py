@@ -40,3 +40,14 @@ def combine(*parts: object) -> str:
 def refreshed(task: Task, *outputs: Path) -> Task:
     """The task, forced to run when any of its output files is gone (a cache hit would point at nothing)."""
     return task.with_options(refresh_cache=not all(Path(p).exists() for p in outputs))
+
+
+NO_INPUT = "none"  # the digest of an input a step does not have (round 0 has no model and no earlier labels)
+
+
+def previous_digests(campaign: Campaign, round_id: int) -> tuple[str, str]:
+    """(model, label snapshot) digests of the round before `round_id`: the inputs its queries depend on."""
+    if round_id == 0:
+        return NO_INPUT, NO_INPUT
+    before = campaign.paths(round_id - 1)
+    return file_md5(before.model), file_md5(before.snapshot)
