@@ -107,6 +107,53 @@ def score_pixels(strategy: str, probs: Tensor, generator: torch.Generator | None
     return score(probs, generator).to(torch.float32)
 
 
+def score_batch(strategy: str, probs: Tensor, generator: torch.Generator | None = None) -> np.ndarray:
+    """Score a batch of images at once: `probs` (N, C, H, W), or (N, T, C, H, W) for T MC-dropout passes.
+
+    Returns an (N, H, W) float32 array whose row i equals `score_pixels(strategy, probs[i], generator)`, images
+    taken in order. Margin and least confidence of one pass run vectorised over the batch in numpy (a running
+    top-two over the C classes: no sort, no torch thread pool); the other strategies score image by image.
+    """
+    get_acquisition(strategy)
+    if not isinstance(probs, Tensor) or probs.ndim not in (4, 5):
+        shape = tuple(probs.shape) if isinstance(probs, Tensor) else type(probs).__name__
+        raise AcquisitionError(f"a batch of probs must be (N, C, H, W) or (N, T, C, H, W), got {shape}")
+    single_pass = probs.ndim == 4 or probs.shape[1] == 1
+    if strategy not in ("margin", "least_confidence") or not single_pass or probs.device.type != "cpu":
+        return np.stack([score_pixels(strategy, image, generator).cpu().numpy() for image in probs]).reshape(
+            len(probs), *probs.shape[-2:]
+        )
+    values = _check_probs_numpy(probs.reshape(len(probs), *probs.shape[-3:]).numpy())  # N, C, H, W
+    top1 = values.max(axis=1)
+    if strategy == "least_confidence":
+        return (1 - top1).astype(np.float32, copy=False)
+    # Second largest per pixel: the running max of min(top1 so far, p_c) reproduces topk(2)'s values exactly.
+    top1, top2 = np.maximum(values[:, 0], values[:, 1]), np.minimum(values[:, 0], values[:, 1])
+    lower = np.empty_like(top1)
+    for c in range(2, values.shape[1]):
+        np.minimum(top1, values[:, c], out=lower)
+        np.maximum(top2, lower, out=top2)
+        np.maximum(top1, values[:, c], out=top1)
+    return (1 - (top1 - top2)).astype(np.float32, copy=False)
+
+
+def _check_probs_numpy(probs: np.ndarray) -> np.ndarray:
+    """`_check_probs` for an (N, C, H, W) numpy batch: the same rules and messages, without torch's dispatch."""
+    if probs.shape[1] < 2:
+        raise AcquisitionError(f"probs need at least 2 classes, got shape {tuple(probs.shape)}")
+    if not np.issubdtype(probs.dtype, np.floating):
+        raise AcquisitionError(f"probs must be floating point, got {probs.dtype}")
+    if not np.isfinite(probs).all():
+        raise AcquisitionError("probs contain NaN or infinite values")
+    if probs.min() < 0:
+        raise AcquisitionError(f"probs contain negative values (min {probs.min():g})")
+    tolerance = max(_SUM_TOLERANCE, probs.shape[1] * np.finfo(probs.dtype).eps)
+    worst = float(np.abs(probs.sum(axis=1, dtype=np.float32) - 1).max())
+    if worst > tolerance:
+        raise AcquisitionError(f"probs must sum to 1 over classes (dim C); the worst pixel is off by {worst:g}")
+    return probs.astype(np.float32) if probs.dtype == np.float16 else probs
+
+
 def _check_probs(probs: Tensor) -> Tensor:
     """Return probs as (T, C, H, W); raise `AcquisitionError` unless they are probability vectors over C."""
     if not isinstance(probs, Tensor):
@@ -144,47 +191,71 @@ def select_pixels(
     Candidates are the pixels not in `exclude` (already labelled, or void in simulation). They are removed from the
     pool rather than given a low score, so they can never be picked again and the budget is always fully spent.
     The pool is the top max(k, floor(top_fraction * H * W)) candidates by score; top_fraction = 0 is plain top-k.
+    Candidates tied at the pool's lowest score are admitted at random (from `generator`) when not all fit.
     Returns min(k, number of candidates) unique (y, x) pixels as an (n, 2) int64 array, sorted row-major.
     """
-    scores = torch.as_tensor(scores)
-    if scores.ndim != 2:
-        raise AcquisitionError(f"scores must be an (H, W) map, got shape {tuple(scores.shape)}")
+    values = _to_numpy(scores)
+    if values.ndim != 2:
+        raise AcquisitionError(f"scores must be an (H, W) map, got shape {tuple(values.shape)}")
     if k < 0:
         raise AcquisitionError(f"k must be >= 0, got {k}")
     if not 0 <= top_fraction <= 1:
         raise AcquisitionError(f"top_fraction must be in [0, 1], got {top_fraction}")
-    if not torch.isfinite(scores).all():
+    if not np.isfinite(values).all():
         raise AcquisitionError("scores contain NaN or infinite values; they cannot be ranked")
-    height, width = scores.shape
+    height, width = values.shape
 
-    candidates = torch.arange(height * width, device=scores.device)
+    excluded = None
     if exclude is not None:
-        exclude = torch.as_tensor(exclude)
-        if exclude.shape != scores.shape or exclude.dtype != torch.bool:
+        excluded = _to_numpy(exclude)
+        if excluded.shape != values.shape or excluded.dtype != np.bool_:
             raise AcquisitionError(
-                f"exclude must be a bool mask of shape {tuple(scores.shape)}, "
-                f"got {exclude.dtype} {tuple(exclude.shape)}"
+                f"exclude must be a bool mask of shape {tuple(values.shape)}, "
+                f"got {excluded.dtype} {tuple(excluded.shape)}"
             )
-        candidates = candidates[~exclude.to(scores.device).flatten()]
+        excluded = excluded.reshape(-1)
+    n_candidates = values.size - (int(np.count_nonzero(excluded)) if excluded is not None else 0)
 
-    n_picks = min(k, len(candidates))
-    pool_size = min(max(k, math.floor(top_fraction * height * width)), len(candidates))
-    pool = _top_set(scores.flatten()[candidates].cpu().numpy(), pool_size)
-    pool = torch.from_numpy(np.sort(candidates.cpu().numpy()[pool]))  # a fixed order makes the draw reproducible
-    draw = torch.randperm(pool_size, generator=generator, device=generator.device)[:n_picks].cpu()
-    picked = pool[draw].sort().values  # flat indices, row-major
-    return torch.stack((picked // width, picked % width), dim=1).numpy().astype(np.int64)
+    n_picks = min(k, n_candidates)
+    pool_size = min(max(k, math.floor(top_fraction * height * width)), n_candidates)
+    pool = _top_pool(values.reshape(-1), excluded, pool_size, n_candidates, generator)  # sorted flat indices
+    draw = torch.randperm(pool_size, generator=generator, device=generator.device)[:n_picks].cpu().numpy()
+    picked = np.sort(pool[draw])  # flat indices, row-major
+    return np.stack((picked // width, picked % width), axis=1).astype(np.int64)
 
 
-def _top_set(values: np.ndarray, size: int) -> np.ndarray:
-    """Indices of the `size` largest values, in no particular order.
+def _to_numpy(array: Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(array, Tensor):
+        return array.detach().cpu().numpy()
+    return np.asarray(array)
 
-    The pick is drawn at random from this set, so it need not be sorted: a linear-time partition replaces the
-    full top-k sort the reference ran on every map.
+
+def _top_pool(
+    values: np.ndarray, excluded: np.ndarray | None, size: int, n_candidates: int, generator: torch.Generator
+) -> np.ndarray:
+    """Sorted flat indices of the `size` highest-scoring candidates (a fixed order makes the draw reproducible).
+
+    One linear-time partition finds the pool's lowest score, and one pass collects the pixels at or above it: no
+    sort of the map (the reference ran a full top-k on every map) and no per-candidate index arrays. Excluded pixels
+    score -inf in a copy, below every candidate, so they never reach the pool.
     """
-    if size >= len(values):
-        return np.arange(len(values))
-    return np.argpartition(-values, size - 1)[:size]
+    if size == n_candidates:  # every candidate is in the pool
+        return np.arange(values.size) if excluded is None else np.flatnonzero(~excluded)
+    if size == 0:
+        return np.empty(0, dtype=np.int64)
+    if excluded is not None:
+        if not np.issubdtype(values.dtype, np.floating):
+            values = values.astype(np.float64)
+        values = np.where(excluded, -np.inf, values)
+    cut = values.size - size
+    threshold = np.partition(values, cut)[cut]  # the size-th highest score, a candidate's (size < n_candidates)
+    pool = np.flatnonzero(values >= threshold)
+    if len(pool) > size:  # ties at the threshold: admit just enough of them, chosen at random
+        tied = values[pool] == threshold
+        ties = pool[tied]
+        keep = torch.randperm(len(ties), generator=generator, device=generator.device)[: size - (len(pool) - len(ties))]
+        pool = np.sort(np.concatenate((pool[~tied], ties[keep.cpu().numpy()])))
+    return pool
 
 
 def random_pixels(

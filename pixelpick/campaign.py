@@ -25,7 +25,7 @@ from pixelpick.acquisition import random_pixels, select_pixels
 from pixelpick.annotator import simulate_annotations
 from pixelpick.datasets import get_dataset
 from pixelpick.datasets.base import SegmentationDataset
-from pixelpick.inference import infer_to_store
+from pixelpick.inference import InferenceTimings, infer_to_store
 from pixelpick.io import atomic_write, write_csv, write_json, write_parquet
 from pixelpick.labels import LABEL_SCHEMA, AppendResult, LabelStore, read_labels
 from pixelpick.models import build_model
@@ -72,6 +72,10 @@ class RoundPaths:
     @property
     def train_log(self) -> Path:
         return self.dir / "train_log.json"
+
+    @property
+    def infer_log(self) -> Path:
+        return self.dir / "infer_log.json"
 
     @property
     def job(self) -> Path:
@@ -130,12 +134,16 @@ class Campaign:
     # ---------------------------------------------------------------- steps
 
     def infer(self, round_id: int, progress: bool = False) -> Path:
-        """Probabilities and scores of round `round_id - 1`'s model over the pool, into round `round_id`'s store."""
+        """Probabilities and scores of round `round_id - 1`'s model over the pool, into round `round_id`'s store.
+
+        Its timings (wall seconds, seconds spent scoring and writing, images) go to the round's infer_log.json.
+        """
         if round_id == 0:
             raise ValueError("round 0 picks its pixels at random: there is no model to infer with")
         acquire = self.settings.acquire
         model = self.load_model(self.paths(round_id - 1).model)
-        return infer_to_store(
+        timings = InferenceTimings()
+        store = infer_to_store(
             model,
             self.pool,
             self.paths(round_id).probs,
@@ -145,7 +153,12 @@ class Campaign:
             batch_size=self.settings.train.eval_batch_size,
             seed=round_seed(self.settings.campaign.seed, round_id),
             progress=progress,
+            timings=timings,
         )
+        log = {"seconds": timings.seconds, "scoring_seconds": timings.scoring_seconds,
+               "write_seconds": timings.write_seconds, "images": timings.images}
+        write_json(log, self.paths(round_id).infer_log)
+        return store
 
     def select(self, round_id: int) -> Path:
         """Choose this round's pixels: k per image, never one already labelled (or void, in simulation)."""

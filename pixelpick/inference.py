@@ -1,16 +1,19 @@
-"""Per-pixel class probabilities over the pool, streamed image by image, and written to the probability store."""
+"""Per-pixel class probabilities over the pool, streamed batch by batch, and written to the probability store."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pixelpick.acquisition import score_pixels
+from pixelpick.acquisition import score_batch
 from pixelpick.datasets.base import SegmentationDataset
 from pixelpick.models import set_mc_dropout
 from pixelpick.probstore import ProbabilityWriter
@@ -18,7 +21,7 @@ from pixelpick.transforms import EvalTransform
 
 
 @torch.no_grad()
-def predict_probabilities(
+def predict_batches(
     model: nn.Module,
     dataset: SegmentationDataset,
     image_ids: Sequence[str],
@@ -26,8 +29,8 @@ def predict_probabilities(
     *,
     mc_samples: int = 0,
     batch_size: int = 8,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (image id, probabilities) per image: (C, H, W), or (T, C, H, W) for T = `mc_samples` >= 2 MC passes.
+) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """Yield (image ids, probabilities) per batch: (N, C, H, W), or (N, T, C, H, W) for T = `mc_samples` >= 2.
 
     Tensors are float32 on the CPU. Only one batch is ever held, so memory does not grow with the pool.
     """
@@ -46,11 +49,40 @@ def predict_probabilities(
                 with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
                     logits = model(images)
                 samples.append(logits.float().softmax(dim=1))
-            probs = torch.stack(samples, dim=1).cpu()  # N, T, C, H, W
-            for image_id, image_probs in zip(ids, probs):
-                yield image_id, image_probs if passes > 1 else image_probs[0]
+            probs = samples[0] if passes == 1 else torch.stack(samples, dim=1)  # N, [T,] C, H, W
+            yield ids, probs.cpu()
     finally:
         set_mc_dropout(model, False)
+
+
+def predict_probabilities(
+    model: nn.Module,
+    dataset: SegmentationDataset,
+    image_ids: Sequence[str],
+    device: torch.device,
+    *,
+    mc_samples: int = 0,
+    batch_size: int = 8,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (image id, probabilities) per image: (C, H, W), or (T, C, H, W) for T = `mc_samples` >= 2 MC passes.
+
+    Tensors are float32 on the CPU. Only one batch is ever held, so memory does not grow with the pool.
+    """
+    for ids, probs in predict_batches(
+        model, dataset, image_ids, device, mc_samples=mc_samples, batch_size=batch_size
+    ):
+        yield from zip(ids, probs)
+
+
+@dataclass
+class InferenceTimings:
+    """What `infer_to_store` spent its time on, in seconds. Scoring and writes run on the writer thread and
+    overlap the forward passes, so they need not add up to `seconds`."""
+
+    seconds: float = 0.0  # wall time of the whole inference into the store
+    scoring_seconds: float = 0.0  # computing acquisition scores
+    write_seconds: float = 0.0  # writing the store: dtype conversion, compression, chunk files
+    images: int = 0
 
 
 def infer_to_store(
@@ -65,26 +97,42 @@ def infer_to_store(
     seed: int = 0,
     dtype: str = "float16",
     progress: bool = False,
+    timings: InferenceTimings | None = None,
 ) -> Path:
     """Run the model over the whole pool and store each image's mean probabilities and `strategy` score map.
 
     Scores are computed here, from the live float32 probabilities, because MC strategies (BALD) need every pass
-    and storing T x C x H x W per image is what makes uncertainty pipelines run out of memory.
+    and storing T x C x H x W per image is what makes uncertainty pipelines run out of memory. Each batch is scored
+    at once and written on the store's writer thread while the next batch runs through the model. Pass `timings`
+    to have it filled in.
     """
+    start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     image_ids = list(dataset.image_ids)
-    stream = predict_probabilities(model, dataset, image_ids, device, mc_samples=mc_samples, batch_size=batch_size)
+    stream = predict_batches(model, dataset, image_ids, device, mc_samples=mc_samples, batch_size=batch_size)
     sizes = {image_id: dataset.image_size(image_id) for image_id in image_ids}
+    scoring_seconds = 0.0
+
+    def mean_and_scores(probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(N, C, H, W) mean probabilities and (N, H, W) scores of one batch; runs on the writer thread."""
+        nonlocal scoring_seconds
+        scoring_start = time.perf_counter()
+        scores = score_batch(strategy, probs, generator=generator)
+        scoring_seconds += time.perf_counter() - scoring_start
+        mean_probs = probs.mean(dim=1) if probs.dim() == 5 else probs
+        return mean_probs.numpy(), scores  # the writer converts to the store's dtype as it encodes
+
     with ProbabilityWriter(store_path, sizes, dataset.label_space.num_classes, strategy, dtype) as writer:
-        for image_id, probs in tqdm(stream, total=len(image_ids), desc="infer", disable=not progress, leave=False):
-            writer.write_computed(image_id, partial(_mean_and_scores, probs, strategy, generator))
+        with tqdm(total=len(image_ids), desc="infer", disable=not progress, leave=False) as bar:
+            for ids, probs in stream:
+                writer.write_computed_batch(ids, partial(mean_and_scores, probs))
+                bar.update(len(ids))
+    if timings is not None:
+        timings.seconds = time.perf_counter() - start
+        timings.scoring_seconds = scoring_seconds
+        timings.write_seconds = writer.write_seconds
+        timings.images = len(image_ids)
     return Path(store_path)
-
-
-def _mean_and_scores(probs: torch.Tensor, strategy: str, generator: torch.Generator) -> tuple:
-    scores = score_pixels(strategy, probs, generator=generator)
-    mean_probs = probs.mean(dim=0) if probs.dim() == 4 else probs
-    return mean_probs.numpy(), scores.numpy()
 
 
 def same_size_batches(

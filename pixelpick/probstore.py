@@ -5,26 +5,39 @@ Layout of `<round>/probs.zarr` (Zarr v3):
     zarr.json                  group attributes: image_ids, rows (image id -> [size key, row]), num_classes,
                                strategy, complete
     probs/<H>x<W>              (N, C, H, W) float16 by default, zstd, one chunk (one file) per image
-    scores/<H>x<W>             (N, H, W) float32, zstd; higher = more informative (see pixelpick.acquisition)
+    scores/<H>x<W>             (N, H, W) float32, uncompressed, one chunk per image; higher = more informative
+                               (see pixelpick.acquisition)
 
 Images of one size share an array, one row and one chunk file each, so datasets whose images differ in size (VOC)
 need no padding, and every image's chunk has exactly one writer: `ProbabilityWriter` funnels all writes through a
-single background thread, which lets the next image's forward pass overlap the previous image's compression and
-disk write.
+single background thread, which lets the next batch's forward pass overlap the previous batch's scoring,
+compression and disk writes. Scores are stored uncompressed because selection reads every one of them and uncertainty
+maps compress poorly; float32 keeps their ranking exact.
+
+Because a chunk is exactly one image, the writer encodes each chunk itself (little-endian bytes, then the array's
+zstd codec: what Zarr would write, byte for byte, as tests/test_probstore.py checks) and writes its file directly,
+skipping Zarr's per-chunk machinery, which cost several times the encoding itself. Arrays with any other codec
+or store fall back to ordinary Zarr writes. Reading is plain Zarr; `iter_scores` reads runs of rows in one call.
 A store is usable only once `complete` is set; an interrupted inference is simply redone.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from numcodecs import Zstd
+from zarr.codecs import BytesCodec, ZstdCodec
+from zarr.storage import LocalStore
 
 _COMPRESSORS = (ZstdCodec(level=1),)
+# iter_scores reads this many rows (at most this many bytes) per Zarr call: few calls, and memory stays flat.
+_READ_ROWS, _READ_BYTES = 16, 32 * 2**20
 
 
 def _size_key(size: Sequence[int]) -> str:
@@ -48,14 +61,17 @@ class ProbabilityStore:
         self._rows: dict[str, list] = dict(attrs["rows"])
         self._arrays: dict[str, zarr.Array] = {}
 
+    def _array(self, kind: str, size_key: str) -> zarr.Array:
+        name = f"{kind}/{size_key}"
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
     def _read(self, kind: str, image_id: str) -> np.ndarray:
         if image_id not in self._rows:
             raise KeyError(f"image {image_id!r} is not in the probability store {self.path}")
         size_key, row = self._rows[image_id]
-        name = f"{kind}/{size_key}"
-        if name not in self._arrays:
-            self._arrays[name] = self.group[name]
-        return self._arrays[name][row]
+        return self._array(kind, size_key)[row]
 
     def probs(self, image_id: str) -> np.ndarray:
         return self._read("probs", image_id)
@@ -64,13 +80,35 @@ class ProbabilityStore:
         return self._read("scores", image_id)
 
     def iter_scores(self) -> Iterator[tuple[str, np.ndarray]]:
-        """Stream (image id, score map) one image at a time: memory stays flat as the pool grows."""
+        """Stream (image id, score map) in `image_ids` order. Runs of consecutive rows are read with one Zarr call
+        (which fetches their chunks concurrently), at most 16 images or 32 MiB at a time, so memory stays flat as
+        the pool grows."""
+        run: list[str] = []
         for image_id in self.image_ids:
-            yield image_id, self.scores(image_id)
+            if run:
+                key, row = self._rows[image_id]
+                first_key, first_row = self._rows[run[0]]
+                height, width = map(int, key.split("x"))
+                if (key != first_key or row != first_row + len(run) or len(run) == _READ_ROWS
+                        or (len(run) + 1) * height * width * 4 > _READ_BYTES):
+                    yield from self._read_run(run)
+                    run = []
+            run.append(image_id)
+        if run:
+            yield from self._read_run(run)
+
+    def _read_run(self, image_ids: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+        key, row = self._rows[image_ids[0]]
+        block = self._array("scores", key)[row:row + len(image_ids)]
+        yield from zip(image_ids, block)
 
 
 class ProbabilityWriter:
-    """Writes a new store; use as a context manager. `complete` is set only when every image was written."""
+    """Writes a new store; use as a context manager. `complete` is set only when every image was written.
+
+    `compute_seconds` and `write_seconds` add up the writer thread's time in queued computations (scoring) and in
+    encoding and writing chunks; read them after the `with` block.
+    """
 
     def __init__(
         self,
@@ -87,38 +125,72 @@ class ProbabilityWriter:
             by_size.setdefault(_size_key(size), []).append(image_id)
         self._rows = {image_id: [key, row] for key, ids in by_size.items() for row, image_id in enumerate(ids)}
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        self._chunk_writers: dict[tuple[str, str], Callable[[int, np.ndarray], None]] = {}
         for key, ids in by_size.items():
             height, width = map(int, key.split("x"))
-            for kind, shape, array_dtype in (("probs", (num_classes, height, width), dtype),
-                                             ("scores", (height, width), "float32")):
-                self._arrays[kind, key] = zarr.create_array(
+            for kind, shape, array_dtype, compressors in (
+                ("probs", (num_classes, height, width), dtype, _COMPRESSORS),
+                ("scores", (height, width), "float32", None),
+            ):
+                array = zarr.create_array(
                     self.group.store, name=f"{kind}/{key}", shape=(len(ids), *shape), chunks=(1, *shape),
-                    dtype=array_dtype, compressors=_COMPRESSORS, fill_value=0,
+                    dtype=array_dtype, compressors=compressors, fill_value=0,
                 )
+                self._arrays[kind, key] = array
+                self._chunk_writers[kind, key] = _chunk_writer(array)
         self.group.attrs.update({"image_ids": self.image_ids, "rows": self._rows, "num_classes": num_classes,
                                  "strategy": strategy, "complete": False})
         self._written: set[str] = set()
+        self.compute_seconds = 0.0
+        self.write_seconds = 0.0
         # One thread = one writer per shard, and a bounded backlog keeps memory flat.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer")
         self._pending: list[Future] = []
 
     def write(self, image_id: str, probs: np.ndarray, scores: np.ndarray) -> None:
         """Queue one image's (C, H, W) probabilities and (H, W) scores for writing."""
-        self.write_computed(image_id, lambda: (probs, scores))
+        self.write_batch([image_id], np.asarray(probs)[None], np.asarray(scores)[None])
 
     def write_computed(self, image_id: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
-        """Queue `compute() -> (probs, scores)` and its write: both run on the writer thread, in queue order, so
-        work that releases the GIL (torch scoring, compression) overlaps the caller's next forward pass."""
-        key, row = self._rows[image_id]
-        self._pending.append(self._pool.submit(self._write, key, row, compute))
-        self._written.add(image_id)
+        """Queue `compute() -> (probs, scores)` of one image and its write (see `write_computed_batch`)."""
+
+        def batch() -> tuple[np.ndarray, np.ndarray]:
+            probs, scores = compute()
+            return np.asarray(probs)[None], np.asarray(scores)[None]
+
+        self.write_computed_batch([image_id], batch)
+
+    def write_batch(self, image_ids: Sequence[str], probs: np.ndarray, scores: np.ndarray) -> None:
+        """Queue a batch's (N, C, H, W) probabilities and (N, H, W) scores, row i for `image_ids[i]`."""
+        self.write_computed_batch(image_ids, lambda: (probs, scores))
+
+    def write_computed_batch(
+        self, image_ids: Sequence[str], compute: Callable[[], tuple[np.ndarray, np.ndarray]]
+    ) -> None:
+        """Queue `compute() -> (probs[N, C, H, W], scores[N, H, W])` and the writes of its N images: both run on
+        the writer thread, in queue order, so work that releases the GIL (scoring, compression, file writes)
+        overlaps the caller's next forward pass."""
+        image_ids = list(image_ids)
+        for image_id in image_ids:
+            if image_id not in self._rows:
+                raise KeyError(f"image {image_id!r} is not in this store's pool")
+        self._pending.append(self._pool.submit(self._write, image_ids, compute))
+        self._written.update(image_ids)
         while len(self._pending) > 2:
             self._pending.pop(0).result()
 
-    def _write(self, key: str, row: int, compute: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
+    def _write(self, image_ids: list[str], compute: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
+        start = time.perf_counter()
         probs, scores = compute()
-        self._arrays["probs", key][row] = probs
-        self._arrays["scores", key][row] = scores
+        written = time.perf_counter()
+        self.compute_seconds += written - start
+        if len(probs) != len(image_ids) or len(scores) != len(image_ids):
+            raise ValueError(f"{len(image_ids)} images but {len(probs)} probability and {len(scores)} score maps")
+        for image_id, image_probs, image_scores in zip(image_ids, probs, scores):
+            key, row = self._rows[image_id]
+            self._chunk_writers["probs", key](row, image_probs)
+            self._chunk_writers["scores", key](row, image_scores)
+        self.write_seconds += time.perf_counter() - written
 
     def __enter__(self) -> ProbabilityWriter:
         return self
@@ -134,3 +206,44 @@ class ProbabilityWriter:
             if missing:
                 raise RuntimeError(f"{len(missing)} images were never written, e.g. {sorted(missing)[0]!r}")
             self.group.attrs["complete"] = True
+
+
+def _chunk_writer(array: zarr.Array) -> Callable[[int, np.ndarray], None]:
+    """`write(row, image)`: store one image as the chunk at `row` of a (N, ...) array chunked one image per chunk.
+
+    For a local store and the codecs this module creates (little-endian bytes, optionally zstd), the chunk is
+    encoded here and written as one file, exactly as Zarr would write it; anything else goes through Zarr.
+    """
+    codecs = array.metadata.codecs
+    store = array.store_path.store
+    chunk_shape = array.metadata.chunk_grid.chunk_shape
+    direct = (
+        isinstance(store, LocalStore)
+        and tuple(chunk_shape) == (1, *array.shape[1:])
+        and isinstance(codecs[0], BytesCodec)
+        and (codecs[0].endian is None or codecs[0].endian.value == "little")
+        and all(isinstance(codec, ZstdCodec) for codec in codecs[1:])
+        and len(codecs) <= 2
+    )
+    if not direct:
+
+        def write_through_zarr(row: int, image: np.ndarray) -> None:
+            array[row] = image
+
+        return write_through_zarr
+    dtype = array.dtype.newbyteorder("<")
+    compressor = Zstd(level=codecs[1].level, checksum=codecs[1].checksum) if len(codecs) == 2 else None
+    folder = Path(store.root) / array.store_path.path
+    ndim = len(chunk_shape)
+
+    def write_directly(row: int, image: np.ndarray) -> None:
+        data = np.ascontiguousarray(image, dtype=dtype)
+        if data.shape != tuple(chunk_shape[1:]):
+            raise ValueError(f"expected an image of shape {tuple(chunk_shape[1:])}, got {data.shape}")
+        encoded = compressor.encode(data) if compressor is not None else data.tobytes()
+        path = folder / array.metadata.encode_chunk_key((row,) + (0,) * (ndim - 1))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as file:
+            file.write(encoded)
+
+    return write_directly

@@ -13,6 +13,7 @@ from pixelpick.acquisition import (
     ACQUISITIONS,
     get_acquisition,
     random_pixels,
+    score_batch,
     score_pixels,
     select_pixels,
 )
@@ -277,3 +278,53 @@ def test_scores_of_any_softmax_are_finite_and_bounded(logits, strategy):
     scores = score_pixels(strategy, probs, generator())
     assert torch.isfinite(scores).all()
     assert (scores >= 0).all() and (scores <= log(3) + 1e-5).all()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (2, 1, 4, 5, 6), (2, 3, 4, 5, 6)])
+def test_a_batch_scores_as_its_images_do_one_by_one(strategy, shape):
+    if strategy == "bald" and (len(shape) == 4 or shape[1] < 2):
+        pytest.skip("BALD needs MC passes")
+    probs = torch.softmax(torch.randn(*shape, generator=generator(3)), dim=-3)
+    batch = score_batch(strategy, probs, generator(4))
+    one_by_one = generator(4)
+    expected = np.stack([score_pixels(strategy, image, one_by_one).numpy() for image in probs])
+    assert batch.dtype == np.float32 and batch.shape == (shape[0], *shape[-2:])
+    np.testing.assert_array_equal(batch, expected)
+
+
+@pytest.mark.parametrize(
+    ("probs", "message"),
+    [
+        (torch.full((1, 2, 2, 2), float("nan")), "NaN"),
+        (torch.tensor([[[[1.5]], [[-0.5]]]]), "negative"),
+        (torch.full((1, 2, 2, 2), 0.7), "sum to 1"),
+        (torch.ones(1, 1, 2, 2), "at least 2 classes"),
+        (torch.ones(2, 2), r"\(N, C, H, W\)"),
+    ],
+)
+def test_a_batch_is_checked_like_one_image(probs, message):
+    with pytest.raises(AcquisitionError, match=message):
+        score_batch("margin", probs)
+
+
+def test_ties_at_the_pools_edge_are_admitted_at_random_and_reproducibly():
+    scores = np.zeros((10, 10), dtype=np.float32)
+    scores[0, :5] = 2.0  # five pixels clearly on top, then 95 tied for the pool's last five places
+    pools = set()
+    for seed in range(30):
+        picked = select_pixels(scores, k=10, top_fraction=0.1, generator=generator(seed))
+        assert len(picked) == 10 and {(0, x) for x in range(5)} <= set(map(tuple, picked.tolist()))
+        again = select_pixels(scores, k=10, top_fraction=0.1, generator=generator(seed))
+        assert np.array_equal(picked, again)
+        pools.add(tuple(map(tuple, picked.tolist())))
+    assert len(pools) > 20  # the tied places go to different pixels, not always the first ones in row order
+
+
+def test_excluded_pixels_never_enter_the_pool_even_when_they_score_highest():
+    scores = torch.arange(100.0).view(10, 10)
+    exclude = scores >= 50
+    for seed in range(10):
+        picked = select_pixels(scores, k=5, exclude=exclude, top_fraction=0.1, generator=generator(seed))
+        flat = set((picked[:, 0] * 10 + picked[:, 1]).tolist())
+        assert flat <= set(range(40, 50))

@@ -40,3 +40,60 @@ def test_missing_images_are_an_error_and_unknown_ids_are_named(tmp_path):
         writer.write("a", np.full((2, 2, 2), 0.5), np.zeros((2, 2)))
     with pytest.raises(KeyError, match="nope"):
         ProbabilityStore(tmp_path / "q.zarr").scores("nope")
+
+
+def test_chunks_are_the_files_zarr_itself_would_write(tmp_path):
+    """The writer encodes chunks itself; each file must be byte for byte what Zarr writes for that row."""
+    import zarr
+
+    from pixelpick.probstore import _COMPRESSORS
+
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(4), size=(3, 6, 5)).transpose(0, 3, 1, 2).astype(np.float32)
+    scores = rng.random((3, 6, 5)).astype(np.float32)
+    with ProbabilityWriter(tmp_path / "ours.zarr", {f"{i}.png": (6, 5) for i in range(3)}, num_classes=4,
+                           strategy="margin") as writer:
+        writer.write_batch([f"{i}.png" for i in range(3)], probs, scores)
+    reference = zarr.open_group(tmp_path / "zarr.zarr", mode="w")
+    for kind, data, dtype, compressors in (("probs", probs, "float16", _COMPRESSORS), ("scores", scores, "float32", None)):
+        array = zarr.create_array(reference.store, name=f"{kind}/6x5", shape=data.shape, chunks=(1, *data.shape[1:]),
+                                  dtype=dtype, compressors=compressors, fill_value=0)
+        array[:] = data.astype(dtype)
+        for row in range(3):
+            key = array.metadata.encode_chunk_key((row,) + (0,) * (data.ndim - 1))
+            ours = (tmp_path / "ours.zarr" / kind / "6x5" / key).read_bytes()
+            assert ours == (tmp_path / "zarr.zarr" / kind / "6x5" / key).read_bytes(), (kind, row)
+    assert ProbabilityStore(tmp_path / "ours.zarr").group["scores/6x5"].metadata.codecs == array.metadata.codecs
+
+
+def test_batches_of_rows_read_back_in_order_across_sizes(tmp_path, monkeypatch):
+    import pixelpick.probstore as probstore
+
+    monkeypatch.setattr(probstore, "_READ_ROWS", 3)  # several reads per run of rows
+    rng = np.random.default_rng(2)
+    sizes = {f"{i:02d}.png": (4, 5) if i % 7 else (2, 3) for i in range(20)}  # runs broken by another size
+    expected = {}
+    with ProbabilityWriter(tmp_path / "p.zarr", sizes, num_classes=2, strategy="entropy") as writer:
+        for image_id, (h, w) in sizes.items():
+            p = rng.random((h, w)).astype(np.float32)
+            expected[image_id] = rng.random((h, w)).astype(np.float32)
+            writer.write(image_id, np.stack([p, 1 - p]), expected[image_id])
+    assert writer.write_seconds > 0
+    store = ProbabilityStore(tmp_path / "p.zarr")
+    streamed = list(store.iter_scores())
+    assert [i for i, _ in streamed] == list(sizes)
+    for image_id, scores in streamed:
+        np.testing.assert_array_equal(scores, expected[image_id])
+        np.testing.assert_array_equal(store.scores(image_id), expected[image_id])
+
+
+def test_a_batch_of_the_wrong_length_or_shape_fails_the_store(tmp_path):
+    with pytest.raises(ValueError, match="2 images"):
+        with ProbabilityWriter(tmp_path / "p.zarr", {"a": (2, 2), "b": (2, 2)}, num_classes=2, strategy="margin") as w:
+            w.write_batch(["a", "b"], np.full((1, 2, 2, 2), 0.5), np.zeros((1, 2, 2)))
+    with pytest.raises(ValueError, match="shape"):
+        with ProbabilityWriter(tmp_path / "q.zarr", {"a": (2, 2)}, num_classes=2, strategy="margin") as w:
+            w.write("a", np.full((2, 3, 3), 0.5), np.zeros((2, 2)))
+    with pytest.raises(KeyError, match="nope"):
+        with ProbabilityWriter(tmp_path / "r.zarr", {"a": (2, 2)}, num_classes=2, strategy="margin") as w:
+            w.write("nope", np.full((2, 2, 2), 0.5), np.zeros((2, 2)))
