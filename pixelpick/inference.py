@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,10 +29,12 @@ def predict_batches(
     *,
     mc_samples: int = 0,
     batch_size: int = 8,
+    before_forward: Callable[[], None] | None = None,
 ) -> Iterator[tuple[list[str], torch.Tensor]]:
     """Yield (image ids, probabilities) per batch: (N, C, H, W), or (N, T, C, H, W) for T = `mc_samples` >= 2.
 
     Tensors are float32 on the CPU. Only one batch is ever held, so memory does not grow with the pool.
+    `before_forward`, if given, is called after a batch's images are loaded and before its forward pass.
     """
     model.eval().to(device)
     set_mc_dropout(model, mc_samples >= 2)
@@ -44,6 +46,8 @@ def predict_batches(
             images = torch.stack([transform(dataset.load_image(i))["image"] for i in ids]).to(device)
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
+            if before_forward is not None:
+                before_forward()
             samples = []
             for _ in range(passes):
                 with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
@@ -81,7 +85,7 @@ class InferenceTimings:
 
     seconds: float = 0.0  # wall time of the whole inference into the store
     scoring_seconds: float = 0.0  # computing acquisition scores
-    write_seconds: float = 0.0  # writing the store: dtype conversion, compression, chunk files
+    write_seconds: float = 0.0  # writing the store: compression and chunk files
     images: int = 0
 
 
@@ -109,23 +113,28 @@ def infer_to_store(
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     image_ids = list(dataset.image_ids)
-    stream = predict_batches(model, dataset, image_ids, device, mc_samples=mc_samples, batch_size=batch_size)
     sizes = {image_id: dataset.image_size(image_id) for image_id in image_ids}
     scoring_seconds = 0.0
 
-    def mean_and_scores(probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """(N, C, H, W) mean probabilities and (N, H, W) scores of one batch; runs on the writer thread."""
+    def scored(probs: torch.Tensor, stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The batch's stored probabilities and its (N, H, W) scores; runs on the writer thread."""
         nonlocal scoring_seconds
         scoring_start = time.perf_counter()
         scores = score_batch(strategy, probs, generator=generator)
         scoring_seconds += time.perf_counter() - scoring_start
-        mean_probs = probs.mean(dim=1) if probs.dim() == 5 else probs
-        return mean_probs.numpy(), scores  # the writer converts to the store's dtype as it encodes
+        return stored, scores
 
     with ProbabilityWriter(store_path, sizes, dataset.label_space.num_classes, strategy, dtype) as writer:
+        # On the CPU the forward pass already keeps every core busy, and a writer thread running beside it stalls
+        # torch's thread team at each op; so the previous batch is scored and written while this batch's images
+        # load (single-threaded), and finished before the forward pass starts.
+        stream = predict_batches(model, dataset, image_ids, device, mc_samples=mc_samples, batch_size=batch_size,
+                                 before_forward=writer.drain if device.type == "cpu" else None)
         with tqdm(total=len(image_ids), desc="infer", disable=not progress, leave=False) as bar:
             for ids, probs in stream:
-                writer.write_computed_batch(ids, partial(mean_and_scores, probs))
+                # Mean over MC passes and the store's dtype here: torch converts to float16 far faster than numpy.
+                stored = (probs.mean(dim=1) if probs.dim() == 5 else probs).to(getattr(torch, dtype)).numpy()
+                writer.write_computed_batch(ids, partial(scored, probs, stored))
                 bar.update(len(ids))
     if timings is not None:
         timings.seconds = time.perf_counter() - start

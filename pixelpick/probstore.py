@@ -7,6 +7,8 @@ Layout of `<round>/probs.zarr` (Zarr v3):
     probs/<H>x<W>              (N, C, H, W) float16 by default, zstd, one chunk (one file) per image
     scores/<H>x<W>             (N, H, W) float32, uncompressed, one chunk per image; higher = more informative
                                (see pixelpick.acquisition)
+    <array>/c.<row>.0.0[.0]    the chunk files: the default chunk keys with "." separators, so all of an
+                               array's chunks sit in its own folder
 
 Images of one size share an array, one row and one chunk file each, so datasets whose images differ in size (VOC)
 need no padding, and every image's chunk has exactly one writer: `ProbabilityWriter` funnels all writes through a
@@ -36,6 +38,8 @@ from zarr.codecs import BytesCodec, ZstdCodec
 from zarr.storage import LocalStore
 
 _COMPRESSORS = (ZstdCodec(level=1),)
+# Chunk files named c.<row>.0.0... side by side in the array's folder: no directory to create per image.
+_CHUNK_KEYS = {"name": "default", "separator": "."}
 # iter_scores reads this many rows (at most this many bytes) per Zarr call: few calls, and memory stays flat.
 _READ_ROWS, _READ_BYTES = 16, 32 * 2**20
 
@@ -134,7 +138,7 @@ class ProbabilityWriter:
             ):
                 array = zarr.create_array(
                     self.group.store, name=f"{kind}/{key}", shape=(len(ids), *shape), chunks=(1, *shape),
-                    dtype=array_dtype, compressors=compressors, fill_value=0,
+                    dtype=array_dtype, compressors=compressors, fill_value=0, chunk_key_encoding=_CHUNK_KEYS,
                 )
                 self._arrays[kind, key] = array
                 self._chunk_writers[kind, key] = _chunk_writer(array)
@@ -177,6 +181,11 @@ class ProbabilityWriter:
         self._pending.append(self._pool.submit(self._write, image_ids, compute))
         self._written.update(image_ids)
         while len(self._pending) > 2:
+            self._pending.pop(0).result()
+
+    def drain(self) -> None:
+        """Wait until every queued computation and write has finished (and raise the first error)."""
+        while self._pending:
             self._pending.pop(0).result()
 
     def _write(self, image_ids: list[str], compute: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
@@ -235,6 +244,7 @@ def _chunk_writer(array: zarr.Array) -> Callable[[int, np.ndarray], None]:
     compressor = Zstd(level=codecs[1].level, checksum=codecs[1].checksum) if len(codecs) == 2 else None
     folder = Path(store.root) / array.store_path.path
     ndim = len(chunk_shape)
+    made: set[Path] = set()
 
     def write_directly(row: int, image: np.ndarray) -> None:
         data = np.ascontiguousarray(image, dtype=dtype)
@@ -242,7 +252,9 @@ def _chunk_writer(array: zarr.Array) -> Callable[[int, np.ndarray], None]:
             raise ValueError(f"expected an image of shape {tuple(chunk_shape[1:])}, got {data.shape}")
         encoded = compressor.encode(data) if compressor is not None else data.tobytes()
         path = folder / array.metadata.encode_chunk_key((row,) + (0,) * (ndim - 1))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent not in made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            made.add(path.parent)
         with open(path, "wb") as file:
             file.write(encoded)
 

@@ -46,7 +46,7 @@ def test_chunks_are_the_files_zarr_itself_would_write(tmp_path):
     """The writer encodes chunks itself; each file must be byte for byte what Zarr writes for that row."""
     import zarr
 
-    from pixelpick.probstore import _COMPRESSORS
+    from pixelpick.probstore import _CHUNK_KEYS, _COMPRESSORS
 
     rng = np.random.default_rng(1)
     probs = rng.dirichlet(np.ones(4), size=(3, 6, 5)).transpose(0, 3, 1, 2).astype(np.float32)
@@ -57,7 +57,7 @@ def test_chunks_are_the_files_zarr_itself_would_write(tmp_path):
     reference = zarr.open_group(tmp_path / "zarr.zarr", mode="w")
     for kind, data, dtype, compressors in (("probs", probs, "float16", _COMPRESSORS), ("scores", scores, "float32", None)):
         array = zarr.create_array(reference.store, name=f"{kind}/6x5", shape=data.shape, chunks=(1, *data.shape[1:]),
-                                  dtype=dtype, compressors=compressors, fill_value=0)
+                                  dtype=dtype, compressors=compressors, fill_value=0, chunk_key_encoding=_CHUNK_KEYS)
         array[:] = data.astype(dtype)
         for row in range(3):
             key = array.metadata.encode_chunk_key((row,) + (0,) * (data.ndim - 1))
