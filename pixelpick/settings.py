@@ -70,9 +70,10 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         schedule="poly", crop_size=None, scale_range=(0.75, 1.25), photometric=False,
     ),
     "cpu-camvid": dict(
-        epochs=20, batch_size=8, optimizer="adam", lr_backbone=1e-3, lr_head=1e-3, weight_decay=1e-4,
-        schedule="poly", crop_size=None, scale_range=(0.75, 1.5), photometric=True,
+        epochs=10, batch_size=8, optimizer="adam", lr_backbone=2e-3, lr_head=2e-3, weight_decay=1e-4,
+        schedule="poly", crop_size=None, scale_range=(0.75, 1.25), photometric=False,
     ),
+
 }
 
 

@@ -41,18 +41,23 @@ def _find_run(client: MlflowClient, experiment_id: str, **tags: str):
     return runs[0] if runs else None
 
 
+def experiment_id_for(client: MlflowClient, name: str) -> str:
+    """The id of the experiment `name`, created on first use."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment:
+        return experiment.experiment_id
+    # Artifacts go beside the tracking database, not into whatever directory the flow happens to run in.
+    artifacts = Path(__file__).resolve().parents[1] / "data" / "mlartifacts"
+    return client.create_experiment(name, artifact_location=artifacts.as_uri())
+
+
 @task(retries=2, retry_delay_seconds=5)
 def start_campaign_run(settings_json: str) -> str:
     """The campaign's parent run (reused when the campaign is run again with the same settings)."""
     campaign = open_campaign(settings_json)
     name = campaign.settings.campaign.name
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(name)
-    # Artifacts go beside the tracking database, not into whatever directory the flow happens to run in.
-    artifacts = Path(__file__).resolve().parents[1] / "data" / "mlartifacts"
-    experiment_id = (
-        experiment.experiment_id if experiment else client.create_experiment(name, artifact_location=artifacts.as_uri())
-    )
+    experiment_id = experiment_id_for(client, name)
     settings_md5 = text_md5(settings_json)
     existing = _find_run(client, experiment_id, kind="campaign", settings=settings_md5)
     if existing:

@@ -1,0 +1,252 @@
+"""The label-efficiency benchmark: strategies against each other and against full supervision, under one recipe.
+
+A benchmark is a preset (the recipe: dataset, size, model, epochs, budgets, seeds) and a plan of runs:
+
+- one fully supervised run per seed, trained on every pixel for as many epochs as an active-learning run trains
+  in total, so the two see the same number of optimisation steps;
+- one active-learning run per (strategy, seed): a campaign whose round r has (r + 1) x `step` labelled pixels
+  per image. Round 0 is the same random draw for every strategy of a seed, so strategies are compared paired.
+
+Each run writes its rows (one per budget) to `<workdir>/<run>/result.json` when it finishes, and each round its
+stage timings to `timings.json` beside the round's other files. A re-started benchmark skips finished runs and
+rounds, so an interrupted one resumes where it stopped and ends with the same numbers.
+The report (`pixelpick.benchmark_report`) is a pure function of the rows.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pixelpick.campaign import Campaign, round_seed
+from pixelpick.io import write_json
+from pixelpick.settings import Settings, load_settings
+from pixelpick.training import evaluate, fit
+
+FULL = "full"  # the strategy name of the fully supervised reference
+STAGES = ("inference", "scoring", "selection", "labelling", "training", "evaluation")
+
+
+@dataclass(frozen=True)
+class BenchmarkPreset:
+    """A recipe. `overrides` are dotted settings keys applied over params.yaml (command-line --set wins)."""
+
+    name: str
+    description: str
+    overrides: dict[str, Any]
+    step: int  # labelled pixels per image added each round; the first round draws `step` at random
+    rounds: int  # budgets: step, 2 step, ..., rounds x step pixels per image
+    strategies: tuple[str, ...]
+    seeds: tuple[int, ...]
+    warm_start: bool  # False re-initialises every round (the paper); True fine-tunes the previous round's model
+
+    @property
+    def budgets(self) -> list[int]:
+        return [self.step * (r + 1) for r in range(self.rounds)]
+
+    def full_supervision_epochs(self, epochs_per_round: int) -> int:
+        """Epochs of the fully supervised run: as many as the last AL model was trained for in all."""
+        return epochs_per_round * (self.rounds if self.warm_start else 1)
+
+
+PRESETS: dict[str, BenchmarkPreset] = {
+    "paper": BenchmarkPreset(
+        name="paper",
+        description="the paper's CamVid recipe (protocol §1.4, §6): 360x480, DeepLabv3+ MobileNetV2, 50 epochs "
+        "per round from a fresh model, 10 px/img per round up to 100, 5 seeds. For a GPU; the paper's numbers "
+        "also assume an ImageNet-pretrained backbone (set model.pretrained_path).",
+        overrides={"data.dataset": "camvid", "data.image_size": None, "model.arch": "deeplabv3plus_mobilenetv2",
+                   "train.preset": "paper-camvid", "acquire.top_fraction": 0.05},
+        step=10, rounds=10, strategies=("margin", "entropy", "least_confidence", "random"),
+        seeds=(0, 1, 2, 3, 4), warm_start=False,
+    ),
+    "cpu": BenchmarkPreset(
+        name="cpu",
+        description="a 2-core CPU recipe: CamVid at 120x160, LR-ASPP MobileNetV3 from random initialisation, "
+        "10 epochs per round fine-tuning the previous round's model, 20 px/img per round up to 100, 2 seeds.",
+        overrides={"data.dataset": "camvid", "data.image_size": [120, 160], "model.arch": "lraspp_mobilenetv3",
+                   "train.preset": "cpu-camvid", "acquire.top_fraction": 0.05},
+        step=20, rounds=5, strategies=("margin", "random"), seeds=(0, 1), warm_start=True,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the plan: a strategy (or `full`), its MC-dropout passes, and a seed."""
+
+    strategy: str
+    seed: int
+    mc_samples: int = 0
+
+    @property
+    def label(self) -> str:
+        """The strategy as reported: `margin`, or `margin+mc8` with 8 MC-dropout passes."""
+        return self.strategy if self.mc_samples < 2 or self.strategy == "bald" else f"{self.strategy}+mc{self.mc_samples}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}-s{self.seed}"
+
+
+def plan_runs(
+    preset: BenchmarkPreset,
+    strategies: tuple[str, ...] | None = None,
+    seeds: tuple[int, ...] | None = None,
+    mc_samples: int = 0,
+) -> list[RunSpec]:
+    """Every run, seed by seed (full supervision last), so a benchmark cut short still holds whole seeds.
+
+    With `mc_samples` >= 2, each uncertainty strategy also runs with that many MC-dropout passes, and BALD joins.
+    """
+    strategies = tuple(strategies or preset.strategies)
+    runs = []
+    for seed in seeds if seeds is not None else preset.seeds:
+        runs.extend(RunSpec(strategy, seed) for strategy in strategies)
+        if mc_samples >= 2:
+            runs.extend(RunSpec(s, seed, mc_samples) for s in strategies if s != "random")
+            runs.append(RunSpec("bald", seed, mc_samples))
+        runs.append(RunSpec(FULL, seed))
+    return list(dict.fromkeys(runs))
+
+
+def benchmark_settings(
+    params: str | Path, preset: BenchmarkPreset, workdir: Path, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """The benchmark's base settings: params.yaml, then the preset, then the caller's overrides."""
+    merged = {**preset.overrides, "train.warm_start": preset.warm_start, "campaign.workdir": str(workdir),
+              **(overrides or {})}
+    return load_settings(params, merged)
+
+
+def run_settings(base: Settings, preset: BenchmarkPreset, spec: RunSpec) -> Settings:
+    """The settings of one run: its own campaign directory, strategy, seed and budget schedule."""
+    campaign = base.campaign.model_copy(update={
+        "name": spec.name, "seed": spec.seed, "initial_pixels_per_image": preset.step, "rounds": preset.rounds - 1,
+        "error_rate": 0.0,
+    })
+    strategy = "margin" if spec.strategy == FULL else spec.strategy  # full supervision never queries
+    acquire = base.acquire.model_copy(update={
+        "strategy": strategy, "pixels_per_image": preset.step, "mc_samples": spec.mc_samples,
+    })
+    return base.model_copy(update={"campaign": campaign, "acquire": acquire})
+
+
+@dataclass
+class StageTimer:
+    """Wall seconds per stage of a round."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - started
+
+
+def run_benchmark_run(base: Settings, preset: BenchmarkPreset, spec: RunSpec, progress: bool = False) -> Path:
+    """Run (or resume) one run of the plan; returns its `result.json`: one row per budget."""
+    settings = run_settings(base, preset, spec)
+    campaign = Campaign(settings)
+    result_path = campaign.run_dir / "result.json"
+    if result_path.exists():
+        return result_path
+    if spec.strategy == FULL:
+        rows = [_full_supervision(campaign, preset, progress)]
+    else:
+        rows = [_timed_round(campaign, round_id, progress) for round_id in range(preset.rounds)]
+    context = {"dataset": settings.data.dataset, "preset": preset.name, "strategy": spec.label, "seed": spec.seed,
+               "arch": settings.model.arch, "image_size": _image_size(campaign), "device": str(campaign.device),
+               "epochs_per_round": settings.train.epochs}
+    return write_json({"rows": [{**context, **row} for row in rows]}, result_path)
+
+
+def read_rows(result_paths: list[Path]) -> list[dict[str, Any]]:
+    return [row for path in result_paths for row in json.loads(Path(path).read_text())["rows"]]
+
+
+def _timed_round(campaign: Campaign, round_id: int, progress: bool) -> dict[str, Any]:
+    """One round of `Campaign.run_round`, stage by stage, with its timings kept beside the round's files."""
+    paths = campaign.paths(round_id)
+    timings_path = paths.dir / "timings.json"
+    if not (timings_path.exists() and paths.metrics.exists()):
+        timer = StageTimer()
+        if round_id > 0:
+            with timer.stage("inference"):
+                campaign.infer(round_id, progress)
+            timer.seconds["scoring"] = _scoring_seconds(paths.dir / "infer_log.json")
+        with timer.stage("selection"):
+            campaign.select(round_id)
+        with timer.stage("labelling"):
+            campaign.ingest(round_id, campaign.annotate_simulated(round_id))
+        with timer.stage("training"):
+            campaign.train(round_id, progress)
+        with timer.stage("evaluation"):
+            campaign.evaluate(round_id, progress)
+        write_json(timer.seconds, timings_path)
+    metrics = json.loads(paths.metrics.read_text())
+    return _row(metrics, json.loads(timings_path.read_text()), round_id,
+                pixels_per_image=metrics["pixels_per_image"])
+
+
+def _full_supervision(campaign: Campaign, preset: BenchmarkPreset, progress: bool) -> dict[str, Any]:
+    """Dense masks on every pool image, for as many epochs as an active-learning run trains in all."""
+    settings = campaign.settings
+    epochs = preset.full_supervision_epochs(settings.train.epochs)
+    seed = round_seed(settings.campaign.seed, 0)
+    torch.manual_seed(seed)
+    model = campaign.new_model()
+    timer = StageTimer()
+    with timer.stage("training"):
+        fit(model, campaign.pool, None, settings.train.model_copy(update={"epochs": epochs, "seed": seed}),
+            campaign.device, progress=progress)
+    with timer.stage("evaluation"):
+        metrics = evaluate(model, campaign.eval_set, campaign.device, settings.train.eval_batch_size, progress)
+    metrics["iou_per_class"] = [None if np.isnan(v) else v for v in metrics["iou_per_class"]]
+    space = campaign.pool.label_space
+    labelled = sum(int((campaign.pool.load_mask(i) != space.ignore_index).sum()) for i in campaign.pool.image_ids)
+    row = _row(metrics, timer.seconds, round_id=None, pixels_per_image=labelled / len(campaign.pool))
+    return {**row, "epochs": epochs}
+
+
+def _row(metrics: dict, seconds: dict[str, float], round_id: int | None, pixels_per_image: float) -> dict[str, Any]:
+    ious = {f"iou_{name}": iou for name, iou in zip(metrics["class_names"], metrics["iou_per_class"])}
+    return {"round": round_id, "pixels_per_image": pixels_per_image, "miou": metrics["miou"], **ious,
+            **{f"{stage}_s": round(seconds.get(stage, 0.0), 3) for stage in STAGES}}
+
+
+def _scoring_seconds(infer_log: Path) -> float:
+    return json.loads(infer_log.read_text()).get("scoring_seconds", float("nan")) if infer_log.exists() else float("nan")
+
+
+def _image_size(campaign: Campaign) -> str:
+    height, width = campaign.pool.image_size(campaign.pool.image_ids[0])
+    return f"{height}x{width}"
+
+
+def run_benchmark(
+    base: Settings,
+    preset: BenchmarkPreset,
+    plan: list[RunSpec],
+    progress: bool = False,
+    on_run: Callable[[RunSpec, Path], None] | None = None,
+) -> list[Path]:
+    """Every run of the plan in order, in plain Python; `on_run` sees each finished run's result file."""
+    results = []
+    for spec in plan:
+        path = run_benchmark_run(base, preset, spec, progress)
+        if on_run is not None:
+            on_run(spec, path)
+        results.append(path)
+    return results

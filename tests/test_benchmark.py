@@ -1,0 +1,157 @@
+"""The label-efficiency benchmark: planning, paired and resumable runs, stage timings, the report, the flow."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from pixelpick.benchmark import (
+    FULL,
+    PRESETS,
+    STAGES,
+    BenchmarkPreset,
+    RunSpec,
+    benchmark_settings,
+    plan_runs,
+    read_rows,
+    run_benchmark,
+)
+from pixelpick.benchmark_report import results_frame, summarise, write_report
+from pixelpick.datasets import get_dataset
+from tests.conftest import TINY_PARAMS
+from tests.fixtures import write_camvid
+from tests.test_flows import prefect_server  # noqa: F401  (the shared server fixture)
+
+TINY = BenchmarkPreset(
+    name="tiny", description="a test", overrides={"train.epochs": 1}, step=5, rounds=2,
+    strategies=("margin", "random"), seeds=(0,), warm_start=True,
+)
+
+
+@pytest.fixture
+def tiny_base(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(TINY_PARAMS)
+    return benchmark_settings(params, TINY, tmp_path / "bench")
+
+
+def test_plan_keeps_each_seed_together():
+    plan = plan_runs(PRESETS["cpu"])
+    assert [s.name for s in plan] == ["margin-s0", "random-s0", "full-s0", "margin-s1", "random-s1", "full-s1"]
+    mc = plan_runs(PRESETS["cpu"], strategies=("margin", "random"), seeds=(3,), mc_samples=4)
+    assert [s.name for s in mc] == ["margin-s3", "random-s3", "margin+mc4-s3", "bald-s3", "full-s3"]
+
+
+def test_presets_cover_the_papers_budgets():
+    assert PRESETS["paper"].budgets == list(range(10, 101, 10))
+    assert PRESETS["cpu"].budgets == [20, 40, 60, 80, 100]
+    # Full supervision trains as many epochs as the last active-learning model did in all.
+    assert PRESETS["cpu"].full_supervision_epochs(10) == 50
+    assert PRESETS["paper"].full_supervision_epochs(50) == 50
+
+
+def test_benchmark_runs_are_paired_timed_and_resumable(tiny_base):
+    results = run_benchmark(tiny_base, TINY, plan_runs(TINY))
+    rows = read_rows(results)
+    frame = pd.DataFrame(rows)
+    assert sorted(frame["strategy"].unique()) == [FULL, "margin", "random"]
+    al = frame[frame["strategy"] != FULL]
+    assert sorted(al["pixels_per_image"].unique()) == [5.0, 10.0]
+    # Round 0 is the same random draw and training for every strategy of a seed: a paired comparison.
+    first = al[al["round"] == 0].set_index("strategy")["miou"]
+    assert first["margin"] == first["random"]
+    # Every stage that ran was timed; round 0 has no model to infer with.
+    assert (al["training_s"] > 0).all() and (al["evaluation_s"] > 0).all() and (al["selection_s"] > 0).all()
+    assert (al.loc[al["round"] == 1, "inference_s"] > 0).all()
+    assert (al.loc[al["round"] == 0, "inference_s"] == 0).all()
+    full = frame[frame["strategy"] == FULL].iloc[0]
+    assert full["pixels_per_image"] > 0.5 * 48 * 64  # most of each 48x64 image is labelled
+    assert full["epochs"] == TINY.full_supervision_epochs(1) == 2
+
+    # Finished runs are skipped; a run cut short inside its last round redoes only that round, identically.
+    before = {str(p): p.read_bytes() for p in results}
+    margin_dir = results[0].parent
+    (margin_dir / "result.json").unlink()
+    for name in ("metrics.json", "timings.json", "model.pt"):
+        (margin_dir / "rounds" / "r01" / name).unlink()
+    again = run_benchmark(tiny_base, TINY, plan_runs(TINY))
+    assert again[1].read_bytes() == before[str(results[1])]
+    redone = {r["round"]: r["miou"] for r in read_rows([again[0]])}
+    original = {r["round"]: r["miou"] for r in json.loads(before[str(results[0])])["rows"]}
+    assert redone == original
+
+
+def _rows(strategy, budget_miou, seed=0):
+    return [{"dataset": "camvid", "preset": "cpu", "strategy": strategy, "seed": seed, "pixels_per_image": b,
+             "miou": m, "round": i, "arch": "lraspp", "image_size": "180x240", "device": "cpu",
+             "epochs_per_round": 4, "iou_sky": m, **{f"{s}_s": 1.0 for s in STAGES}}
+            for i, (b, m) in enumerate(budget_miou.items())]
+
+
+def test_summary_gives_mean_std_and_share_of_full_supervision():
+    rows = (_rows("margin", {20: 0.40, 40: 0.50}, seed=0) + _rows("margin", {20: 0.44, 40: 0.50}, seed=1)
+            + _rows(FULL, {10_000.0: 0.50}) + _rows(FULL, {10_000.0: 0.50}, seed=1))
+    summary = summarise(results_frame(rows)).set_index(["strategy", "budget"])
+    assert summary.loc[("margin", 20), "mean"] == pytest.approx(42.0)
+    assert summary.loc[("margin", 20), "std"] == pytest.approx(np.std([40, 44], ddof=1))
+    assert summary.loc[("margin", 20), "pct_of_full"] == pytest.approx(84.0)
+    assert summary.loc[("margin", 40), "pct_of_full"] == pytest.approx(100.0)
+
+
+def test_report_states_the_bar_plainly(tmp_path):
+    rows = (_rows("margin", {20: 0.45, 40: 0.52}) + _rows("random", {20: 0.47, 40: 0.50})
+            + _rows(FULL, {10_000.0: 0.55}))
+    paths = write_report(results_frame(rows), tmp_path / "report", "camvid-cpu", command="python -m flows.benchmark")
+    text = paths["markdown"].read_text()
+    assert "Margin beats random at 1 of 2 budgets" in text
+    assert "20: -2.0" in text and "40: +2.0" in text
+    # 45 / 55 = 82% falls short of the paper's 87% at 20 px/img; 52 / 55 = 95% beats its 93% at 40.
+    assert "At 20 px/img margin reaches 82% of full supervision, which falls short of the paper's 87%" in text
+    assert "At 40 px/img margin reaches 95% of full supervision, which matches or beats the paper's 93%" in text
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv = pd.read_csv(paths["csv"])
+    for column in ("dataset", "preset", "strategy", "pixels_per_image", "seed", "miou", *(f"{s}_s" for s in STAGES)):
+        assert column in csv
+    assert len(csv) == 5
+
+
+def test_report_refuses_an_empty_benchmark():
+    with pytest.raises(ValueError, match="no run has finished"):
+        results_frame([])
+
+
+def test_evaluation_split_may_be_camvid_test(tmp_path):
+    mask = np.zeros((4, 6), np.uint8)
+    root = write_camvid(tmp_path / "camvid", {"train": {"a.png": mask}, "test": {"t.png": mask}})
+    data = SimpleNamespace(dataset="camvid", root=root, image_size=None, cityscapes_downsample=4,
+                           classes_file=None, synthetic=None)
+    assert get_dataset(data, "test").image_ids == ["test/t.png"]
+
+
+@pytest.mark.slow
+def test_benchmark_flow_logs_every_run_and_writes_the_report(prefect_server, tiny_base, tmp_path):  # noqa: F811
+    from flows.benchmark import benchmark_flow
+    from tasks.benchmark import preset_dict
+
+    plan = [vars(s) for s in plan_runs(TINY, strategies=("margin",))]
+    report = benchmark_flow(tiny_base.model_dump_json(), preset_dict(TINY), plan, str(tmp_path / "docs"),
+                            stem="synthetic-tiny")
+    assert "| margin" in open(report["markdown"]).read()
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("benchmark-synthetic-tiny")
+    runs = client.search_runs([experiment.experiment_id], "tags.`pixelpick.kind` = 'benchmark-run'")
+    assert sorted(r.info.run_name for r in runs) == ["full-s0", "margin-s0"]
+    margin = next(r for r in runs if r.info.run_name == "margin-s0")
+    history = client.get_metric_history(margin.info.run_id, "miou")
+    assert sorted(m.step for m in history) == [5, 10]
+
+    # Run again: every run resumes as finished and nothing is logged twice.
+    benchmark_flow(tiny_base.model_dump_json(), preset_dict(TINY), plan, str(tmp_path / "docs"),
+                   stem="synthetic-tiny", report_only=True)
+    runs = client.search_runs([experiment.experiment_id], "tags.`pixelpick.kind` = 'benchmark-run'")
+    assert len(runs) == 2
