@@ -55,6 +55,12 @@ def _finished_result(settings_json: str, preset: dict, spec: dict) -> str | None
     return str(path) if path.exists() else None
 
 
+def _command_line(argv: list[str] | None) -> str:
+    """The command that runs this benchmark (the one a report names), whichever of its modes made the report."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
+    return shlex.join(["python", "-m", "flows.benchmark", *args])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -88,8 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(plan)} runs: {', '.join(spec.name for spec in plan)}")
     paths = benchmark_flow(
         settings.model_dump_json(), preset_dict(preset), [vars(spec) for spec in plan], args.report_dir,
-        stem=f"{settings.data.dataset}-{preset.name}", command=shlex.join(["python", "-m", "flows.benchmark",
-                                                                            *sys.argv[1:]]) if argv is None else "",
+        stem=f"{settings.data.dataset}-{preset.name}", command=_command_line(argv),
         report_only=args.report_only,
     )
     print(f"report: {paths['markdown']}")
