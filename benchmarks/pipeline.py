@@ -3,10 +3,11 @@
     python benchmarks/pipeline.py                      # all four measurements
     python benchmarks/pipeline.py --only select,memory
 
-overhead   a round through Prefect (tasks, cache, artifacts, MLflow) against the same library calls in plain Python
+overhead   a round through Prefect (tasks, cache, artifacts, MLflow) against the same library calls in plain Python,
+           rounds 0 and 1 of two campaigns each way, alternating which goes first
 inference  inference into the Zarr store (`infer_to_store`: forward, batch scoring and chunk writes on the writer
            thread) against a bare torch loop over the same images (`predict_probabilities`: load, forward,
-           softmax); each timed twice, alternating, best of two
+           softmax); each timed four times, alternating: best of four, and the median of the pairs' ratios
 select     score-and-select from Zarr against the reference's way (per image: softmax, then topk on the whole map),
            on CamVid-sized maps (11 x 360 x 480). "ours: scores from Zarr" is what `Campaign.select` runs: the
            stored float32 score maps streamed by `ProbabilityStore.iter_scores` (runs of rows per Zarr read) and
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,27 +46,35 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench_overhead(workdir: Path) -> None:
+def bench_overhead(workdir: Path, repeats: int = 2) -> None:
+    """Rounds 0 and 1 of `repeats` campaigns each way, alternating which goes first, so that drift in the machine's
+    speed falls on both sides; one pair is too noisy to read a 10% difference from."""
     from flows.round import round_flow
     from pixelpick.campaign import Campaign
     from pixelpick.settings import load_settings
     from tasks.tracking import start_campaign_run
 
-    overrides = {"campaign.workdir": str(workdir), "train.epochs": 3}
-    plain = Campaign(load_settings(REPO / "params.yaml", {**overrides, "campaign.name": "bench-plain"}))
-    flowed = load_settings(REPO / "params.yaml", {**overrides, "campaign.name": "bench-prefect"})
-    settings_json = flowed.model_dump_json()
-    parent = start_campaign_run(settings_json)  # starts the ephemeral server: excluded from the timing
-    rows = []
-    for round_id in (0, 1):
-        t_plain = timed(lambda: plain.run_round(round_id))
-        t_flow = timed(lambda: round_flow(settings_json, round_id, parent))
-        rows.append((round_id, t_plain, t_flow))
-        print(f"overhead  round {round_id}: plain {t_plain:6.1f} s  prefect {t_flow:6.1f} s  "
-              f"(+{100 * (t_flow / t_plain - 1):.1f}%)", flush=True)
-    total_plain, total_flow = sum(r[1] for r in rows), sum(r[2] for r in rows)
-    print(f"overhead  both rounds: plain {total_plain:.1f} s, prefect {total_flow:.1f} s, "
-          f"+{100 * (total_flow / total_plain - 1):.1f}% (target <= 10%)")
+    def settings(name: str):
+        return load_settings(REPO / "params.yaml", {"campaign.workdir": str(workdir), "train.epochs": 3,
+                                                    "campaign.name": name})
+
+    plain = [Campaign(settings(f"bench-plain-{i}")) for i in range(repeats)]
+    flowed = [settings(f"bench-prefect-{i}").model_dump_json() for i in range(repeats)]
+    parents = [start_campaign_run(s) for s in flowed]  # starts the ephemeral server: excluded from the timing
+    pairs = []
+    for i in range(repeats):
+        for round_id in (0, 1):
+            calls = [partial(plain[i].run_round, round_id), partial(round_flow, flowed[i], round_id, parents[i])]
+            order = calls if (i + round_id) % 2 == 0 else calls[::-1]
+            seconds = {id(call): timed(call) for call in order}
+            t_plain, t_flow = (seconds[id(call)] for call in calls)
+            pairs.append((t_plain, t_flow))
+            print(f"overhead  campaign {i} round {round_id}: plain {t_plain:6.1f} s  prefect {t_flow:6.1f} s  "
+                  f"(+{100 * (t_flow / t_plain - 1):.1f}%)", flush=True)
+    total_plain, total_flow = sum(p for p, _ in pairs), sum(f for _, f in pairs)
+    median = float(np.median([f / p - 1 for p, f in pairs]))
+    print(f"overhead  {len(pairs)} rounds: plain {total_plain:.1f} s, prefect {total_flow:.1f} s, "
+          f"+{100 * (total_flow / total_plain - 1):.1f}% in all, median round +{100 * median:.1f}% (target <= 10%)")
 
 
 def bench_inference(workdir: Path, arch: str, dataset_overrides: dict, limit: int | None) -> None:
@@ -91,14 +101,14 @@ def bench_inference(workdir: Path, arch: str, dataset_overrides: dict, limit: in
         infer_to_store(model, pool, workdir / "probs.zarr", device, strategy="margin", timings=timings)
 
     bare()  # warm-up
-    t_bare, t_zarr = float("inf"), float("inf")
-    for _ in range(2):
-        t_bare, t_zarr = min(t_bare, timed(bare)), min(t_zarr, timed(into_zarr))
+    pairs = [(timed(bare), timed(into_zarr)) for _ in range(4)]
+    t_bare, t_zarr = min(b for b, _ in pairs), min(z for _, z in pairs)
+    median = float(np.median([b / z for b, z in pairs]))
     n = len(pool.image_ids)
     print(f"inference {label}: bare {n / t_bare:6.1f} img/s, into Zarr {n / t_zarr:6.1f} img/s "
-          f"= {100 * t_bare / t_zarr:.0f}% of bare (target >= 90%); last run's writer thread: scoring "
-          f"{1e3 * timings.scoring_seconds / n:.2f} ms/img, writes {1e3 * timings.write_seconds / n:.2f} ms/img",
-          flush=True)
+          f"= {100 * t_bare / t_zarr:.0f}% of bare, best of 4 each (median pair {100 * median:.0f}%; target >= 90%); "
+          f"last run's writer thread: scoring {1e3 * timings.scoring_seconds / n:.2f} ms/img, writes "
+          f"{1e3 * timings.write_seconds / n:.2f} ms/img", flush=True)
 
 
 def write_synthetic_store(path: Path, num_images: int, shape=CAMVID_SHAPE, seed: int = 0) -> list[str]:

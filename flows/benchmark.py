@@ -5,6 +5,8 @@ logged to MLflow, reported in docs/benchmarks/.
     python -m flows.benchmark --preset paper --camvid-root /data/camvid \\
         --set model.pretrained_path=weights/mobilenet_v2_imagenet.pth                 # for a GPU
     python -m flows.benchmark --preset cpu --strategies margin,entropy --seeds 0 --mc-samples 8
+    python -m flows.benchmark --preset cpu --class-balance 1     # adds class-balanced margin (margin+cb1)
+    python -m flows.benchmark --preset cpu --min-distance 8      # adds margin with picks 8 px apart (margin+md8)
     python -m flows.benchmark --preset cpu --report-only    # rebuild the report from the finished runs
 
 An interrupted benchmark resumes where it stopped when started again with the same arguments. The presets and
@@ -22,7 +24,7 @@ from pathlib import Path
 from prefect import flow
 
 from pixelpick.benchmark import PRESETS, RunSpec, benchmark_settings, plan_runs, run_settings
-from pixelpick.settings import parse_override
+from pixelpick.settings import Settings, parse_override
 from tasks.benchmark import benchmark_run, log_benchmark_run, preset_dict, preset_from, write_benchmark_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,8 +50,6 @@ def benchmark_flow(settings_json: str, preset: dict, plan: list[dict], report_di
 
 
 def _finished_result(settings_json: str, preset: dict, spec: dict) -> str | None:
-    from pixelpick.settings import Settings
-
     settings = run_settings(Settings.model_validate_json(settings_json), preset_from(preset), RunSpec(**spec))
     path = settings.campaign.run_dir / "result.json"
     return str(path) if path.exists() else None
@@ -70,6 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", help="comma-separated, default: the preset's")
     parser.add_argument("--mc-samples", type=int, default=0,
                         help=">= 2 adds MC-dropout versions of the uncertainty strategies, and BALD")
+    parser.add_argument("--class-balance", type=float, default=0.0, metavar="POWER",
+                        help="> 0 adds class-balanced versions of the uncertainty strategies (acquire.class_balance)")
+    parser.add_argument("--min-distance", type=float, default=0.0, metavar="PIXELS",
+                        help="> 0 adds versions of the uncertainty strategies whose picks keep this far apart "
+                             "(acquire.min_distance)")
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--workdir", default=str(REPO / "data" / "benchmarks"),
@@ -90,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         strategies=tuple(args.strategies.split(",")) if args.strategies else None,
         seeds=tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None,
         mc_samples=args.mc_samples,
+        class_balance=args.class_balance,
+        min_distance=args.min_distance,
     )
     print(f"{len(plan)} runs: {', '.join(spec.name for spec in plan)}")
     paths = benchmark_flow(

@@ -184,6 +184,7 @@ def select_pixels(
     k: int,
     exclude: Tensor | np.ndarray | None = None,
     top_fraction: float = 0.05,
+    min_distance: float = 0.0,
     generator: torch.Generator,
 ) -> np.ndarray:
     """PixelPick's pick: k pixels drawn uniformly from the most informative `top_fraction` of the candidates.
@@ -192,6 +193,9 @@ def select_pixels(
     pool rather than given a low score, so they can never be picked again and the budget is always fully spent.
     The pool is the top max(k, floor(top_fraction * H * W)) candidates by score; top_fraction = 0 is plain top-k.
     Candidates tied at the pool's lowest score are admitted at random (from `generator`) when not all fit.
+    With `min_distance` > 0 the draw spreads out: pool pixels are taken in random order, skipping any closer than
+    `min_distance` pixels to one already taken, and only if that leaves the budget unspent are the skipped ones
+    taken (in the same order). Uncertain pixels cluster along boundaries, so without it picks bunch together.
     Returns min(k, number of candidates) unique (y, x) pixels as an (n, 2) int64 array, sorted row-major.
     """
     values = _to_numpy(scores)
@@ -201,6 +205,8 @@ def select_pixels(
         raise AcquisitionError(f"k must be >= 0, got {k}")
     if not 0 <= top_fraction <= 1:
         raise AcquisitionError(f"top_fraction must be in [0, 1], got {top_fraction}")
+    if not min_distance >= 0:
+        raise AcquisitionError(f"min_distance must be >= 0, got {min_distance}")
     if not np.isfinite(values).all():
         raise AcquisitionError("scores contain NaN or infinite values; they cannot be ranked")
     height, width = values.shape
@@ -219,9 +225,31 @@ def select_pixels(
     n_picks = min(k, n_candidates)
     pool_size = min(max(k, math.floor(top_fraction * height * width)), n_candidates)
     pool = _top_pool(values.reshape(-1), excluded, pool_size, n_candidates, generator)  # sorted flat indices
-    draw = torch.randperm(pool_size, generator=generator, device=generator.device)[:n_picks].cpu().numpy()
-    picked = np.sort(pool[draw])  # flat indices, row-major
+    if min_distance > 0:
+        order = pool[torch.randperm(pool_size, generator=generator, device=generator.device).cpu().numpy()]
+        picked = np.sort(_spread(order, width, n_picks, min_distance))
+    else:
+        draw = torch.randperm(pool_size, generator=generator, device=generator.device)[:n_picks].cpu().numpy()
+        picked = np.sort(pool[draw])  # flat indices, row-major
     return np.stack((picked // width, picked % width), axis=1).astype(np.int64)
+
+
+def _spread(order: np.ndarray, width: int, n_picks: int, min_distance: float) -> np.ndarray:
+    """The first `n_picks` of `order` (flat indices) that keep `min_distance` from each other, topped up with the
+    skipped ones, in order, when too few do."""
+    rows, cols = order // width, order % width
+    taken = np.zeros(len(order), dtype=bool)
+    chosen: list[int] = []
+    for i in range(len(order)):
+        if len(chosen) == n_picks:
+            break
+        if chosen and np.hypot(rows[chosen] - rows[i], cols[chosen] - cols[i]).min() < min_distance:
+            continue
+        chosen.append(i)
+        taken[i] = True
+    if len(chosen) < n_picks:
+        chosen += list(np.flatnonzero(~taken)[: n_picks - len(chosen)])
+    return order[chosen]
 
 
 def _to_numpy(array: Tensor | np.ndarray) -> np.ndarray:
@@ -256,6 +284,36 @@ def _top_pool(
         keep = torch.randperm(len(ties), generator=generator, device=generator.device)[: size - (len(pool) - len(ties))]
         pool = np.sort(np.concatenate((pool[~tied], ties[keep.cpu().numpy()])))
     return pool
+
+
+def class_weights(counts: np.ndarray, power: float) -> np.ndarray:
+    """Per-class weights from the labelled pixels per class: (1 / (C x frequency)) ** power.
+
+    Classes labelled equally often all weigh 1; a class labelled less often than average weighs more. Counts are
+    smoothed by one, so a class no one has labelled yet gets the largest weight rather than an infinite one.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 1 or len(counts) < 2 or (counts < 0).any():
+        raise AcquisitionError(f"class counts must be a non-negative vector over >= 2 classes, got {counts}")
+    if power < 0:
+        raise AcquisitionError(f"the class-balance power must be >= 0, got {power}")
+    frequency = (counts + 1) / (counts.sum() + len(counts))
+    return (1 / (len(counts) * frequency)) ** power
+
+
+def balance_scores(scores: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Class-balanced scores: each pixel's score times its class weight expected under the model, sum_c p_c w_c.
+
+    The expectation, not the weight of the argmax class, so a pixel the model half believes to be a rare class
+    still counts as one; class-balanced acquisition after Cai et al. (CVPR 2021) and Schachtsiek et al. (2023).
+    probs: (C, H, W) for the (H, W) scores; weights: (C,), from `class_weights`.
+    """
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.ndim != 3 or probs.shape[1:] != np.shape(scores) or len(weights) != probs.shape[0]:
+        raise AcquisitionError(f"probs {probs.shape} do not match scores {np.shape(scores)} and "
+                               f"{len(weights)} class weights")
+    expected_weight = np.tensordot(np.asarray(weights, dtype=np.float32), probs, axes=1)
+    return (np.asarray(scores, dtype=np.float32) * expected_weight).astype(np.float32, copy=False)
 
 
 def random_pixels(

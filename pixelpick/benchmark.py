@@ -2,10 +2,12 @@
 
 A benchmark is a preset (the recipe: dataset, size, model, epochs, budgets, seeds) and a plan of runs:
 
-- one fully supervised run per seed, trained on every pixel for as many epochs as an active-learning run trains
-  in total, so the two see the same number of optimisation steps;
+- one fully supervised run per seed, trained on every pixel under the same schedule as an active-learning run:
+  with warm starts, round by round for the same epochs, evaluated after each round, so every budget has a
+  reference that trained exactly as long; without, once, for as many epochs as one round;
 - one active-learning run per (strategy, seed): a campaign whose round r has (r + 1) x `step` labelled pixels
-  per image. Round 0 is the same random draw for every strategy of a seed, so strategies are compared paired.
+  per image. Round 0 is the same random draw for every strategy of a seed, so strategies are compared paired,
+  and it is trained once per seed: later runs of the seed copy it.
 
 Each run writes its rows (one per budget) to `<workdir>/<run>/result.json` when it finishes, and each round its
 stage timings to `timings.json` beside the round's other files. A re-started benchmark skips finished runs and
@@ -16,6 +18,7 @@ The report (`pixelpick.benchmark_report`) is a pure function of the rows.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,10 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from pixelpick.campaign import Campaign, round_seed
+from pixelpick.campaign import Campaign, RoundPaths, json_safe, round_seed
 from pixelpick.io import write_json
 from pixelpick.settings import Settings, load_settings
 from pixelpick.training import evaluate, fit
@@ -52,9 +54,10 @@ class BenchmarkPreset:
     def budgets(self) -> list[int]:
         return [self.step * (r + 1) for r in range(self.rounds)]
 
-    def full_supervision_epochs(self, epochs_per_round: int) -> int:
-        """Epochs of the fully supervised run: as many as the last AL model was trained for in all."""
-        return epochs_per_round * (self.rounds if self.warm_start else 1)
+    @property
+    def full_supervision_rounds(self) -> int:
+        """Rounds of the fully supervised run: one per budget when AL models fine-tune round after round."""
+        return self.rounds if self.warm_start else 1
 
 
 PRESETS: dict[str, BenchmarkPreset] = {
@@ -81,16 +84,27 @@ PRESETS: dict[str, BenchmarkPreset] = {
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of the plan: a strategy (or `full`), its MC-dropout passes, and a seed."""
+    """One run of the plan: a strategy (or `full`), a seed, and the acquisition's variant (`AcquireSettings`):
+    MC-dropout passes, class balance, minimum distance between picks."""
 
     strategy: str
     seed: int
     mc_samples: int = 0
+    class_balance: float = 0.0
+    min_distance: float = 0.0
 
     @property
     def label(self) -> str:
-        """The strategy as reported: `margin`, or `margin+mc8` with 8 MC-dropout passes."""
-        return self.strategy if self.mc_samples < 2 or self.strategy == "bald" else f"{self.strategy}+mc{self.mc_samples}"
+        """The strategy as reported: `margin`; `margin+mc8` with 8 MC-dropout passes; `margin+cb1` class-balanced
+        with power 1; `margin+md8` with picks at least 8 pixels apart."""
+        label = self.strategy
+        if self.mc_samples >= 2 and self.strategy != "bald":
+            label += f"+mc{self.mc_samples}"
+        if self.class_balance > 0:
+            label += f"+cb{self.class_balance:g}"
+        if self.min_distance > 0:
+            label += f"+md{self.min_distance:g}"
+        return label
 
     @property
     def name(self) -> str:
@@ -102,18 +116,27 @@ def plan_runs(
     strategies: tuple[str, ...] | None = None,
     seeds: tuple[int, ...] | None = None,
     mc_samples: int = 0,
+    class_balance: float = 0.0,
+    min_distance: float = 0.0,
 ) -> list[RunSpec]:
     """Every run, seed by seed (full supervision last), so a benchmark cut short still holds whole seeds.
 
     With `mc_samples` >= 2, each uncertainty strategy also runs with that many MC-dropout passes, and BALD joins.
+    With `class_balance` > 0, each uncertainty strategy also runs class-balanced with that power; with
+    `min_distance` > 0, with its picks spread that far apart.
     """
     strategies = tuple(strategies or preset.strategies)
+    uncertainty = [s for s in strategies if s != "random"]
     runs = []
     for seed in seeds if seeds is not None else preset.seeds:
         runs.extend(RunSpec(strategy, seed) for strategy in strategies)
         if mc_samples >= 2:
-            runs.extend(RunSpec(s, seed, mc_samples) for s in strategies if s != "random")
+            runs.extend(RunSpec(s, seed, mc_samples) for s in uncertainty)
             runs.append(RunSpec("bald", seed, mc_samples))
+        if class_balance > 0:
+            runs.extend(RunSpec(s, seed, class_balance=class_balance) for s in uncertainty)
+        if min_distance > 0:
+            runs.extend(RunSpec(s, seed, min_distance=min_distance) for s in uncertainty)
         runs.append(RunSpec(FULL, seed))
     return list(dict.fromkeys(runs))
 
@@ -136,6 +159,7 @@ def run_settings(base: Settings, preset: BenchmarkPreset, spec: RunSpec) -> Sett
     strategy = "margin" if spec.strategy == FULL else spec.strategy  # full supervision never queries
     acquire = base.acquire.model_copy(update={
         "strategy": strategy, "pixels_per_image": preset.step, "mc_samples": spec.mc_samples,
+        "class_balance": spec.class_balance, "min_distance": spec.min_distance,
     })
     return base.model_copy(update={"campaign": campaign, "acquire": acquire})
 
@@ -163,9 +187,14 @@ def run_benchmark_run(base: Settings, preset: BenchmarkPreset, spec: RunSpec, pr
     if result_path.exists():
         return result_path
     if spec.strategy == FULL:
-        rows = [_full_supervision(campaign, preset, progress)]
+        rows = [_full_supervision_round(campaign, round_id, progress)
+                for round_id in range(preset.full_supervision_rounds)]
     else:
+        _share_round_zero(campaign, spec)
         rows = [_timed_round(campaign, round_id, progress) for round_id in range(preset.rounds)]
+    # The budget a row stands for: full supervision's rounds are the references of the same AL rounds.
+    for row in rows:
+        row["budget"] = preset.budgets[row["round"]] if len(rows) > 1 else None
     context = {"dataset": settings.data.dataset, "preset": preset.name, "strategy": spec.label, "seed": spec.seed,
                "arch": settings.model.arch, "image_size": _image_size(campaign), "device": str(campaign.device),
                "epochs_per_round": settings.train.epochs}
@@ -174,6 +203,25 @@ def run_benchmark_run(base: Settings, preset: BenchmarkPreset, spec: RunSpec, pr
 
 def read_rows(result_paths: list[Path]) -> list[dict[str, Any]]:
     return [row for path in result_paths for row in json.loads(Path(path).read_text())["rows"]]
+
+
+def _share_round_zero(campaign: Campaign, spec: RunSpec) -> None:
+    """Start from a finished round 0 of another active-learning run of the same seed, if there is one: round 0 is the
+    same random draw and the same training for every strategy, so it is trained once per seed, not once per run.
+    Its timings.json comes along, so the run's round-0 seconds are those of the run that trained it."""
+    target = campaign.paths(0).dir
+    if (target / "timings.json").exists():
+        return
+    for sibling in sorted(campaign.run_dir.parent.glob(f"*-s{spec.seed}")):
+        source = RoundPaths(sibling / "rounds" / "r00")
+        finished = all(p.exists() for p in (source.queries, source.model, source.metrics, source.dir / "timings.json"))
+        if sibling != campaign.run_dir and not sibling.name.startswith(f"{FULL}-") and finished:
+            staging = target.with_name(f".{target.name}.copying")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(source.dir, staging)
+            shutil.rmtree(target, ignore_errors=True)  # an unfinished round 0 of this run
+            staging.rename(target)
+            return
 
 
 def _timed_round(campaign: Campaign, round_id: int, progress: bool) -> dict[str, Any]:
@@ -200,24 +248,34 @@ def _timed_round(campaign: Campaign, round_id: int, progress: bool) -> dict[str,
                 pixels_per_image=metrics["pixels_per_image"])
 
 
-def _full_supervision(campaign: Campaign, preset: BenchmarkPreset, progress: bool) -> dict[str, Any]:
-    """Dense masks on every pool image, for as many epochs as an active-learning run trains in all."""
+def _full_supervision_round(campaign: Campaign, round_id: int, progress: bool) -> dict[str, Any]:
+    """Round `round_id` of full supervision: the round's epochs on dense masks of every pool image, fine-tuning the
+    previous round's model (as the active-learning rounds do), then evaluation. Kept like an AL round's files."""
     settings = campaign.settings
-    epochs = preset.full_supervision_epochs(settings.train.epochs)
-    seed = round_seed(settings.campaign.seed, 0)
-    torch.manual_seed(seed)
-    model = campaign.new_model()
-    timer = StageTimer()
-    with timer.stage("training"):
-        fit(model, campaign.pool, None, settings.train.model_copy(update={"epochs": epochs, "seed": seed}),
-            campaign.device, progress=progress)
-    with timer.stage("evaluation"):
-        metrics = evaluate(model, campaign.eval_set, campaign.device, settings.train.eval_batch_size, progress)
-    metrics["iou_per_class"] = [None if np.isnan(v) else v for v in metrics["iou_per_class"]]
-    space = campaign.pool.label_space
-    labelled = sum(int((campaign.pool.load_mask(i) != space.ignore_index).sum()) for i in campaign.pool.image_ids)
-    row = _row(metrics, timer.seconds, round_id=None, pixels_per_image=labelled / len(campaign.pool))
-    return {**row, "epochs": epochs}
+    paths = campaign.paths(round_id)
+    timings_path = paths.dir / "timings.json"
+    if not (timings_path.exists() and paths.metrics.exists()):
+        seed = round_seed(settings.campaign.seed, round_id)
+        torch.manual_seed(seed)
+        model = campaign.new_model()
+        if round_id > 0:
+            model.load_state_dict(campaign.read_checkpoint(campaign.paths(round_id - 1).model)["model"])
+        timer = StageTimer()
+        with timer.stage("training"):
+            result = fit(model, campaign.pool, None, settings.train.model_copy(update={"seed": seed}),
+                         campaign.device, progress=progress)
+        campaign.save_model(model, round_id, result.history)
+        with timer.stage("evaluation"):
+            metrics = evaluate(model, campaign.eval_set, campaign.device, settings.train.eval_batch_size, progress)
+        space = campaign.pool.label_space
+        labelled = sum(int((campaign.pool.load_mask(i) != space.ignore_index).sum()) for i in campaign.pool.image_ids)
+        metrics.update(round=round_id, pixels_per_image=labelled / len(campaign.pool),
+                       epochs=settings.train.epochs * (round_id + 1))
+        write_json(json_safe(metrics), paths.metrics)
+        write_json(timer.seconds, timings_path)
+    metrics = json.loads(paths.metrics.read_text())
+    row = _row(metrics, json.loads(timings_path.read_text()), round_id, pixels_per_image=metrics["pixels_per_image"])
+    return {**row, "epochs": metrics["epochs"]}
 
 
 def _row(metrics: dict, seconds: dict[str, float], round_id: int | None, pixels_per_image: float) -> dict[str, Any]:

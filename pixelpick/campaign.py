@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pixelpick.acquisition import random_pixels, select_pixels
+from pixelpick.acquisition import balance_scores, class_weights, random_pixels, select_pixels
 from pixelpick.annotator import simulate_annotations
 from pixelpick.datasets import get_dataset
 from pixelpick.datasets.base import SegmentationDataset
@@ -164,10 +164,8 @@ class Campaign:
         """Choose this round's pixels: k per image, never one already labelled (or void, in simulation)."""
         acquire = self.settings.acquire
         generator = torch.Generator().manual_seed(round_seed(self.settings.campaign.seed, round_id))
-        labelled = {
-            image_id: rows[["y", "x"]].to_numpy()
-            for image_id, rows in self.labels_before(round_id).groupby("image_id", sort=False)
-        }
+        labels = self.labels_before(round_id)
+        labelled = {image_id: rows[["y", "x"]].to_numpy() for image_id, rows in labels.groupby("image_id", sort=False)}
         frames = []
         if round_id == 0:
             k = self.settings.campaign.initial_pixels_per_image
@@ -177,12 +175,16 @@ class Campaign:
                 frames.append(_queries(image_id, pixels, np.full(len(pixels), np.nan), round_id))
         else:
             store = ProbabilityStore(self.paths(round_id).probs)
+            weights = self._class_weights(labels) if acquire.class_balance > 0 else None
             for image_id, scores in store.iter_scores():
+                if weights is not None:
+                    scores = balance_scores(scores, store.probs(image_id), weights)
                 pixels = select_pixels(
                     scores,
                     k=acquire.pixels_per_image,
                     exclude=self._excluded(image_id, labelled.get(image_id)),
                     top_fraction=acquire.top_fraction,
+                    min_distance=acquire.min_distance,
                     generator=generator,
                 )
                 frames.append(_queries(image_id, pixels, scores[pixels[:, 0], pixels[:, 1]], round_id))
@@ -251,22 +253,27 @@ class Campaign:
         labels = read_labels(paths.snapshot)
         train_settings = self.settings.train.model_copy(update={"seed": seed})
         result = fit(model, self.pool, labels, train_settings, self.device, progress=progress)
+        self.save_model(model, round_id, result.history)
+        write_json({"seconds_per_epoch": result.seconds_per_epoch, "epochs": len(result.history),
+                    "device": str(self.device)}, paths.train_log)
+        return paths.model
+
+    def save_model(self, model: torch.nn.Module, round_id: int, history: list | None = None) -> Path:
+        """Round `round_id`'s checkpoint, written atomically."""
         checkpoint = {
             "model": {k: v.cpu() for k, v in model.state_dict().items()},
             "arch": self.settings.model.arch,
             "num_classes": self.pool.label_space.num_classes,
             "round": round_id,
-            "history": result.history,
+            "history": history or [],
         }
         # Saved through a buffer: torch names the archive after the file it writes, and the temporary file's
         # random name would make two identical trainings differ byte for byte. Timings stay out for the same
         # reason; they go to train_log.json.
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        atomic_write(paths.model, lambda f: f.write(buffer.getvalue()))
-        write_json({"seconds_per_epoch": result.seconds_per_epoch, "epochs": len(result.history),
-                    "device": str(self.device)}, paths.train_log)
-        return paths.model
+        path = self.paths(round_id).model
+        return atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
     def evaluate(self, round_id: int, progress: bool = False) -> dict[str, Any]:
         """Evaluate round `round_id`'s model on the evaluation split and write metrics.json."""
@@ -279,7 +286,7 @@ class Campaign:
             labelled_pixels=int((labels["class_id"] != self.pool.label_space.ignore_index).sum()),
             pixels_per_image=len(labels) / len(self.pool),
         )
-        write_json(_json_safe(metrics), paths.metrics)
+        write_json(json_safe(metrics), paths.metrics)
         return metrics
 
     def run_round(self, round_id: int, progress: bool = False) -> dict[str, Any]:
@@ -354,6 +361,12 @@ class Campaign:
             raise FileNotFoundError(f"no model at {path}: train that round first")
         return torch.load(path, map_location="cpu", weights_only=True)
 
+    def _class_weights(self, labels: pd.DataFrame) -> np.ndarray:
+        space = self.pool.label_space
+        classes = labels["class_id"].to_numpy()
+        counts = np.bincount(classes[classes != space.ignore_index], minlength=space.num_classes)
+        return class_weights(counts, self.settings.acquire.class_balance)
+
     def _excluded(self, image_id: str, labelled: np.ndarray | None) -> np.ndarray:
         """Pixels never to query: those already labelled (void answers included) and, in simulation, void GT."""
         excluded = np.zeros(self.image_sizes[image_id], dtype=bool)
@@ -377,14 +390,14 @@ def _queries(image_id: str, pixels: np.ndarray, scores: np.ndarray, round_id: in
     )
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN IoU (a class absent from ground truth and prediction) becomes null in JSON."""
     if isinstance(value, float) and np.isnan(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
-        return _json_safe(value.item())
+        return json_safe(value.item())
     return value

@@ -122,6 +122,11 @@ class AcquireSettings(_Section):
     pixels_per_image: int = Field(10, ge=1)
     top_fraction: float = Field(0.05, ge=0.0, le=1.0)  # 0 = plain top-k, no diversity draw
     mc_samples: int = Field(0, ge=0)  # 0 = one deterministic pass; T > 1 = MC-dropout passes
+    # 0 = off. p > 0 weights each pixel's score by the model's expected inverse frequency, among the labels so far,
+    # of the pixel's class, to the power p: rare classes reach the pool of candidates more often.
+    class_balance: float = Field(0.0, ge=0.0)
+    # 0 = off. d > 0 spreads an image's picks: no two closer than d pixels while the pool allows it.
+    min_distance: float = Field(0.0, ge=0.0)
     exclude_void: bool = True  # simulation only: never query pixels whose ground truth is void
 
     @model_validator(mode="after")

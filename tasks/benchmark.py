@@ -35,7 +35,8 @@ def benchmark_run(settings_json: str, preset: dict, spec: dict) -> str:
 
 @task(retries=2, retry_delay_seconds=5)
 def log_benchmark_run(result_path: str, experiment: str) -> str:
-    """One MLflow run per benchmark run: mIoU and per-class IoU against labelled pixels per image (the step),
+    """One MLflow run per benchmark run: mIoU and per-class IoU against labelled pixels per image (the step; a
+    full-supervision round is logged at the budget it is the reference for),
     and the seconds of each stage. Idempotent: a result already logged is found by its digest."""
     client = MlflowClient()
     experiment_id = experiment_id_for(client, experiment)
@@ -51,7 +52,7 @@ def log_benchmark_run(result_path: str, experiment: str) -> str:
     for key in ("dataset", "preset", "strategy", "seed", "arch", "image_size", "device", "epochs_per_round"):
         client.log_param(run_id, key, first[key])
     for row in rows:
-        step = int(round(row["pixels_per_image"]))
+        step = int(row.get("budget") or round(row["pixels_per_image"]))
         client.log_metric(run_id, "miou", row["miou"], step=step)
         for key, value in row.items():
             if key.startswith("iou_") and value is not None:

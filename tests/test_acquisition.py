@@ -11,6 +11,8 @@ from hypothesis.extra.numpy import arrays
 
 from pixelpick.acquisition import (
     ACQUISITIONS,
+    balance_scores,
+    class_weights,
     get_acquisition,
     random_pixels,
     score_batch,
@@ -328,3 +330,47 @@ def test_excluded_pixels_never_enter_the_pool_even_when_they_score_highest():
         picked = select_pixels(scores, k=5, exclude=exclude, top_fraction=0.1, generator=generator(seed))
         flat = set((picked[:, 0] * 10 + picked[:, 1]).tolist())
         assert flat <= set(range(40, 50))
+
+
+def test_class_weights_favour_classes_labelled_less_often():
+    assert class_weights(np.array([50, 50, 50]), power=1.0) == pytest.approx([1, 1, 1])
+    weights = class_weights(np.array([900, 99, 0]), power=1.0)
+    assert weights[0] < 1 < weights[1] < weights[2] < np.inf  # never labelled: the largest weight, still finite
+    assert class_weights(np.array([900, 99, 0]), power=0.0) == pytest.approx([1, 1, 1])
+    assert class_weights(np.array([900, 99, 0]), power=2.0) == pytest.approx(weights**2)
+    with pytest.raises(AcquisitionError, match="non-negative"):
+        class_weights(np.array([3, -1]), power=1.0)
+
+
+def test_class_balance_brings_a_rare_predicted_class_into_the_pool():
+    rng = np.random.default_rng(0)
+    scores = 0.5 + 0.01 * rng.random((20, 20)).astype(np.float32)  # uncertainty alone: picks anywhere
+    probs = np.zeros((2, 20, 20), np.float32)
+    probs[0] = 1
+    probs[:, 0] = np.array([0.1, 0.9])[:, None]  # the first row (20 pixels) is most likely class 1, the rare one
+    weights = class_weights(np.array([1000, 10]), power=1.0)
+    balanced = balance_scores(scores, probs, weights)
+    assert balanced[1:] == pytest.approx(scores[1:] * weights[0])
+    picks = select_pixels(balanced, k=5, top_fraction=0.05, generator=torch.Generator().manual_seed(0))
+    assert (picks[:, 0] == 0).all()  # the pool is exactly the 20 pixels of the rare class
+    plain = select_pixels(scores, k=5, top_fraction=0.05, generator=torch.Generator().manual_seed(0))
+    assert (plain[:, 0] != 0).any()
+    with pytest.raises(AcquisitionError, match="do not match"):
+        balance_scores(scores, probs[:, :10], weights)
+
+
+def test_min_distance_spreads_the_picks_and_still_spends_the_budget():
+    scores = np.zeros((20, 20), np.float32)
+    scores[5:9, 5:15] = 1  # 40 uncertain pixels along a "boundary": the pool, at top_fraction 0.1
+    generator = torch.Generator().manual_seed(0)
+    spread = select_pixels(scores, k=3, top_fraction=0.1, min_distance=4, generator=generator)
+    assert len(spread) == 3 and (scores[spread[:, 0], spread[:, 1]] == 1).all()
+    gaps = np.hypot(*(spread[:, None] - spread[None]).transpose(2, 0, 1))
+    assert gaps[~np.eye(3, dtype=bool)].min() >= 4
+    # The pool cannot hold 40 picks 4 pixels apart: the closest ones top the budget up.
+    crowded = select_pixels(scores, k=40, top_fraction=0.1, min_distance=4, generator=generator)
+    assert len(np.unique(crowded, axis=0)) == 40 and (scores[crowded[:, 0], crowded[:, 1]] == 1).all()
+    again = select_pixels(scores, k=3, top_fraction=0.1, min_distance=4, generator=torch.Generator().manual_seed(0))
+    assert (again == spread).all()
+    with pytest.raises(AcquisitionError, match="min_distance"):
+        select_pixels(scores, k=3, min_distance=-1, generator=generator)

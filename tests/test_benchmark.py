@@ -22,6 +22,7 @@ from pixelpick.benchmark import (
     run_benchmark,
 )
 from pixelpick.benchmark_report import results_frame, summarise, write_report
+from pixelpick.campaign import Campaign
 from pixelpick.datasets import get_dataset
 from tests.conftest import TINY_PARAMS
 from tests.fixtures import write_camvid
@@ -45,18 +46,33 @@ def test_plan_keeps_each_seed_together():
     assert [s.name for s in plan] == ["margin-s0", "random-s0", "full-s0", "margin-s1", "random-s1", "full-s1"]
     mc = plan_runs(PRESETS["cpu"], strategies=("margin", "random"), seeds=(3,), mc_samples=4)
     assert [s.name for s in mc] == ["margin-s3", "random-s3", "margin+mc4-s3", "bald-s3", "full-s3"]
+    balanced = plan_runs(PRESETS["cpu"], seeds=(0,), class_balance=1.0)
+    assert [s.name for s in balanced] == ["margin-s0", "random-s0", "margin+cb1-s0", "full-s0"]
+    spread = plan_runs(PRESETS["cpu"], strategies=("margin",), seeds=(0,), min_distance=8, class_balance=0.5)
+    assert [s.name for s in spread] == ["margin-s0", "margin+cb0.5-s0", "margin+md8-s0", "full-s0"]
 
 
 def test_presets_cover_the_papers_budgets():
     assert PRESETS["paper"].budgets == list(range(10, 101, 10))
     assert PRESETS["cpu"].budgets == [20, 40, 60, 80, 100]
-    # Full supervision trains as many epochs as the last active-learning model did in all.
-    assert PRESETS["cpu"].full_supervision_epochs(10) == 50
-    assert PRESETS["paper"].full_supervision_epochs(50) == 50
+    # Full supervision trains round by round when the active-learning models do, so each budget has a reference
+    # that trained as long; the paper re-initialises every round, so one model trained for one round is its reference.
+    assert PRESETS["cpu"].full_supervision_rounds == 5
+    assert PRESETS["paper"].full_supervision_rounds == 1
 
 
-def test_benchmark_runs_are_paired_timed_and_resumable(tiny_base):
+def test_benchmark_runs_are_paired_timed_and_resumable(tiny_base, monkeypatch):
+    trained = []
+    train = Campaign.train
+
+    def counted_train(self, round_id, *args, **kwargs):
+        trained.append((self.run_dir.name, round_id))
+        return train(self, round_id, *args, **kwargs)
+
+    monkeypatch.setattr(Campaign, "train", counted_train)
     results = run_benchmark(tiny_base, TINY, plan_runs(TINY))
+    # Round 0 is trained once per seed: the random run starts from the margin run's.
+    assert trained == [("margin-s0", 0), ("margin-s0", 1), ("random-s0", 1)]
     rows = read_rows(results)
     frame = pd.DataFrame(rows)
     assert sorted(frame["strategy"].unique()) == [FULL, "margin", "random"]
@@ -69,21 +85,24 @@ def test_benchmark_runs_are_paired_timed_and_resumable(tiny_base):
     assert (al["training_s"] > 0).all() and (al["evaluation_s"] > 0).all() and (al["selection_s"] > 0).all()
     assert (al.loc[al["round"] == 1, "inference_s"] > 0).all()
     assert (al.loc[al["round"] == 0, "inference_s"] == 0).all()
-    full = frame[frame["strategy"] == FULL].iloc[0]
-    assert full["pixels_per_image"] > 0.5 * 48 * 64  # most of each 48x64 image is labelled
-    assert full["epochs"] == TINY.full_supervision_epochs(1) == 2
+    full = frame[frame["strategy"] == FULL].set_index("round")
+    assert (full["pixels_per_image"] > 0.5 * 48 * 64).all()  # most of each 48x64 image is labelled
+    assert full["epochs"].to_dict() == {0: 1, 1: 2}  # one epoch per round, fine-tuned like the AL rounds
+    assert full["budget"].to_dict() == {0: 5, 1: 10}
+    assert (full["training_s"] > 0).all() and (full["inference_s"] == 0).all()
 
     # Finished runs are skipped; a run cut short inside its last round redoes only that round, identically.
     before = {str(p): p.read_bytes() for p in results}
-    margin_dir = results[0].parent
-    (margin_dir / "result.json").unlink()
-    for name in ("metrics.json", "timings.json", "model.pt"):
-        (margin_dir / "rounds" / "r01" / name).unlink()
+    for cut_short in (results[0], results[2]):  # margin, then full supervision
+        (cut_short.parent / "result.json").unlink()
+        for name in ("metrics.json", "timings.json", "model.pt"):
+            (cut_short.parent / "rounds" / "r01" / name).unlink()
     again = run_benchmark(tiny_base, TINY, plan_runs(TINY))
     assert again[1].read_bytes() == before[str(results[1])]
-    redone = {r["round"]: r["miou"] for r in read_rows([again[0]])}
-    original = {r["round"]: r["miou"] for r in json.loads(before[str(results[0])])["rows"]}
-    assert redone == original
+    for redone_path, original_path in ((again[0], results[0]), (again[2], results[2])):
+        redone = {r["round"]: r["miou"] for r in read_rows([redone_path])}
+        original = {r["round"]: r["miou"] for r in json.loads(before[str(original_path)])["rows"]}
+        assert redone == original
 
 
 def _rows(strategy, budget_miou, seed=0):
@@ -103,12 +122,20 @@ def test_summary_gives_mean_std_and_share_of_full_supervision():
     assert summary.loc[("margin", 40), "pct_of_full"] == pytest.approx(100.0)
 
 
+def test_each_budget_is_compared_with_full_supervision_trained_as_long():
+    rows = _rows("margin", {20: 0.30, 40: 0.45}) + _rows(FULL, {10_000.0: 0.40, 10_001.0: 0.50})
+    summary = summarise(results_frame(rows)).set_index(["strategy", "budget"])
+    assert summary.loc[("margin", 20), "pct_of_full"] == pytest.approx(75.0)  # 30 / 40, the round-0 reference
+    assert summary.loc[("margin", 40), "pct_of_full"] == pytest.approx(90.0)  # 45 / 50
+    assert summary.loc[("margin", 20), "pct_of_final_full"] == pytest.approx(60.0)  # 30 / 50
+
+
 def test_report_states_the_bar_plainly(tmp_path):
     rows = (_rows("margin", {20: 0.45, 40: 0.52}) + _rows("random", {20: 0.47, 40: 0.50})
             + _rows(FULL, {10_000.0: 0.55}))
     paths = write_report(results_frame(rows), tmp_path / "report", "camvid-cpu", command="python -m flows.benchmark")
     text = paths["markdown"].read_text()
-    assert "Margin beats random at 1 of 2 budgets" in text
+    assert "margin beats random at 1 of 2 budgets" in text
     assert "20: -2.0" in text and "40: +2.0" in text
     # 45 / 55 = 82% falls short of the paper's 87% at 20 px/img; 52 / 55 = 95% beats its 93% at 40.
     assert "At 20 px/img margin reaches 82% of full supervision, which falls short of the paper's 87%" in text

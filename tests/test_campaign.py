@@ -95,3 +95,26 @@ def test_query_statistics_are_this_rounds_own(finished):
     stats = campaign.query_statistics(1)
     assert sum(stats["label_histogram"].values()) == stats["queried_pixels"] == 10 * len(campaign.pool)
     assert stats["spatial_coverage"] > 0 and 0 <= stats["mean_score"] <= 1
+
+
+def test_class_balanced_selection_weights_each_score_by_its_expected_class_weight(tmp_path):
+    from pixelpick.acquisition import class_weights
+    from pixelpick.probstore import ProbabilityStore
+    from pixelpick.settings import load_settings
+    from tests.conftest import TINY_PARAMS
+
+    (tmp_path / "params.yaml").write_text(TINY_PARAMS)
+    campaign = Campaign(load_settings(tmp_path / "params.yaml", {"acquire.class_balance": 1.0, "train.epochs": 1}))
+    campaign.run_round(0)
+    campaign.infer(1)
+    queries = pd.read_parquet(campaign.select(1))
+    labels = read_labels(campaign.paths(0).snapshot)
+    space = campaign.pool.label_space
+    known = labels["class_id"][labels["class_id"] != space.ignore_index]
+    weights = class_weights(np.bincount(known, minlength=space.num_classes), power=1.0)
+    store = ProbabilityStore(campaign.paths(1).probs)
+    for image_id, picks in queries.groupby("image_id"):
+        y, x = picks["y"].to_numpy(), picks["x"].to_numpy()
+        expected = store.scores(image_id)[y, x] * (weights[:, None] * store.probs(image_id)[:, y, x]).sum(axis=0)
+        assert picks["score"].to_numpy() == pytest.approx(expected, rel=1e-5)
+    assert len(queries) == 10 * len(campaign.pool)
