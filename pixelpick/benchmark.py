@@ -30,7 +30,8 @@ import torch
 
 from pixelpick.campaign import Campaign, RoundPaths, json_safe, round_seed
 from pixelpick.io import write_json
-from pixelpick.settings import Settings, load_settings
+from pixelpick.errors import BenchmarkError
+from pixelpick.settings import Settings, flatten, load_settings
 from pixelpick.training import evaluate, fit
 
 FULL = "full"  # the strategy name of the fully supervised reference
@@ -184,13 +185,14 @@ def run_benchmark_run(base: Settings, preset: BenchmarkPreset, spec: RunSpec, pr
     settings = run_settings(base, preset, spec)
     campaign = Campaign(settings)
     result_path = campaign.run_dir / "result.json"
+    recipe = _check_recipe(campaign, legacy_ok=result_path.exists())
     if result_path.exists():
         return result_path
     if spec.strategy == FULL:
         rows = [_full_supervision_round(campaign, round_id, progress)
                 for round_id in range(preset.full_supervision_rounds)]
     else:
-        _share_round_zero(campaign, spec)
+        _share_round_zero(campaign, spec, recipe)
         rows = [_timed_round(campaign, round_id, progress) for round_id in range(preset.rounds)]
     # The budget a row stands for: full supervision's rounds are the references of the same AL rounds.
     for row in rows:
@@ -205,17 +207,50 @@ def read_rows(result_paths: list[Path]) -> list[dict[str, Any]]:
     return [row for path in result_paths for row in json.loads(Path(path).read_text())["rows"]]
 
 
-def _share_round_zero(campaign: Campaign, spec: RunSpec) -> None:
-    """Start from a finished round 0 of another active-learning run of the same seed, if there is one: round 0 is the
-    same random draw and the same training for every strategy, so it is trained once per seed, not once per run.
-    Its timings.json comes along, so the run's round-0 seconds are those of the run that trained it."""
+# Settings that locate files rather than shape results: a run may move, or be resumed from another checkout.
+_LOCATIONS = ("data.root", "campaign.workdir", "campaign.labels_dir", "campaign.name")
+# What round 0 does not depend on (its pixels are random): where a benchmark's strategies differ.
+_STRATEGY_KEYS = ("acquire.strategy", "acquire.mc_samples", "acquire.class_balance", "acquire.min_distance",
+                  "acquire.top_fraction", "acquire.pixels_per_image")
+_RECIPE_FILE = "settings.json"
+
+
+def _check_recipe(campaign: Campaign, legacy_ok: bool) -> dict[str, str]:
+    """The run's recipe (its settings, less file locations), recorded in `settings.json` when the run starts.
+    A run directory holds one recipe: resuming it under other settings raises `BenchmarkError` naming the keys.
+    A finished run from before recipes were recorded (`legacy_ok`) is accepted as it is."""
+    recipe = {k: v for k, v in flatten(json.loads(campaign.settings.model_dump_json())).items()
+              if k not in _LOCATIONS}
+    path = campaign.run_dir / _RECIPE_FILE
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        changed = sorted(k for k in recipe.keys() | recorded.keys() if recipe.get(k) != recorded.get(k))
+        if changed:
+            raise BenchmarkError(
+                f"benchmark run {campaign.run_dir} was started with other settings ({', '.join(changed)} differ): "
+                "pass another --workdir, or delete that run to start it afresh")
+    elif not legacy_ok:
+        write_json(recipe, path)
+    return recipe
+
+
+def _share_round_zero(campaign: Campaign, spec: RunSpec, recipe: dict[str, str]) -> None:
+    """Start from a finished round 0 of another active-learning run of the same seed and recipe, if there is one:
+    round 0 is the same random draw and the same training for every strategy, so it is trained once per seed, not
+    once per run. Its timings.json comes along, so the run's round-0 seconds are those of the run that trained it."""
     target = campaign.paths(0).dir
     if (target / "timings.json").exists():
         return
+    def round_zero_recipe(recipe: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in recipe.items() if k not in _STRATEGY_KEYS}
+
     for sibling in sorted(campaign.run_dir.parent.glob(f"*-s{spec.seed}")):
         source = RoundPaths(sibling / "rounds" / "r00")
         finished = all(p.exists() for p in (source.queries, source.model, source.metrics, source.dir / "timings.json"))
-        if sibling != campaign.run_dir and not sibling.name.startswith(f"{FULL}-") and finished:
+        recorded = sibling / _RECIPE_FILE
+        if not (finished and recorded.exists()) or sibling == campaign.run_dir or sibling.name.startswith(f"{FULL}-"):
+            continue
+        if round_zero_recipe(json.loads(recorded.read_text())) == round_zero_recipe(recipe):
             staging = target.with_name(f".{target.name}.copying")
             shutil.rmtree(staging, ignore_errors=True)
             shutil.copytree(source.dir, staging)

@@ -85,3 +85,7 @@ class PixelConflictError(SubmissionRejectedError):
 
 class AnnotatorConfigError(PixelPickError):
     """The web annotator cannot start as configured (a public host without a token, images missing from the root)."""
+
+
+class BenchmarkError(PixelPickError):
+    """A benchmark run directory that holds another recipe's run."""

@@ -230,3 +230,14 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
             raise SettingsError(f"cannot set {dotted}: {part} is not a section")
         node = child
     node[leaf] = value
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    """Nested settings as {"train.epochs": "10", ...}: dotted keys, values as text."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat

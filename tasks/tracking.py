@@ -19,6 +19,7 @@ import numpy as np
 from mlflow import MlflowClient
 from prefect import task
 
+from pixelpick.settings import flatten
 from tasks.common import file_md5, open_campaign
 
 
@@ -65,7 +66,7 @@ def start_campaign_run(settings_json: str) -> str:
     run = client.create_run(experiment_id, run_name=name,
                             tags={"pixelpick.kind": "campaign", "pixelpick.settings": settings_md5,
                                   "mlflow.source.git.commit": git_commit()})
-    for key, value in _flatten(json.loads(settings_json)).items():
+    for key, value in flatten(json.loads(settings_json)).items():
         client.log_param(run.info.run_id, key, value)
     return run.info.run_id
 
@@ -170,13 +171,3 @@ def _move_aliases(client: MlflowClient, model_name: str, version: str, round_id:
 
 def text_md5(text: str) -> str:
     return hashlib.md5(text.encode()).hexdigest()
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = str(value)
-    return flat

@@ -112,6 +112,16 @@ def _rows(strategy, budget_miou, seed=0):
             for i, (b, m) in enumerate(budget_miou.items())]
 
 
+def test_a_run_is_never_resumed_under_another_recipe(tiny_base):
+    from pixelpick.errors import BenchmarkError
+
+    plan = plan_runs(TINY, strategies=("margin",))[:1]
+    run_benchmark(tiny_base, TINY, plan)
+    changed = tiny_base.model_copy(update={"train": tiny_base.train.model_copy(update={"lr_head": 0.5})})
+    with pytest.raises(BenchmarkError, match=r"\(train\.lr_head differ\)"):
+        run_benchmark(changed, TINY, plan)
+
+
 def test_summary_gives_mean_std_and_share_of_full_supervision():
     rows = (_rows("margin", {20: 0.40, 40: 0.50}, seed=0) + _rows("margin", {20: 0.44, 40: 0.50}, seed=1)
             + _rows(FULL, {10_000.0: 0.50}) + _rows(FULL, {10_000.0: 0.50}, seed=1))
