@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from pixelpick.campaign import Campaign, RoundPaths, json_safe, round_seed
+from pixelpick.campaign import Campaign, RoundPaths, json_safe
 from pixelpick.io import write_json
 from pixelpick.errors import BenchmarkError
 from pixelpick.settings import Settings, flatten, load_settings
-from pixelpick.training import evaluate, fit
+from pixelpick.training import evaluate
 
 FULL = "full"  # the strategy name of the fully supervised reference
 STAGES = ("inference", "scoring", "selection", "labelling", "training", "evaluation")
@@ -284,23 +283,17 @@ def _timed_round(campaign: Campaign, round_id: int, progress: bool) -> dict[str,
 
 
 def _full_supervision_round(campaign: Campaign, round_id: int, progress: bool) -> dict[str, Any]:
-    """Round `round_id` of full supervision: the round's epochs on dense masks of every pool image, fine-tuning the
-    previous round's model (as the active-learning rounds do), then evaluation. Kept like an AL round's files."""
+    """Round `round_id` of full supervision: `Campaign.train` on dense masks of every pool image (fine-tuning the
+    previous round's model when the active-learning rounds do), then evaluation. Kept like an AL round's files."""
     settings = campaign.settings
     paths = campaign.paths(round_id)
     timings_path = paths.dir / "timings.json"
     if not (timings_path.exists() and paths.metrics.exists()):
-        seed = round_seed(settings.campaign.seed, round_id)
-        torch.manual_seed(seed)
-        model = campaign.new_model()
-        if round_id > 0:
-            model.load_state_dict(campaign.read_checkpoint(campaign.paths(round_id - 1).model)["model"])
         timer = StageTimer()
         with timer.stage("training"):
-            result = fit(model, campaign.pool, None, settings.train.model_copy(update={"seed": seed}),
-                         campaign.device, progress=progress)
-        campaign.save_model(model, round_id, result.history)
+            campaign.train(round_id, progress, dense=True)
         with timer.stage("evaluation"):
+            model = campaign.load_model(paths.model)
             metrics = evaluate(model, campaign.eval_set, campaign.device, settings.train.eval_batch_size, progress)
         space = campaign.pool.label_space
         labelled = sum(int((campaign.pool.load_mask(i) != space.ignore_index).sum()) for i in campaign.pool.image_ids)

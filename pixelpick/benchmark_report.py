@@ -120,13 +120,6 @@ def markdown_report(frame: pd.DataFrame, summary: pd.DataFrame, plot_name: str, 
     return "\n".join(lines)
 
 
-def _mean_std(values: pd.Series) -> str:
-    values = 100 * values.dropna()
-    if len(values) == 0:
-        return "n/a"
-    return f"{values.mean():.1f}" + (f" ± {values.std():.1f}" if len(values) > 1 else "")
-
-
 def _strategy_table(summary: pd.DataFrame, full: pd.DataFrame) -> str:
     budgets = sorted(summary["budget"].unique())
     table = {

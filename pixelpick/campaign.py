@@ -242,38 +242,36 @@ class Campaign:
             write_parquet(self.labels_before(round_id), store.path)
         return store.append(read_labels(batch_path))
 
-    def train(self, round_id: int, progress: bool = False) -> Path:
-        """Train round `round_id`'s model on its label snapshot; re-initialised unless `train.warm_start`."""
+    def train(self, round_id: int, progress: bool = False, dense: bool = False) -> Path:
+        """Train round `round_id`'s model on its label snapshot; re-initialised unless `train.warm_start`.
+
+        `dense` trains on every pixel's ground truth instead (the full-supervision reference): no snapshot needed.
+        """
         paths = self.paths(round_id)
         seed = round_seed(self.settings.campaign.seed, round_id)
         torch.manual_seed(seed)
         model = self.new_model()
         if self.settings.train.warm_start and round_id > 0:
             model.load_state_dict(self.read_checkpoint(self.paths(round_id - 1).model)["model"])
-        labels = read_labels(paths.snapshot)
+        labels = None if dense else read_labels(paths.snapshot)
         train_settings = self.settings.train.model_copy(update={"seed": seed})
         result = fit(model, self.pool, labels, train_settings, self.device, progress=progress)
-        self.save_model(model, round_id, result.history)
-        write_json({"seconds_per_epoch": result.seconds_per_epoch, "epochs": len(result.history),
-                    "device": str(self.device)}, paths.train_log)
-        return paths.model
-
-    def save_model(self, model: torch.nn.Module, round_id: int, history: list | None = None) -> Path:
-        """Round `round_id`'s checkpoint, written atomically."""
         checkpoint = {
             "model": {k: v.cpu() for k, v in model.state_dict().items()},
             "arch": self.settings.model.arch,
             "num_classes": self.pool.label_space.num_classes,
             "round": round_id,
-            "history": history or [],
+            "history": result.history,
         }
         # Saved through a buffer: torch names the archive after the file it writes, and the temporary file's
         # random name would make two identical trainings differ byte for byte. Timings stay out for the same
         # reason; they go to train_log.json.
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        path = self.paths(round_id).model
-        return atomic_write(path, lambda f: f.write(buffer.getvalue()))
+        atomic_write(paths.model, lambda f: f.write(buffer.getvalue()))
+        write_json({"seconds_per_epoch": result.seconds_per_epoch, "epochs": len(result.history),
+                    "device": str(self.device)}, paths.train_log)
+        return paths.model
 
     def evaluate(self, round_id: int, progress: bool = False) -> dict[str, Any]:
         """Evaluate round `round_id`'s model on the evaluation split and write metrics.json."""

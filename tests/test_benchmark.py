@@ -72,7 +72,7 @@ def test_benchmark_runs_are_paired_timed_and_resumable(tiny_base, monkeypatch):
     monkeypatch.setattr(Campaign, "train", counted_train)
     results = run_benchmark(tiny_base, TINY, plan_runs(TINY))
     # Round 0 is trained once per seed: the random run starts from the margin run's.
-    assert trained == [("margin-s0", 0), ("margin-s0", 1), ("random-s0", 1)]
+    assert [t for t in trained if not t[0].startswith(FULL)] == [("margin-s0", 0), ("margin-s0", 1), ("random-s0", 1)]
     rows = read_rows(results)
     frame = pd.DataFrame(rows)
     assert sorted(frame["strategy"].unique()) == [FULL, "margin", "random"]
