@@ -29,6 +29,14 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
+def test_dvc_lock_is_not_git_ignored():
+    # DVC refuses to read or write a git-ignored dvc.lock, so every `dvc commit` of a round (and `make run`) fails.
+    done = subprocess.run(["git", "check-ignore", "-q", "dvc.lock"], cwd=REPO)
+    if done.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert done.returncode == 1, "dvc.lock is git-ignored: DVC cannot record rounds"
+
+
 def test_committed_dvc_yaml_matches_params_yaml():
     assert (REPO / "dvc.yaml").read_text() == render_pipeline(load_settings(REPO / "params.yaml"))
 
