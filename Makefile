@@ -1,29 +1,33 @@
-# The README's two commands: `make run` (set up, then run a campaign on the bundled default data)
-# and `make test` (set up, then run the tests). Each creates the virtual environment when it is missing.
+# The README's two commands: `make run` (set up, then run a campaign on the bundled default data) and `make test`
+# (set up, lint, then run the tests). Each creates the virtual environment when it is missing.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+BIN := $(CURDIR)/$(VENV)/bin
 
 # Store locations (Prefect, MLflow) default to data/: see tasks/__init__.py.
 
-.PHONY: run test setup clean repro
+.PHONY: run test lint setup clean repro
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
 run: setup
-	$(PY) -m flows.campaign
+	$(BIN)/pixelpick campaign
 
-# Reproduce the campaign's rounds with DVC (stages call `python`, so the environment's bin comes first).
+# Reproduce every campaign's rounds with DVC (stages call `pixelpick`, so the environment's bin comes first).
 repro: setup
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
+	PATH=$(BIN):$$PATH $(BIN)/dvc repro --all-pipelines
 
-test: setup
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
 	$(PY) -m pytest
 
 clean:
-	rm -rf data/runs data/prefect data/mlflow.db data/mlartifacts
+	rm -rf data/runs/*/rounds data/prefect data/mlflow.db data/mlartifacts data/cache

@@ -9,7 +9,7 @@ inference  inference into the Zarr store (`infer_to_store`: forward, batch scori
            thread) against a bare torch loop over the same images (`predict_probabilities`: load, forward,
            softmax); each timed four times, alternating: best of four, and the median of the pairs' ratios
 select     score-and-select from Zarr against the reference's way (per image: softmax, then topk on the whole map),
-           on CamVid-sized maps (11 x 360 x 480). "ours: scores from Zarr" is what `Campaign.select` runs: the
+           on CamVid-sized maps (11 x 360 x 480). "ours: scores from Zarr" is what the query step's selection runs: the
            stored float32 score maps streamed by `ProbabilityStore.iter_scores` (runs of rows per Zarr read) and
            `select_pixels` per image. The reference starts from logits already in memory, so it reads nothing.
            GB/s counts the 11x360x480 float32 probability maps covered; ours reads 1/11 of that (the score maps).
@@ -49,22 +49,24 @@ def timed(fn) -> float:
 def bench_overhead(workdir: Path, repeats: int = 2) -> None:
     """Rounds 0 and 1 of `repeats` campaigns each way, alternating which goes first, so that drift in the machine's
     speed falls on both sides; one pair is too noisy to read a 10% difference from."""
+    from flows.parameters import CampaignChoice
     from flows.round import round_flow
-    from pixelpick.campaign import Campaign
-    from pixelpick.settings import load_settings
-    from tasks.tracking import start_campaign_run
+    from pixelpick.campaign import open_campaign
+    from pixelpick.recipe import run_round
+    from tasks.tracking import campaign_run
 
-    def settings(name: str):
-        return load_settings(REPO / "params.yaml", {"campaign.workdir": str(workdir), "train.epochs": 3,
-                                                    "campaign.name": name})
+    def overrides(name: str) -> dict:
+        return {"campaign.workdir": str(workdir), "train.epochs": 3, "campaign.name": name}
 
-    plain = [Campaign(settings(f"bench-plain-{i}")) for i in range(repeats)]
-    flowed = [settings(f"bench-prefect-{i}").model_dump_json() for i in range(repeats)]
-    parents = [start_campaign_run(s) for s in flowed]  # starts the ephemeral server: excluded from the timing
+    plain = [open_campaign(REPO / "params.yaml", overrides(f"bench-plain-{i}")) for i in range(repeats)]
+    flowed = [CampaignChoice(params=str(REPO / "params.yaml"), overrides=overrides(f"bench-prefect-{i}"))
+              for i in range(repeats)]
+    for choice in flowed:  # starts the ephemeral server and MLflow's database: excluded from the timing
+        campaign_run(open_campaign(choice.params_path(), choice.overrides))
     pairs = []
     for i in range(repeats):
         for round_id in (0, 1):
-            calls = [partial(plain[i].run_round, round_id), partial(round_flow, flowed[i], round_id, parents[i])]
+            calls = [partial(run_round, plain[i], round_id), partial(round_flow, flowed[i], round_id)]
             order = calls if (i + round_id) % 2 == 0 else calls[::-1]
             seconds = {id(call): timed(call) for call in order}
             t_plain, t_flow = (seconds[id(call)] for call in calls)

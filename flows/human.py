@@ -1,88 +1,54 @@
 """Human-in-the-loop rounds: a query flow that ends with an annotation job, and a train flow that starts once
-the job is complete. Labelling takes hours, so no flow run sits paused waiting for it (stack-notes §4.8).
+the job is complete. Labelling takes hours, so no flow run sits paused waiting for it.
 
-    python -m flows.human query --round 1        # infer, select, export the job; prints how to open it
-    python -m pixelpick.annotation serve --job data/runs/<campaign>/rounds/r01/job.json --dataset-root <root>
-    python -m flows.human train --round 1        # ingest, retrain, evaluate (says "waiting" until the job is done)
-    python -m flows.human train --round 1 --serve --interval 600   # the same, every 10 minutes, until it is
+    pixelpick human query 1 --campaign my-photos      # pick the round's pixels, export the job, say how to open it
+    pixelpick annotate serve --job data/runs/my-photos/rounds/r01/job.json
+    pixelpick human train 1 --campaign my-photos      # collect, version, ingest, train, evaluate ("waiting" until done)
+    pixelpick human train 1 --campaign my-photos --serve --interval 600   # the same, every 10 minutes
 """
 
 from __future__ import annotations
 
-import argparse
-
 from prefect import flow
 
-from pixelpick.settings import load_settings, parse_override
-from tasks.common import NO_INPUT, open_campaign, previous_digests, refreshed
-from tasks.human import collect_human_labels, job_progress
-from tasks.round import (
-    evaluate_model,
-    export_annotation_job,
-    infer_probabilities,
-    ingest_labels,
-    select_queries,
-    train_model,
-)
-from tasks.tracking import log_round, start_campaign_run
-from tasks.versioning import track_label_batch
-
-@flow(name="pixelpick-query", flow_run_name="query-r{round_id:02d}", log_prints=True)
-def query_flow(settings_json: str, round_id: int) -> str:
-    """Pick the round's pixels with the previous round's model (at random in round 0) and export the job."""
-    campaign = open_campaign(settings_json)
-    paths = campaign.paths(round_id)
-    model_digest, labels_digest = previous_digests(campaign, round_id)
-    probs_digest = NO_INPUT
-    if round_id > 0:
-        probs_digest = refreshed(infer_probabilities, paths.probs)(settings_json, round_id, model_digest)["digest"]
-    queries = refreshed(select_queries, paths.queries)(settings_json, round_id, probs_digest, labels_digest)
-    job = refreshed(export_annotation_job, paths.job)(settings_json, round_id, queries["digest"])
-    print(f"Annotation job ready: {job['path']}\n  label it with: python -m pixelpick.annotation serve "
-          f"--job {job['path']} --dataset-root {campaign.settings.data.root}")
-    return job["path"]
+from flows.parameters import CampaignChoice
+from tasks.artifacts import publish_round_artifacts
+from tasks.campaigns import hold_campaign, round_summary, start_campaign, update_progress
+from tasks.human import close_job, collect_labels, export_job, job_progress
+from tasks.steps import run_step_task
+from tasks.versioning import version_query, version_round
 
 
-@flow(name="pixelpick-train", flow_run_name="train-r{round_id:02d}", log_prints=True)
-def train_flow(settings_json: str, round_id: int) -> dict:
-    """Once the round's job is complete: ingest its labels (DVC-tracked), retrain, evaluate, register."""
-    campaign = open_campaign(settings_json)
-    paths = campaign.paths(round_id)
-    progress = job_progress(settings_json, round_id)
-    if progress["done"] < progress["total"]:
-        print(f"waiting: {progress['done']} of {progress['total']} pixels labelled in round {round_id}'s job")
-        return {"status": "waiting", **progress}
-    _, labels_digest = previous_digests(campaign, round_id)
-    batch = collect_human_labels(settings_json, round_id)
-    track_label_batch(batch["path"])
-    labels = refreshed(ingest_labels, paths.snapshot)(
-        settings_json, round_id, batch["path"], batch["digest"], labels_digest
-    )
-    model = refreshed(train_model, paths.model)(settings_json, round_id, labels["digest"])
-    metrics = refreshed(evaluate_model, paths.metrics)(settings_json, round_id, model["digest"])
-    version = log_round(settings_json, round_id, start_campaign_run(settings_json), model["digest"])
-    print(f"round {round_id}: model version {version}, metrics in {metrics['path']}")
-    return {"status": "trained", "model_version": version, "metrics_path": metrics["path"], **progress}
+@flow(name="pixelpick-human-query", flow_run_name="query-r{round_id:02d}", log_prints=True)
+def query_flow(campaign: CampaignChoice = CampaignChoice(), round_id: int = 0) -> str:
+    """Pick the round's pixels (at random in round 0, else with the previous round's model) and export the job."""
+    opened = start_campaign(campaign.params_path(), campaign.overrides, annotator="human")
+    with hold_campaign(opened["dir"]):
+        run_step_task(opened["dir"], "query", round_id)
+        job = export_job(opened["dir"], round_id)
+        version_query(opened["dir"], round_id)
+    print(f"annotation job ready: {job}\n  label it with: pixelpick annotate serve --job {job}")
+    return job
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["query", "train"])
-    parser.add_argument("--round", type=int, required=True)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--serve", action="store_true", help="serve on a schedule instead of running once")
-    parser.add_argument("--interval", type=float, default=600, help="seconds between scheduled runs")
-    args = parser.parse_args()
-    settings = load_settings(args.params, dict(parse_override(o) for o in args.overrides))
-    chosen = query_flow if args.step == "query" else train_flow
-    parameters = {"settings_json": settings.model_dump_json(), "round_id": args.round}
-    if args.serve:
-        chosen.serve(name=f"{args.step}-{settings.campaign.name}-r{args.round:02d}", parameters=parameters,
-                     interval=args.interval, pause_on_shutdown=False)
-    else:
-        chosen(**parameters)
-
-
-if __name__ == "__main__":
-    main()
+@flow(name="pixelpick-human-train", flow_run_name="train-r{round_id:02d}", log_prints=True)
+def train_flow(campaign: CampaignChoice = CampaignChoice(), round_id: int = 0) -> dict:
+    """Once the round's job is complete: collect and version its labels, ingest, retrain, evaluate, register."""
+    opened = start_campaign(campaign.params_path(), campaign.overrides, annotator="human")
+    with hold_campaign(opened["dir"]):
+        progress = job_progress(opened["dir"], round_id)
+        if progress["done"] < progress["total"]:
+            print(f"waiting: {progress['done']} of {progress['total']} pixels labelled in round {round_id}'s job")
+            return {"status": "waiting", **progress}
+        collect_labels(opened["dir"], round_id)
+        for step in opened["steps"][1:]:  # the query step ran in the query flow
+            run_step_task(opened["dir"], step, round_id)
+        close_job(opened["dir"], round_id)
+        update_progress(opened["dir"])
+        version_round(opened["dir"], round_id)
+        publish_round_artifacts(opened["dir"], round_id)
+        summary = round_summary(opened["dir"], round_id)
+    shown = summary["not_measured"] or f"mIoU {100 * summary['miou']:.1f}"
+    print(f"round {round_id}: {summary['labelled_pixels']} labelled pixels, {shown}, model version "
+          f"{summary['model_version']}")
+    return {"status": "trained", **summary}

@@ -10,7 +10,6 @@ import pandas as pd
 from pixelpick.errors import AnnotationError
 from pixelpick.labels import label_frame
 
-
 SIMULATED_TIME = pd.Timestamp(0, tz="UTC")
 
 

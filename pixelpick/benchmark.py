@@ -4,14 +4,16 @@ A benchmark is a preset (the recipe: dataset, size, model, epochs, budgets, seed
 
 - one fully supervised run per seed, trained on every pixel under the same schedule as an active-learning run:
   with warm starts, round by round for the same epochs, evaluated after each round, so every budget has a
-  reference that trained exactly as long; without, once, for as many epochs as one round;
-- one active-learning run per (strategy, seed): a campaign whose round r has (r + 1) x `step` labelled pixels
-  per image. Round 0 is the same random draw for every strategy of a seed, so strategies are compared paired,
-  and it is trained once per seed: later runs of the seed copy it.
+  reference that trained exactly as long (the last round is the longest-trained model); without, once;
+- one active-learning run per (strategy, variant, seed): a campaign whose round r has `step` x (r + 1) labelled
+  pixels per image, run with the round recipe of `pixelpick.recipe`. A variant adds settings to the preset's
+  (`+cb1`: class-balanced selection, `+sp300`: superpixel expansion, ...; see `VARIANT_KEYS`).
 
-Each run writes its rows (one per budget) to `<workdir>/<run>/result.json` when it finishes, and each round its
-stage timings to `timings.json` beside the round's other files. A re-started benchmark skips finished runs and
-rounds, so an interrupted one resumes where it stopped and ends with the same numbers.
+Round 0 is the same random draw for every strategy of a seed, so strategies are compared paired; a run starts
+from a finished round 0 of another run of its seed, whose steps the recipe then finds fresh when their settings
+and inputs are the same (and redoes otherwise). Every run resumes from its files: the recipe skips fresh steps, so
+an interrupted benchmark resumes where it stopped and ends with the same numbers. Stage seconds come from the
+recipe's step records. Each run writes its rows (one per budget) to `<workdir>/<run>/result.json` when it finishes.
 The report (`pixelpick.benchmark_report`) is a pure function of the rows.
 """
 
@@ -19,22 +21,30 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-from pixelpick.campaign import Campaign, RoundPaths, json_safe
-from pixelpick.io import write_json
+from pixelpick import steps
+from pixelpick.campaign import Campaign, recipe_differences, write_record
 from pixelpick.errors import BenchmarkError
-from pixelpick.settings import Settings, flatten, load_settings
-from pixelpick.training import evaluate
+from pixelpick.io import write_json
+from pixelpick.recipe import DATA, MODEL, TRAIN, Step, round_steps, run_step
+from pixelpick.settings import Settings, load_settings
 
 FULL = "full"  # the strategy name of the fully supervised reference
 STAGES = ("inference", "scoring", "selection", "labelling", "training", "evaluation")
+
+# Short names of the settings a variant may change, as they appear in run names (`margin+cb1+sp300-s0`).
+VARIANT_KEYS = {
+    "mc": "acquire.mc_samples",  # MC-dropout passes (BALD joins the plan)
+    "cb": "acquire.class_balance",  # class-balanced selection, power p
+    "md": "acquire.min_distance",  # picks at least d pixels apart
+    "sp": "train.superpixels",  # superpixel expansion, about n superpixels per image
+    "st": "train.self_training_threshold",  # self-training on predictions at least this confident
+}
+_SELECTION_VARIANTS = {"mc", "cb", "md"}  # mean nothing to random selection or full supervision
 
 
 @dataclass(frozen=True)
@@ -63,13 +73,24 @@ class BenchmarkPreset:
 PRESETS: dict[str, BenchmarkPreset] = {
     "paper": BenchmarkPreset(
         name="paper",
-        description="the paper's CamVid recipe (protocol §1.4, §6): 360x480, DeepLabv3+ MobileNetV2, 50 epochs "
-        "per round from a fresh model, 10 px/img per round up to 100, 5 seeds. For a GPU; the paper's numbers "
-        "also assume an ImageNet-pretrained backbone (set model.pretrained_path).",
+        description="the paper's CamVid recipe: 360x480, DeepLabv3+ MobileNetV2, 50 epochs per round from a fresh "
+        "model, 10 px/img per round up to 100, 4 strategies, 5 seeds. For a GPU; the paper's numbers also assume an "
+        "ImageNet-pretrained backbone (set model.pretrained_path).",
         overrides={"data.dataset": "camvid", "data.image_size": None, "model.arch": "deeplabv3plus_mobilenetv2",
                    "train.preset": "paper-camvid", "acquire.top_fraction": 0.05},
         step=10, rounds=10, strategies=("margin", "entropy", "least_confidence", "random"),
         seeds=(0, 1, 2, 3, 4), warm_start=False,
+    ),
+    "gpu-quick": BenchmarkPreset(
+        name="gpu-quick",
+        description="the paper's model and resolution (DeepLabv3+ MobileNetV2 at 360x480) sized for a short GPU "
+        "lease: margin, random and full supervision, one seed, 20 px/img per round up to 100, 10 epochs for round 0 "
+        "and 4 per later round, fine-tuning the previous round's model.",
+        overrides={"data.dataset": "camvid", "data.image_size": None, "model.arch": "deeplabv3plus_mobilenetv2",
+                   "train.preset": "paper-camvid", "train.epochs": 4, "train.initial_epochs": 10,
+                   "train.schedule": "poly", "train.batch_size": 8, "train.eval_batch_size": 16,
+                   "acquire.top_fraction": 0.05},
+        step=20, rounds=5, strategies=("margin", "random"), seeds=(0,), warm_start=True,
     ),
     "cpu": BenchmarkPreset(
         name="cpu",
@@ -84,59 +105,64 @@ PRESETS: dict[str, BenchmarkPreset] = {
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of the plan: a strategy (or `full`), a seed, and the acquisition's variant (`AcquireSettings`):
-    MC-dropout passes, class balance, minimum distance between picks."""
+    """One run of the plan: a strategy (or `full`), a seed, and a variant: ((short name, value), ...) of
+    `VARIANT_KEYS`, applied over the preset's settings."""
 
     strategy: str
     seed: int
-    mc_samples: int = 0
-    class_balance: float = 0.0
-    min_distance: float = 0.0
+    variant: tuple[tuple[str, float], ...] = ()
 
     @property
     def label(self) -> str:
-        """The strategy as reported: `margin`; `margin+mc8` with 8 MC-dropout passes; `margin+cb1` class-balanced
-        with power 1; `margin+md8` with picks at least 8 pixels apart."""
-        label = self.strategy
-        if self.mc_samples >= 2 and self.strategy != "bald":
-            label += f"+mc{self.mc_samples}"
-        if self.class_balance > 0:
-            label += f"+cb{self.class_balance:g}"
-        if self.min_distance > 0:
-            label += f"+md{self.min_distance:g}"
-        return label
+        """The strategy as reported: `margin`, or `margin+cb1+sp300` for a variant."""
+        shown = [(code, value) for code, value in self.variant if not (code == "mc" and self.strategy == "bald")]
+        return self.strategy + "".join(f"+{code}{value:g}" for code, value in shown)
 
     @property
     def name(self) -> str:
         return f"{self.label}-s{self.seed}"
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        return {VARIANT_KEYS[code]: int(value) if value == int(value) else value for code, value in self.variant}
+
+
+def parse_variant(text: str) -> tuple[tuple[str, float], ...]:
+    """`sp300+st0.9` -> (("sp", 300.0), ("st", 0.9)); BenchmarkError for an unknown short name or value."""
+    parts = []
+    for part in filter(None, text.split("+")):
+        code = part.rstrip("0123456789.")
+        if code not in VARIANT_KEYS or code == part:
+            raise BenchmarkError(f"variant {text!r}: {part!r} is not one of {sorted(VARIANT_KEYS)} followed by a "
+                                 "number, e.g. sp300 or cb1")
+        try:
+            parts.append((code, float(part[len(code):])))
+        except ValueError:
+            raise BenchmarkError(f"variant {text!r}: {part!r} has no number after {code!r}") from None
+    return tuple(parts)
 
 
 def plan_runs(
     preset: BenchmarkPreset,
     strategies: tuple[str, ...] | None = None,
     seeds: tuple[int, ...] | None = None,
-    mc_samples: int = 0,
-    class_balance: float = 0.0,
-    min_distance: float = 0.0,
+    variants: tuple[tuple[tuple[str, float], ...], ...] = (),
 ) -> list[RunSpec]:
     """Every run, seed by seed (full supervision last), so a benchmark cut short still holds whole seeds.
 
-    With `mc_samples` >= 2, each uncertainty strategy also runs with that many MC-dropout passes, and BALD joins.
-    With `class_balance` > 0, each uncertainty strategy also runs class-balanced with that power; with
-    `min_distance` > 0, with its picks spread that far apart.
+    Each variant runs every strategy it means something to: selection variants (mc, cb, md) the uncertainty
+    strategies only, training variants (sp, st) every strategy. A variant with MC-dropout passes adds BALD.
     """
     strategies = tuple(strategies or preset.strategies)
-    uncertainty = [s for s in strategies if s != "random"]
     runs = []
     for seed in seeds if seeds is not None else preset.seeds:
         runs.extend(RunSpec(strategy, seed) for strategy in strategies)
-        if mc_samples >= 2:
-            runs.extend(RunSpec(s, seed, mc_samples) for s in uncertainty)
-            runs.append(RunSpec("bald", seed, mc_samples))
-        if class_balance > 0:
-            runs.extend(RunSpec(s, seed, class_balance=class_balance) for s in uncertainty)
-        if min_distance > 0:
-            runs.extend(RunSpec(s, seed, min_distance=min_distance) for s in uncertainty)
+        for variant in variants:
+            selection_only = any(code in _SELECTION_VARIANTS for code, _ in variant)
+            chosen = [s for s in strategies if not (selection_only and s == "random")]
+            if any(code == "mc" and value >= 2 for code, value in variant):
+                chosen.append("bald")
+            runs.extend(RunSpec(strategy, seed, variant) for strategy in chosen)
         runs.append(RunSpec(FULL, seed))
     return list(dict.fromkeys(runs))
 
@@ -151,54 +177,88 @@ def benchmark_settings(
 
 
 def run_settings(base: Settings, preset: BenchmarkPreset, spec: RunSpec) -> Settings:
-    """The settings of one run: its own campaign directory, strategy, seed and budget schedule."""
-    campaign = base.campaign.model_copy(update={
-        "name": spec.name, "seed": spec.seed, "initial_pixels_per_image": preset.step, "rounds": preset.rounds - 1,
-        "error_rate": 0.0,
-    })
-    strategy = "margin" if spec.strategy == FULL else spec.strategy  # full supervision never queries
-    acquire = base.acquire.model_copy(update={
-        "strategy": strategy, "pixels_per_image": preset.step, "mc_samples": spec.mc_samples,
-        "class_balance": spec.class_balance, "min_distance": spec.min_distance,
-    })
-    return base.model_copy(update={"campaign": campaign, "acquire": acquire})
+    """The settings of one run: its own campaign folder, strategy, seed, variant and budget schedule."""
+    raw = json.loads(base.model_dump_json())
+    raw["train"]["preset"] = None  # the base already holds every value of its preset
+    raw["campaign"].update(name=spec.name, seed=spec.seed, initial_pixels_per_image=preset.step,
+                           rounds=preset.rounds - 1, error_rate=0.0, annotator="simulated")
+    raw["acquire"].update(strategy="margin" if spec.strategy == FULL else spec.strategy,  # full never queries
+                          pixels_per_image=preset.step)
+    for dotted, value in spec.overrides.items():
+        section, key = dotted.split(".")
+        raw[section][key] = value
+    return Settings.model_validate(raw)
 
 
-@dataclass
-class StageTimer:
-    """Wall seconds per stage of a round."""
+# -------------------------------------------------------------------------------------------- full supervision
 
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
 
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] += time.perf_counter() - started
+def _full_train(c: Campaign, r: int, i: dict[str, Path], o: dict[str, Path], progress: bool) -> dict[str, Any]:
+    return steps.train(c, r, snapshot=None, previous_model=i.get("previous_model"), out=o["model"], progress=progress)
+
+
+def _full_evaluate(c: Campaign, r: int, i: dict[str, Path], o: dict[str, Path], progress: bool) -> dict[str, Any]:
+    return steps.evaluate(c, r, model=i["model"], snapshot=None, out=o["metrics"], progress=progress)
+
+
+def _pool_files(c: Campaign) -> dict[str, Path]:
+    images, masks = c.pool.source_paths()
+    return {f"pool_{i}": path for i, path in enumerate(images + masks)}
+
+
+def _eval_files(c: Campaign) -> dict[str, Path]:
+    images, masks = c.eval_set.source_paths()
+    return {f"eval_{i}": path for i, path in enumerate(images + masks)}
+
+
+# The fully supervised reference, as steps of the same kind as the recipe's: dense training, then evaluation.
+DENSE_TRAIN = Step(
+    "train-dense",
+    lambda c, r: (*DATA, *MODEL, *TRAIN, "campaign.seed"),
+    lambda c, r: {**_pool_files(c), **({"previous_model": c.files(r - 1).model}
+                                       if r > 0 and c.settings.train.warm_start else {})},
+    lambda c, r: {"model": c.files(r).model},
+    _full_train,
+)
+DENSE_EVALUATE = Step(
+    "evaluate-dense",
+    lambda c, r: (*DATA, "data.eval_split", *MODEL),
+    lambda c, r: {"model": c.files(r).model, **_pool_files(c), **_eval_files(c)},
+    lambda c, r: {"metrics": c.files(r).metrics},
+    _full_evaluate,
+    metrics=True,
+)
+
+
+# ------------------------------------------------------------------------------------------------------ the runs
 
 
 def run_benchmark_run(base: Settings, preset: BenchmarkPreset, spec: RunSpec, progress: bool = False) -> Path:
     """Run (or resume) one run of the plan; returns its `result.json`: one row per budget."""
     settings = run_settings(base, preset, spec)
     campaign = Campaign(settings)
-    result_path = campaign.run_dir / "result.json"
-    recipe = _check_recipe(campaign, legacy_ok=result_path.exists())
+    result_path = campaign.layout.dir / "result.json"
+    _check_recipe(campaign)
     if result_path.exists():
         return result_path
     if spec.strategy == FULL:
-        rows = [_full_supervision_round(campaign, round_id, progress)
-                for round_id in range(preset.full_supervision_rounds)]
+        rows = [_round_row(campaign, r, [run_step(campaign, step, r, progress=progress)
+                                         for step in (DENSE_TRAIN, DENSE_EVALUATE)])
+                for r in range(preset.full_supervision_rounds)]
     else:
-        _share_round_zero(campaign, spec, recipe)
-        rows = [_timed_round(campaign, round_id, progress) for round_id in range(preset.rounds)]
-    # The budget a row stands for: full supervision's rounds are the references of the same AL rounds.
-    for row in rows:
+        _start_from_shared_round_zero(campaign, spec)
+        rows = [_round_row(campaign, r, [run_step(campaign, step, r, progress=progress)
+                                         for step in round_steps(campaign)])
+                for r in range(preset.rounds)]
+    trained = 0
+    for row in rows:  # the budget a row stands for: full supervision's rounds are the references of the AL rounds'
         row["budget"] = preset.budgets[row["round"]] if len(rows) > 1 else None
+        trained = trained + row["epochs"] if settings.train.warm_start else row["epochs"]
+        row["epochs"] = trained  # epochs trained in all, up to this round
     context = {"dataset": settings.data.dataset, "preset": preset.name, "strategy": spec.label, "seed": spec.seed,
                "arch": settings.model.arch, "image_size": _image_size(campaign), "device": str(campaign.device),
-               "epochs_per_round": settings.train.epochs}
+               "epochs_per_round": settings.train.epochs,
+               "epochs_round_0": settings.train.initial_epochs or settings.train.epochs}
     return write_json({"rows": [{**context, **row} for row in rows]}, result_path)
 
 
@@ -206,114 +266,51 @@ def read_rows(result_paths: list[Path]) -> list[dict[str, Any]]:
     return [row for path in result_paths for row in json.loads(Path(path).read_text())["rows"]]
 
 
-# Settings that locate files rather than shape results: a run may move, or be resumed from another checkout.
-_LOCATIONS = ("data.root", "campaign.workdir", "campaign.labels_dir", "campaign.name")
-# What round 0 does not depend on (its pixels are random): where a benchmark's strategies differ.
-_STRATEGY_KEYS = ("acquire.strategy", "acquire.mc_samples", "acquire.class_balance", "acquire.min_distance",
-                  "acquire.top_fraction", "acquire.pixels_per_image")
-_RECIPE_FILE = "settings.json"
+def _check_recipe(campaign: Campaign) -> None:
+    """A run folder holds one recipe (its params.yaml): resuming it under other settings is refused."""
+    layout = campaign.layout
+    if layout.params.is_file():
+        differences = recipe_differences(load_settings(layout.params), campaign.settings)
+        if differences:
+            raise BenchmarkError(f"benchmark run {layout.dir} was started with other settings "
+                                 f"({', '.join(differences)} differ): pass another --workdir, or delete that run "
+                                 "to start it afresh")
+    else:
+        write_record(campaign.settings, layout)
 
 
-def _check_recipe(campaign: Campaign, legacy_ok: bool) -> dict[str, str]:
-    """The run's recipe (its settings, less file locations), recorded in `settings.json` when the run starts.
-    A run directory holds one recipe: resuming it under other settings raises `BenchmarkError` naming the keys.
-    A finished run from before recipes were recorded (`legacy_ok`) is accepted as it is."""
-    recipe = {k: v for k, v in flatten(json.loads(campaign.settings.model_dump_json())).items()
-              if k not in _LOCATIONS}
-    path = campaign.run_dir / _RECIPE_FILE
-    if path.exists():
-        recorded = json.loads(path.read_text())
-        changed = sorted(k for k in recipe.keys() | recorded.keys() if recipe.get(k) != recorded.get(k))
-        if changed:
-            raise BenchmarkError(
-                f"benchmark run {campaign.run_dir} was started with other settings ({', '.join(changed)} differ): "
-                "pass another --workdir, or delete that run to start it afresh")
-    elif not legacy_ok:
-        write_json(recipe, path)
-    return recipe
-
-
-def _share_round_zero(campaign: Campaign, spec: RunSpec, recipe: dict[str, str]) -> None:
-    """Start from a finished round 0 of another active-learning run of the same seed and recipe, if there is one:
-    round 0 is the same random draw and the same training for every strategy, so it is trained once per seed, not
-    once per run. Its timings.json comes along, so the run's round-0 seconds are those of the run that trained it."""
-    target = campaign.paths(0).dir
-    if (target / "timings.json").exists():
+def _start_from_shared_round_zero(campaign: Campaign, spec: RunSpec) -> None:
+    """Copy a finished round 0 of another active-learning run of the same seed, when this run has none: the recipe
+    then finds its steps fresh if their settings and inputs match, and redoes those that do not."""
+    target = campaign.files(0).dir
+    if target.exists():
         return
-    def round_zero_recipe(recipe: dict[str, str]) -> dict[str, str]:
-        return {k: v for k, v in recipe.items() if k not in _STRATEGY_KEYS}
-
-    for sibling in sorted(campaign.run_dir.parent.glob(f"*-s{spec.seed}")):
-        source = RoundPaths(sibling / "rounds" / "r00")
-        finished = all(p.exists() for p in (source.queries, source.model, source.metrics, source.dir / "timings.json"))
-        recorded = sibling / _RECIPE_FILE
-        if not (finished and recorded.exists()) or sibling == campaign.run_dir or sibling.name.startswith(f"{FULL}-"):
+    for sibling in sorted(campaign.layout.dir.parent.glob(f"*-s{spec.seed}")):
+        source = sibling / "rounds" / "r00"
+        if sibling.name.startswith(f"{FULL}-") or not (source / "steps" / "evaluate.json").is_file():
             continue
-        if round_zero_recipe(json.loads(recorded.read_text())) == round_zero_recipe(recipe):
-            staging = target.with_name(f".{target.name}.copying")
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(source.dir, staging)
-            shutil.rmtree(target, ignore_errors=True)  # an unfinished round 0 of this run
-            staging.rename(target)
-            return
+        staging = target.with_name(f".{target.name}.copying")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging, ignore=shutil.ignore_patterns("probs.zarr", ".*"))
+        staging.rename(target)
+        return
 
 
-def _timed_round(campaign: Campaign, round_id: int, progress: bool) -> dict[str, Any]:
-    """One round of `Campaign.run_round`, stage by stage, with its timings kept beside the round's files."""
-    paths = campaign.paths(round_id)
-    timings_path = paths.dir / "timings.json"
-    if not (timings_path.exists() and paths.metrics.exists()):
-        timer = StageTimer()
-        if round_id > 0:
-            with timer.stage("inference"):
-                campaign.infer(round_id, progress)
-            timer.seconds["scoring"] = _scoring_seconds(paths.dir / "infer_log.json")
-        with timer.stage("selection"):
-            campaign.select(round_id)
-        with timer.stage("labelling"):
-            campaign.ingest(round_id, campaign.annotate_simulated(round_id))
-        with timer.stage("training"):
-            campaign.train(round_id, progress)
-        with timer.stage("evaluation"):
-            campaign.evaluate(round_id, progress)
-        write_json(timer.seconds, timings_path)
-    metrics = json.loads(paths.metrics.read_text())
-    return _row(metrics, json.loads(timings_path.read_text()), round_id,
-                pixels_per_image=metrics["pixels_per_image"])
+_STAGE_OF_STEP = {"annotate": "labelling", "ingest": "labelling"}
 
 
-def _full_supervision_round(campaign: Campaign, round_id: int, progress: bool) -> dict[str, Any]:
-    """Round `round_id` of full supervision: `Campaign.train` on dense masks of every pool image (fine-tuning the
-    previous round's model when the active-learning rounds do), then evaluation. Kept like an AL round's files."""
-    settings = campaign.settings
-    paths = campaign.paths(round_id)
-    timings_path = paths.dir / "timings.json"
-    if not (timings_path.exists() and paths.metrics.exists()):
-        timer = StageTimer()
-        with timer.stage("training"):
-            campaign.train(round_id, progress, dense=True)
-        with timer.stage("evaluation"):
-            model = campaign.load_model(paths.model)
-            metrics = evaluate(model, campaign.eval_set, campaign.device, settings.train.eval_batch_size, progress)
-        space = campaign.pool.label_space
-        labelled = sum(int((campaign.pool.load_mask(i) != space.ignore_index).sum()) for i in campaign.pool.image_ids)
-        metrics.update(round=round_id, pixels_per_image=labelled / len(campaign.pool),
-                       epochs=settings.train.epochs * (round_id + 1))
-        write_json(json_safe(metrics), paths.metrics)
-        write_json(timer.seconds, timings_path)
-    metrics = json.loads(paths.metrics.read_text())
-    row = _row(metrics, json.loads(timings_path.read_text()), round_id, pixels_per_image=metrics["pixels_per_image"])
-    return {**row, "epochs": metrics["epochs"]}
-
-
-def _row(metrics: dict, seconds: dict[str, float], round_id: int | None, pixels_per_image: float) -> dict[str, Any]:
+def _round_row(campaign: Campaign, round_id: int, results: list) -> dict[str, Any]:
+    """mIoU, per-class IoU, labelled pixels and the seconds of each stage of one round, from its step records."""
+    seconds = dict.fromkeys(STAGES, 0.0)
+    for result in results:
+        for part, value in result.seconds.items():
+            stage = part if part in seconds else _STAGE_OF_STEP.get(result.step, part)
+            seconds[stage] = seconds.get(stage, 0.0) + value
+    metrics = json.loads(campaign.files(round_id).metrics.read_text())
     ious = {f"iou_{name}": iou for name, iou in zip(metrics["class_names"], metrics["iou_per_class"])}
-    return {"round": round_id, "pixels_per_image": pixels_per_image, "miou": metrics["miou"], **ious,
-            **{f"{stage}_s": round(seconds.get(stage, 0.0), 3) for stage in STAGES}}
-
-
-def _scoring_seconds(infer_log: Path) -> float:
-    return json.loads(infer_log.read_text()).get("scoring_seconds", float("nan")) if infer_log.exists() else float("nan")
+    epochs = next((r.details.get("epochs") for r in results if r.step.startswith("train")), None)
+    return {"round": round_id, "pixels_per_image": metrics["pixels_per_image"], "miou": metrics["miou"], **ious,
+            "epochs": epochs, **{f"{stage}_s": round(seconds[stage], 3) for stage in STAGES}}
 
 
 def _image_size(campaign: Campaign) -> str:

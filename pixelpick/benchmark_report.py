@@ -20,7 +20,7 @@ import pandas as pd  # noqa: E402
 from pixelpick.benchmark import FULL, STAGES  # noqa: E402
 from pixelpick.io import atomic_write, write_csv  # noqa: E402
 
-# Protocol §6: DeepLabv3+ MobileNetV2 on CamVid 360x480, margin sampling, mean of 5 runs (mIoU %).
+# The paper: DeepLabv3+ MobileNetV2 on CamVid 360x480, margin sampling, mean of 5 runs (mIoU %).
 PAPER_CAMVID_MARGIN = {20: 50.8, 40: 53.9, 60: 55.3, 80: 55.2, 100: 55.9}
 PAPER_CAMVID_FULL = 58.2
 

@@ -89,3 +89,16 @@ class AnnotatorConfigError(PixelPickError):
 
 class BenchmarkError(PixelPickError):
     """A benchmark run directory that holds another recipe's run."""
+
+
+class ProgressDatabaseError(AnnotationJobError):
+    """A progress database that cannot be used (empty, corrupt, not a progress database, another job's); names it."""
+
+
+class JobClosedError(PixelConflictError):
+    """A change to a job whose labels were ingested into a round: the job is closed and accepts no more changes."""
+
+    def __init__(self, message: str, *, closed_at: object = None, note: str = "") -> None:
+        super().__init__(message)
+        self.closed_at = closed_at  # when the job was closed (a UTC datetime)
+        self.note = note  # why, as given to ProgressStore.close

@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from filelock import FileLock
 
 from pixelpick.errors import LabelFileError, LabelValidationError, UnknownImageError
@@ -120,9 +119,15 @@ class LabelStore:
         """Validate `batch` whole, then add its new rows atomically.
 
         Rows repeating a stored label exactly (same pixel, same class) are skipped and counted, so re-ingesting
-        a batch changes nothing. Any bad row rejects the whole batch with `LabelValidationError` and leaves the
-        stored file untouched.
+        a batch changes nothing; a batch without rows is a no-op. Any bad row rejects the whole batch with
+        `LabelValidationError` and leaves the stored file untouched.
         """
+        _check_columns(batch)
+        if batch.empty:
+            return AppendResult(added=0, duplicates=0)
+        if not self.path.exists():
+            # Nothing is stored to clash with, so a bad batch is found before its folder and lock file are made.
+            self._validate(batch, LABEL_SCHEMA.empty_table().to_pandas())
         # The lock makes read-validate-replace one step for every process (web annotator, flows, CLI).
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(self.path.with_name(f".{self.path.name}.lock")):
@@ -157,13 +162,6 @@ class LabelStore:
 
     def _validate(self, batch: pd.DataFrame, stored: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
         """Return the batch in the store's dtypes and which of its rows are exact duplicates; raise if any is bad."""
-        missing = [name for name in LABEL_COLUMNS if name not in batch.columns]
-        unexpected = [name for name in batch.columns if name not in LABEL_COLUMNS]
-        if missing or unexpected:
-            raise LabelValidationError(
-                f"rejected label batch: missing columns {missing}, unexpected columns {unexpected}; "
-                f"expected exactly {LABEL_COLUMNS}"
-            )
         original = batch.reset_index(drop=True)
         values = _coerce(original)
         checks = self._row_checks(values)
@@ -207,28 +205,56 @@ class LabelStore:
         def size(row: pd.Series) -> tuple[int, int]:
             return self.image_sizes[row["image_id"]]
 
+        def numeric(name: str, expected: str, otherwise: Callable[[pd.Series], str]) -> Callable[[pd.Series], str]:
+            # A value that is no number at all (text, a boolean) is named as such rather than as out of range.
+            return lambda row: _not_a_number(name, row[name], expected) or otherwise(row)
+
         is_class = integer_in("class_id", 0, self.num_classes) | (values["class_id"] == self.ignore_index)
         checks = [
             (height.isna(), lambda row: f"unknown image id {row['image_id']!r}"),
-            (~integer_in("y", 0, height), lambda row: f"y={row['y']} is not an integer in [0, {size(row)[0]})"),
-            (~integer_in("x", 0, width), lambda row: f"x={row['x']} is not an integer in [0, {size(row)[1]})"),
-            (~is_class, lambda row: f"class_id={row['class_id']} is neither in [0, {self.num_classes}) "
-                                    f"nor the void index {self.ignore_index}"),
-            (~integer_in("round", 0, _INT32_MAX + 1), lambda row: f"round={row['round']} is not an integer >= 0"),
+            (~integer_in("y", 0, height),
+             numeric("y", "an integer", lambda row: f"y={row['y']} is not an integer in [0, {size(row)[0]})")),
+            (~integer_in("x", 0, width),
+             numeric("x", "an integer", lambda row: f"x={row['x']} is not an integer in [0, {size(row)[1]})")),
+            (~is_class, numeric("class_id", "an integer", lambda row: f"class_id={row['class_id']} is neither in "
+                                f"[0, {self.num_classes}) nor the void index {self.ignore_index}")),
+            (~integer_in("round", 0, _INT32_MAX + 1),
+             numeric("round", "an integer", lambda row: f"round={row['round']} is not an integer >= 0")),
             (values["source"].isna(), lambda row: "source is missing or empty"),
             (values["annotator"].isna(), lambda row: "annotator is missing or empty"),
             (~(np.isfinite(values["seconds"]) & (values["seconds"] >= 0)),
-             lambda row: f"seconds={row['seconds']} is not a finite number >= 0"),
+             numeric("seconds", "a number", lambda row: f"seconds={row['seconds']} is not a finite number >= 0")),
             (values["time"].isna(), lambda row: "time is missing or not a timestamp"),
         ]
         return [(failed.to_numpy(dtype=bool), describe) for failed, describe in checks]
 
 
+def _check_columns(batch: pd.DataFrame) -> None:
+    if not isinstance(batch, pd.DataFrame):
+        raise LabelValidationError(f"rejected label batch: expected a pandas DataFrame, got {type(batch).__name__}")
+    missing = [name for name in LABEL_COLUMNS if name not in batch.columns]
+    unexpected = [name for name in batch.columns if name not in LABEL_COLUMNS]
+    if missing or unexpected:
+        raise LabelValidationError(
+            f"rejected label batch: missing columns {missing}, unexpected columns {unexpected}; "
+            f"expected exactly {LABEL_COLUMNS}"
+        )
+
+
 def _coerce(batch: pd.DataFrame) -> pd.DataFrame:
-    """The batch with numbers as float64 and times as UTC timestamps; whatever cannot be coerced becomes NaN/NaT."""
+    """The batch with numbers as float64 and times as UTC timestamps; whatever is not one becomes NaN/NaT.
+
+    Text is never read as a number: "12" in `y` is refused (a CSV must be parsed with its types first), as are
+    booleans, which pandas would otherwise count as 0 and 1.
+    """
 
     def text(column: pd.Series) -> pd.Series:
         return column.where(column.map(lambda value: isinstance(value, str) and value != ""))
+
+    def number(column: pd.Series) -> pd.Series:
+        if not (pd.api.types.is_integer_dtype(column) or pd.api.types.is_float_dtype(column)):
+            column = column.where(column.map(_is_number))
+        return pd.to_numeric(column, errors="coerce").astype("float64")
 
     values = pd.DataFrame(
         {
@@ -241,8 +267,25 @@ def _coerce(batch: pd.DataFrame) -> pd.DataFrame:
         }
     )
     for name in ("y", "x", "class_id", "round", "seconds"):
-        values[name] = pd.to_numeric(batch[name], errors="coerce").astype("float64")
+        values[name] = number(batch[name])
     return values[LABEL_COLUMNS]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _not_a_number(name: str, value: object, expected: str) -> str | None:
+    """Why `value` is no number at all (text, a boolean, missing), or None when it is one."""
+    if _is_number(value):
+        return None
+    if isinstance(value, str):
+        kind = "text"
+    elif value is None or value is pd.NA or value is pd.NaT:
+        kind = "missing"
+    else:
+        kind = type(value).__name__
+    return f"{name}={value!r} is {kind}, not {expected}"
 
 
 def _conflict_reason(row: pd.Series, stored_class: pd.Series) -> str:

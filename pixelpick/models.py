@@ -27,7 +27,7 @@ DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Alpha
 
 
 class DeepLabV3Plus(nn.Module):
-    """DeepLabv3+ on MobileNetV2 at output stride 16, the paper's default model (protocol §3.1).
+    """DeepLabv3+ on MobileNetV2 at output stride 16, the paper's default model.
 
     Encoder: MobileNetV2 features up to the 320-channel block, dilated rather than strided past 1/16, then ASPP
     (1x1, 3x3 at rates 6/12/18, image pooling; 256 channels; dropout 0.5). Decoder: the 24-channel features at 1/4

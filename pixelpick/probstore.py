@@ -3,7 +3,7 @@
 Layout of `<round>/probs.zarr` (Zarr v3):
 
     zarr.json                  group attributes: image_ids, rows (image id -> [size key, row]), num_classes,
-                               strategy, complete
+                               strategy, key (what the store was computed from, given by the writer), complete
     probs/<H>x<W>              (N, C, H, W) float16 by default, zstd, one chunk (one file) per image
     scores/<H>x<W>             (N, H, W) float32, uncompressed, one chunk per image; higher = more informative
                                (see pixelpick.acquisition)
@@ -20,12 +20,13 @@ Because a chunk is exactly one image, the writer encodes each chunk itself (litt
 zstd codec: what Zarr would write, byte for byte, as tests/test_probstore.py checks) and writes its file directly,
 skipping Zarr's per-chunk machinery, which cost several times the encoding itself. Arrays with any other codec
 or store fall back to ordinary Zarr writes. Reading is plain Zarr; `iter_scores` reads runs of rows in one call.
-A store is usable only once `complete` is set; an interrupted inference is simply redone.
+A store is usable only once `complete` is set; an interrupted inference is simply redone. Arrays are filled with
+NaN, not zeros, so a chunk file that went missing can never pass for real probabilities: `missing_images` finds
+such chunks, and NaN scores are refused by selection.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,6 +61,7 @@ class ProbabilityStore:
         attrs = self.group.attrs
         if not attrs.get("complete", False):
             raise RuntimeError(f"probability store {self.path} is incomplete (inference was interrupted): re-run it")
+        self.key: str | None = attrs.get("key")
         self.image_ids: list[str] = list(attrs["image_ids"])
         self.strategy: str = attrs["strategy"]
         self._rows: dict[str, list] = dict(attrs["rows"])
@@ -79,6 +81,19 @@ class ProbabilityStore:
 
     def probs(self, image_id: str) -> np.ndarray:
         return self._read("probs", image_id)
+
+    def missing_images(self) -> list[str]:
+        """Images whose probability or score chunk file is gone from disk (they would read back as NaN)."""
+        missing = []
+        for image_id in self.image_ids:
+            size_key, row = self._rows[image_id]
+            for kind in ("probs", "scores"):
+                array = self._array(kind, size_key)
+                chunk = array.metadata.encode_chunk_key((row,) + (0,) * (array.ndim - 1))
+                if not (self.path / kind / size_key / chunk).is_file():
+                    missing.append(image_id)
+                    break
+        return missing
 
     def scores(self, image_id: str) -> np.ndarray:
         return self._read("scores", image_id)
@@ -121,6 +136,7 @@ class ProbabilityWriter:
         num_classes: int,
         strategy: str,
         dtype: str = "float16",
+        key: str | None = None,
     ) -> None:
         self.path, self.image_ids = Path(path), list(image_sizes)
         self.group = zarr.open_group(self.path, mode="w")
@@ -130,20 +146,20 @@ class ProbabilityWriter:
         self._rows = {image_id: [key, row] for key, ids in by_size.items() for row, image_id in enumerate(ids)}
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
         self._chunk_writers: dict[tuple[str, str], Callable[[int, np.ndarray], None]] = {}
-        for key, ids in by_size.items():
-            height, width = map(int, key.split("x"))
+        for size_key, ids in by_size.items():
+            height, width = map(int, size_key.split("x"))
             for kind, shape, array_dtype, compressors in (
                 ("probs", (num_classes, height, width), dtype, _COMPRESSORS),
                 ("scores", (height, width), "float32", None),
             ):
                 array = zarr.create_array(
-                    self.group.store, name=f"{kind}/{key}", shape=(len(ids), *shape), chunks=(1, *shape),
-                    dtype=array_dtype, compressors=compressors, fill_value=0, chunk_key_encoding=_CHUNK_KEYS,
+                    self.group.store, name=f"{kind}/{size_key}", shape=(len(ids), *shape), chunks=(1, *shape),
+                    dtype=array_dtype, compressors=compressors, fill_value=np.nan, chunk_key_encoding=_CHUNK_KEYS,
                 )
-                self._arrays[kind, key] = array
-                self._chunk_writers[kind, key] = _chunk_writer(array)
+                self._arrays[kind, size_key] = array
+                self._chunk_writers[kind, size_key] = _chunk_writer(array)
         self.group.attrs.update({"image_ids": self.image_ids, "rows": self._rows, "num_classes": num_classes,
-                                 "strategy": strategy, "complete": False})
+                                 "strategy": strategy, "key": key, "complete": False})
         self._written: set[str] = set()
         self.compute_seconds = 0.0
         self.write_seconds = 0.0

@@ -7,6 +7,7 @@ directory (a served deployment, a `dvc repro` in a copy of the repo) still finds
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,9 +34,10 @@ class DataSettings(_Section):
     dataset: Literal["synthetic", "camvid", "cityscapes", "voc", "folder"] = "synthetic"
     root: Path = Path("data/synthetic")
     train_split: str = "train"
-    eval_split: str = "val"
+    eval_split: str | None = "val"  # None: no evaluation (a round reports its labels, and no mIoU)
     image_size: tuple[int, int] | None = None  # working (H, W); None keeps the native size
     cityscapes_downsample: Literal[1, 2, 4] = 4
+    cache_dir: Path = Path("data/cache")  # what is derived from the images once and kept (superpixels)
     classes_file: Path | None = None
     synthetic: SyntheticSettings = SyntheticSettings()
 
@@ -48,7 +50,7 @@ class ModelSettings(_Section):
     dropout_p: float = Field(0.2, ge=0.0, lt=1.0)
 
 
-# The paper's per-dataset recipes (protocol §1.4-1.5), plus small CPU recipes. A preset fills every key the
+# The paper's per-dataset recipes, plus small CPU recipes. A preset fills every key the
 # params file leaves out; keys the file sets win. Milestones are the epochs at which the lr drops (the reference
 # stepped one epoch late; we do not).
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -94,10 +96,19 @@ class TrainSettings(_Section):
     hflip_p: float = Field(0.5, ge=0, le=1)
     photometric: bool = False
     warm_start: bool = False  # False: re-initialise every round, as the paper does
+    initial_epochs: int | None = Field(None, ge=1)  # round 0's epochs (None: `epochs`); see docs/benchmarks
+    # Superpixel expansion: > 0 spreads each click's class over its SLIC superpixel (about this many per image);
+    # the expanded pixels of a superpixel share the weight `superpixel_weight`, against 1 for the click. 0 = off.
+    superpixels: int = Field(0, ge=0)
+    superpixel_compactness: float = Field(10.0, gt=0)
+    superpixel_weight: float = Field(1.0, gt=0)
+    # Self-training: > 0 adds the previous round's confident predictions (max probability >= this) on unlabelled
+    # pixels as extra targets, their loss weighted `self_training_weight`. 0 = off.
+    self_training_threshold: float = Field(0.0, ge=0, lt=1)
+    self_training_weight: float = Field(0.5, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = Field(0, ge=0)
     eval_batch_size: int = Field(8, ge=1)
-    seed: int = 0
 
     @model_validator(mode="before")
     @classmethod
@@ -127,7 +138,7 @@ class AcquireSettings(_Section):
     class_balance: float = Field(0.0, ge=0.0)
     # 0 = off. d > 0 spreads an image's picks: no two closer than d pixels while the pool allows it.
     min_distance: float = Field(0.0, ge=0.0)
-    exclude_void: bool = True  # simulation only: never query pixels whose ground truth is void
+    exclude_void: bool = True  # simulated campaigns only: never query pixels whose ground truth is void
 
     @model_validator(mode="after")
     def _bald_needs_samples(self) -> AcquireSettings:
@@ -138,8 +149,8 @@ class AcquireSettings(_Section):
 
 class CampaignSettings(_Section):
     name: str = Field("synthetic-margin", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    workdir: Path = Path("data/runs")
-    labels_dir: Path = Path("data/labels")  # human label batches, one per round: DVC-tracked inputs
+    workdir: Path = Path("data/runs")  # each campaign gets the folder <workdir>/<name>
+    annotator: Literal["simulated", "human"] = "simulated"  # who labels: the ground truth, or people (a job file)
     initial_pixels_per_image: int = Field(10, ge=1)
     rounds: int = Field(3, ge=0)  # query rounds after the initial random one
     error_rate: float = Field(0.0, ge=0.0, le=1.0)  # simulated annotator noise
@@ -193,22 +204,20 @@ def resolve_paths(settings: Settings, base: Path) -> Settings:
     """Make the settings' relative paths absolute against `base`."""
 
     def absolute(p: Path | None) -> Path | None:
-        return None if p is None or p.is_absolute() else base / p
+        return None if p is None else Path(os.path.normpath(base / p))
 
     data = settings.data.model_copy(
         update={
             "root": absolute(settings.data.root) or settings.data.root,
             "classes_file": absolute(settings.data.classes_file) or settings.data.classes_file,
+            "cache_dir": absolute(settings.data.cache_dir) or settings.data.cache_dir,
         }
     )
     model = settings.model.model_copy(
         update={"pretrained_path": absolute(settings.model.pretrained_path) or settings.model.pretrained_path}
     )
     campaign = settings.campaign.model_copy(
-        update={
-            "workdir": absolute(settings.campaign.workdir) or settings.campaign.workdir,
-            "labels_dir": absolute(settings.campaign.labels_dir) or settings.campaign.labels_dir,
-        }
+        update={"workdir": absolute(settings.campaign.workdir) or settings.campaign.workdir}
     )
     return settings.model_copy(update={"data": data, "model": model, "campaign": campaign})
 

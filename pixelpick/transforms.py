@@ -1,7 +1,7 @@
 """Paired augmentation that carries sparse labels as points, so a labelled pixel stays exactly one supervised point.
 
 The reference resampled its sparse label mask with NEAREST, which duplicates labelled pixels when scaling up and
-drops them when scaling down (protocol §1.5, §7.13). Here a labelled integer pixel ``(y, x)`` enters as the
+drops them when scaling down. Here a labelled integer pixel ``(y, x)`` enters as the
 continuous point ``(y + 0.5, x + 0.5)`` at its centre; scaling, cropping and flipping move the point exactly, and the
 loss samples the logits there (:func:`point_logits`). A point disappears only when the crop leaves it out.
 """
@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import functional as F
 
 from pixelpick.errors import TransformInputError
 
-Sample = dict[str, Any]  # image, points, point_labels, mask (see TrainTransform.__call__)
+Sample = dict[str, Any]  # image, points, point_labels, point_weights, mask (see TrainTransform.__call__)
 
 
 class TrainTransform:
@@ -55,19 +55,25 @@ class TrainTransform:
         *,
         pixels: np.ndarray | None = None,
         pixel_labels: np.ndarray | None = None,
+        pixel_weights: np.ndarray | None = None,
         mask: np.ndarray | None = None,
         generator: torch.Generator | None = None,
     ) -> Sample:
-        """Augment ``image`` (uint8 HxWx3) with its labelled ``pixels`` ((P, 2) integer (y, x)) and their
-        ``pixel_labels`` ((P,)), and optionally a dense ``mask`` (HxW).
+        """Augment ``image`` (uint8 HxWx3) with its labelled ``pixels`` ((P, 2) integer (y, x)), their
+        ``pixel_labels`` ((P,)) and optional loss ``pixel_weights`` ((P,), default 1), and optionally a dense
+        ``mask`` (HxW).
 
         Returns ``image`` (float 3xhxw, normalised), ``points`` (float (P', 2) continuous (y, x)), ``point_labels``
-        (long (P',)) and ``mask`` (long hxw, or None); P' < P only for points outside the crop.
+        (long (P',)), ``point_weights`` (float (P',)) and ``mask`` (long hxw, or None); P' < P only for points
+        outside the crop.
         """
         image_t, points, labels, mask_t = _to_tensors(image, pixels, pixel_labels, mask)
+        weights = _to_weights(pixel_weights, len(points))
         image_t, mask_t, points = self._random_scale(image_t, mask_t, points, generator)
         if self.crop_size is not None:
-            image_t, mask_t, points, labels = self._random_crop(image_t, mask_t, points, labels, generator)
+            image_t, mask_t, points, (labels, weights) = self._random_crop(
+                image_t, mask_t, points, (labels, weights), generator
+            )
         flip = _coin(self.hflip_p, generator)  # drawn before the colours, so `photometric` never alters geometry
         if self.photometric:
             image_t = _photometric(image_t, generator)
@@ -76,7 +82,7 @@ class TrainTransform:
             image_t, mask_t = self._pad_to_crop(image_t, mask_t)
         if flip:
             image_t, mask_t, points = _hflip(image_t, mask_t, points)
-        return {"image": image_t, "points": points, "point_labels": labels, "mask": mask_t}
+        return {"image": image_t, "points": points, "point_labels": labels, "point_weights": weights, "mask": mask_t}
 
     def _random_scale(
         self, image: torch.Tensor, mask: torch.Tensor | None, points: torch.Tensor, generator: torch.Generator | None
@@ -96,10 +102,11 @@ class TrainTransform:
         image: torch.Tensor,
         mask: torch.Tensor | None,
         points: torch.Tensor,
-        labels: torch.Tensor,
+        per_point: tuple[torch.Tensor, ...],
         generator: torch.Generator | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """Cut a crop-sized window out of the image padded bottom/right to at least the crop size.
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Cut a crop-sized window out of the image padded bottom/right to at least the crop size; the points
+        outside it are dropped together with their entries in each of the `per_point` tensors.
 
         Only the part of the window inside the image is cut here; the overhang is padded after normalisation
         (:meth:`_pad_to_crop`), so padding is exactly the mean colour and untouched by the colour jitter.
@@ -113,7 +120,7 @@ class TrainTransform:
             mask = mask[top : top + crop_height, left : left + crop_width]
         points = points - torch.tensor([top, left], dtype=points.dtype)
         inside = (points >= 0).all(dim=1) & (points[:, 0] < crop_height) & (points[:, 1] < crop_width)
-        return image, mask, points[inside], labels[inside]
+        return image, mask, points[inside], tuple(values[inside] for values in per_point)
 
     def _pad_to_crop(
         self, image: torch.Tensor, mask: torch.Tensor | None
@@ -140,39 +147,46 @@ class EvalTransform:
         *,
         pixels: np.ndarray | None = None,
         pixel_labels: np.ndarray | None = None,
+        pixel_weights: np.ndarray | None = None,
         mask: np.ndarray | None = None,
         generator: torch.Generator | None = None,
     ) -> Sample:
         """Normalise ``image``; labelled pixels become their centre points, unmoved. ``generator`` is unused."""
         image_t, points, labels, mask_t = _to_tensors(image, pixels, pixel_labels, mask)
         image_t = F.normalize(image_t, self.mean, self.std)
-        return {"image": image_t, "points": points, "point_labels": labels, "mask": mask_t}
+        weights = _to_weights(pixel_weights, len(points))
+        return {"image": image_t, "points": points, "point_labels": labels, "point_weights": weights, "mask": mask_t}
 
 
 def collate_sparse(samples: Sequence[Sample], *, ignore_index: int) -> dict[str, Any]:
     """Batch transformed samples: stack images (and masks, or None when no sample has one) and pad every sample's
-    points to the batch's largest count with label ``ignore_index``, which the loss skips.
+    points to the batch's largest count with label ``ignore_index`` and weight 0, which the loss skips.
 
     Any other key (an image id, say) is gathered into a list. Use with ``functools.partial`` as a ``collate_fn``.
     """
     n_points = max(len(sample["points"]) for sample in samples)
     points = torch.zeros(len(samples), n_points, 2)
     point_labels = torch.full((len(samples), n_points), ignore_index, dtype=torch.long)
+    point_weights = torch.zeros(len(samples), n_points)
     for row, sample in enumerate(samples):
         count = len(sample["points"])
         points[row, :count] = sample["points"]
         point_labels[row, :count] = sample["point_labels"]
+        point_weights[row, :count] = sample.get("point_weights", 1.0)
     batch = {key: [sample[key] for sample in samples] for key in samples[0] if key not in _BATCHED_KEYS}
     batch.update(
         image=torch.stack([sample["image"] for sample in samples]),
         points=points,
         point_labels=point_labels,
+        point_weights=point_weights,
         mask=_stack_masks([sample["mask"] for sample in samples]),
     )
+    if "pseudo_mask" in samples[0]:
+        batch["pseudo_mask"] = _stack_masks([sample["pseudo_mask"] for sample in samples])
     return batch
 
 
-_BATCHED_KEYS = {"image", "points", "point_labels", "mask"}
+_BATCHED_KEYS = {"image", "points", "point_labels", "point_weights", "mask", "pseudo_mask"}
 
 
 def point_logits(logits: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -191,15 +205,25 @@ def point_logits(logits: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_cross_entropy(
-    logits: torch.Tensor, points: torch.Tensor, point_labels: torch.Tensor, ignore_index: int
+    logits: torch.Tensor,
+    points: torch.Tensor,
+    point_labels: torch.Tensor,
+    ignore_index: int,
+    point_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy over the labelled points of a batch, skipping labels equal to ``ignore_index``.
+    """Cross-entropy over the labelled points of a batch, skipping labels equal to ``ignore_index``: the plain
+    mean, or with ``point_weights`` (N, P) the weighted mean sum(w * ce) / sum(w).
 
     A batch with no usable point (all cropped out or void) gives a zero loss that still backpropagates, not NaN.
     """
-    if not (point_labels != ignore_index).any():
+    usable = point_labels != ignore_index
+    if not usable.any():
         return logits.sum() * 0.0
-    return nnF.cross_entropy(point_logits(logits, points), point_labels, ignore_index=ignore_index)
+    if point_weights is None:
+        return nnF.cross_entropy(point_logits(logits, points), point_labels, ignore_index=ignore_index)
+    losses = nnF.cross_entropy(point_logits(logits, points), point_labels, ignore_index=ignore_index, reduction="none")
+    weights = point_weights * usable
+    return (losses * weights).sum() / weights.sum().clamp_min(torch.finfo(weights.dtype).tiny)
 
 
 # --- input checking ------------------------------------------------------------------------------------------------
@@ -242,6 +266,15 @@ def _to_points(
     return points, torch.from_numpy(pixel_labels.astype(np.int64))
 
 
+def _to_weights(weights: np.ndarray | None, count: int) -> torch.Tensor:
+    if weights is None:
+        return torch.ones(count)
+    weights = np.asarray(weights, dtype=np.float32)
+    if weights.shape != (count,) or not np.isfinite(weights).all() or (weights < 0).any():
+        raise TransformInputError(f"pixel_weights must be {count} finite numbers >= 0, got shape {weights.shape}")
+    return torch.from_numpy(weights)
+
+
 def _stack_masks(masks: list[torch.Tensor | None]) -> torch.Tensor | None:
     if all(mask is None for mask in masks):
         return None
@@ -262,7 +295,7 @@ def _hflip(
 
 
 def _photometric(image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """The reference's SimCLR-style colour augmentation (protocol §1.5), applied to a float image in [0, 1]."""
+    """The paper's SimCLR-style colour augmentation, applied to a float image in [0, 1]."""
     if _coin(0.8, generator):
         image = _color_jitter(image, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, generator=generator)
     if _coin(0.2, generator):

@@ -41,3 +41,27 @@ def query_panel(
     fig.savefig(buffer, format="png", dpi=72)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def progress_plot(rows: Sequence[dict], title: str) -> bytes:
+    """A PNG of mIoU (%) against labelled pixels per image, one point per evaluated round; rounds whose mIoU was not
+    measured are left out (and said so when none was). Byte-identical for identical rows."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    measured = [row for row in rows if row.get("miou") is not None]
+    if measured:
+        x = [row["pixels_per_image"] for row in measured]
+        ax.plot(x, [100 * row["miou"] for row in measured], marker="o")
+        for row, xi in zip(measured, x):
+            ax.annotate(f"r{row['round']}", (xi, 100 * row["miou"]), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "mIoU not measured (no evaluation masks)", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("labelled pixels per image")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80, metadata={"Software": None})  # no version stamp: same rows, same bytes
+    plt.close(fig)
+    return buffer.getvalue()

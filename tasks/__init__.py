@@ -2,7 +2,7 @@
 
 Importing this package pins every store to the project unless the environment says otherwise: Prefect's database
 in data/prefect and MLflow's in data/mlflow.db. Without it a served flow, started in another working directory,
-would silently write to a new MLflow database there (stack-notes §4.2). Telemetry is off: the machines running
+would silently write to a new MLflow database there. Telemetry is off: the machines running
 this may have no network.
 """
 

@@ -16,8 +16,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from pixelpick.benchmark import STAGES, BenchmarkPreset, RunSpec, read_rows, run_benchmark_run
 from pixelpick.benchmark_report import results_frame, write_report
+from pixelpick.digests import file_md5
 from pixelpick.settings import Settings
-from tasks.common import file_md5
 from tasks.tracking import experiment_id_for, git_commit
 
 
@@ -25,10 +25,14 @@ def preset_from(preset: dict) -> BenchmarkPreset:
     return BenchmarkPreset(**{**preset, "strategies": tuple(preset["strategies"]), "seeds": tuple(preset["seeds"])})
 
 
-@task(task_run_name="benchmark-{spec[strategy]}-s{spec[seed]}", timeout_seconds=7 * 24 * 3600)
+def spec_from(spec: dict) -> RunSpec:
+    return RunSpec(spec["strategy"], spec["seed"], tuple((code, value) for code, value in spec.get("variant", ())))
+
+
+@task(task_run_name="benchmark-{spec[strategy]}-s{spec[seed]}")
 def benchmark_run(settings_json: str, preset: dict, spec: dict) -> str:
     """One run of the plan (full supervision, or an active-learning campaign over the budgets)."""
-    path = run_benchmark_run(Settings.model_validate_json(settings_json), preset_from(preset), RunSpec(**spec),
+    path = run_benchmark_run(Settings.model_validate_json(settings_json), preset_from(preset), spec_from(spec),
                              progress=True)
     return str(path)
 
@@ -49,8 +53,9 @@ def log_benchmark_run(result_path: str, experiment: str) -> str:
     run = client.create_run(experiment_id, run_name=f"{first['strategy']}-s{first['seed']}", tags={
         "pixelpick.kind": "benchmark-run", "pixelpick.result_md5": digest, "mlflow.source.git.commit": git_commit()})
     run_id = run.info.run_id
-    for key in ("dataset", "preset", "strategy", "seed", "arch", "image_size", "device", "epochs_per_round"):
-        client.log_param(run_id, key, first[key])
+    for key in ("dataset", "preset", "strategy", "seed", "arch", "image_size", "device", "epochs_per_round",
+                "epochs_round_0"):
+        client.log_param(run_id, key, first.get(key))
     for row in rows:
         step = int(row.get("budget") or round(row["pixels_per_image"]))
         client.log_metric(run_id, "miou", row["miou"], step=step)
@@ -83,3 +88,7 @@ def write_benchmark_report(result_paths: list[str], out_dir: str, stem: str, exp
 
 def preset_dict(preset: BenchmarkPreset) -> dict:
     return json.loads(json.dumps(asdict(preset)))
+
+
+def spec_dict(spec: RunSpec) -> dict:
+    return json.loads(json.dumps(asdict(spec)))

@@ -1,27 +1,39 @@
-"""Tasks of the human-in-the-loop round: how far the annotation job is, and collecting its finished labels."""
+"""Tasks of a human round: export the job, see how far it is, collect and version its labels, close it."""
 
 from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pixelpick.annotation.jobs import load_job
-from pixelpick.annotation.progress import ProgressStore, default_progress_path
-from tasks.common import file_md5, open_campaign
+from pixelpick import human
+from tasks.steps import open_for_task
+from tasks.versioning import track_batch
+
+
+@task(cache_policy=NO_CACHE, task_run_name="export-job-r{round_id:02d}")
+def export_job(campaign_dir: str, round_id: int) -> str:
+    """The round's annotation job, from its queries."""
+    return str(human.export_job(open_for_task(campaign_dir), round_id))
 
 
 @task(cache_policy=NO_CACHE, task_run_name="job-progress-r{round_id:02d}")
-def job_progress(settings_json: str, round_id: int) -> dict[str, int]:
-    """Pixels labelled and queried in the round's annotation job (0 labelled before anyone starts)."""
-    job_path = open_campaign(settings_json).paths(round_id).job
-    job = load_job(job_path)
-    progress_db = default_progress_path(job_path)
-    done = ProgressStore(progress_db, job).done_count() if progress_db.exists() else 0
-    return {"done": done, "total": job.num_pixels}
+def job_progress(campaign_dir: str, round_id: int) -> dict[str, int]:
+    """Pixels labelled and queried in the round's annotation job."""
+    progress = human.job_progress(open_for_task(campaign_dir), round_id)
+    return {"done": progress.done, "total": progress.total, "closed": progress.closed}
 
 
 @task(cache_policy=NO_CACHE, task_run_name="collect-labels-r{round_id:02d}")
-def collect_human_labels(settings_json: str, round_id: int) -> dict[str, str]:
-    """The finished job's labels as the round's batch file, validated against the job."""
-    path = open_campaign(settings_json).collect_human_labels(round_id)
-    return {"path": str(path), "digest": file_md5(path)}
+def collect_labels(campaign_dir: str, round_id: int) -> str | None:
+    """The finished job's labels, validated, as the round's batch file, then `dvc add`ed; returns its md5."""
+    campaign = open_for_task(campaign_dir)
+    progress = human.job_progress(campaign, round_id)
+    if not (progress.closed and campaign.layout.batch(round_id).is_file()):  # a closed job was collected already
+        human.collect_labels(campaign, round_id)
+    return track_batch(campaign, round_id)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="close-job-r{round_id:02d}")
+def close_job(campaign_dir: str, round_id: int) -> None:
+    """The round's labels are ingested: the job takes no further edits."""
+    human.close_job(open_for_task(campaign_dir), round_id)

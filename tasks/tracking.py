@@ -1,26 +1,40 @@
 """MLflow at the edge: a parent run per campaign, a nested run per round, a registered model version per round.
 
-MLflow's active run is thread-local and Prefect runs tasks on worker threads (stack-notes §4.1), so run ids are
-passed explicitly and every call goes through `MlflowClient`. Both tasks are idempotent: a re-run round finds its
-earlier run by tags instead of logging a second one.
+Each round's version is a pyfunc model (tasks/serving.py) with a signature and an input example, carrying the
+round's checkpoint, so `mlflow.pyfunc.load_model("models:/<name>@best")` predicts and `mlflow models serve` serves
+it. Lineage tags on the run and the version give the label snapshot's md5, the model's md5, the git commit and
+the version whose predictions chose the round's pixels.
+
+Logging is idempotent: a round's run is found by its tags (campaign, round, model md5) before one is created, and
+a version by its run, so re-running a round, or a crash between two calls, never makes a second run or version.
+MLflow's active run is thread-local and Prefect runs tasks on worker threads, so run ids are passed explicitly.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import subprocess
-import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
-from prefect import task
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
 
+from pixelpick.campaign import Campaign
+from pixelpick.digests import file_md5
+from pixelpick.reporting import query_statistics
 from pixelpick.settings import flatten
-from tasks.common import file_md5, open_campaign
+
+REPO = Path(__file__).resolve().parents[1]
+SERVING_CODE = Path(__file__).with_name("serving.py")
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI opens it on runs, not GenAI traces
+T = TypeVar("T")
 
 
 def registered_model_name(campaign_name: str) -> str:
@@ -29,145 +43,214 @@ def registered_model_name(campaign_name: str) -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=REPO)
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def _find_run(client: MlflowClient, experiment_id: str, **tags: str):
-    query = " and ".join(f"tags.`pixelpick.{k}` = '{v}'" for k, v in tags.items())
-    runs = client.search_runs([experiment_id], filter_string=query, max_results=1)
-    return runs[0] if runs else None
+def with_retries(call: Callable[[], T], attempts: int = 3, delay: float = 2.0) -> T:
+    """MLflow calls can fail transiently (a busy SQLite file, a restarting server): try again a few times."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except (MlflowException, ConnectionError, OSError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(delay * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def experiment_id_for(client: MlflowClient, name: str) -> str:
-    """The id of the experiment `name`, created on first use."""
+    """The id of the experiment `name`, created on first use (its artifacts beside a local tracking database)."""
     experiment = client.get_experiment_by_name(name)
-    if experiment:
-        return experiment.experiment_id
-    # Artifacts go beside the tracking database, not into whatever directory the flow happens to run in.
-    artifacts = Path(__file__).resolve().parents[1] / "data" / "mlartifacts"
-    return client.create_experiment(name, artifact_location=artifacts.as_uri())
+    if experiment is None:
+        uri = mlflow.get_tracking_uri()
+        location = None  # a tracking server manages its own artifact root
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+        elif not uri.startswith(("http://", "https://", "databricks")):  # a database reached directly
+            location = (REPO / "data" / "mlartifacts").as_uri()
+        try:
+            experiment_id = client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created meanwhile by another process
+            experiment_id = client.get_experiment_by_name(name).experiment_id
+    else:
+        experiment_id = experiment.experiment_id
+    client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
+    return experiment_id
 
 
-@task(retries=2, retry_delay_seconds=5)
-def start_campaign_run(settings_json: str) -> str:
-    """The campaign's parent run (reused when the campaign is run again with the same settings)."""
-    campaign = open_campaign(settings_json)
-    name = campaign.settings.campaign.name
+def _find_run(client: MlflowClient, experiment_id: str, **tags: str):
+    query = " and ".join(f"tags.`pixelpick.{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time"])
+    return runs[0] if runs else None
+
+
+# ------------------------------------------------------------------------------------------------- the campaign
+
+
+def campaign_run(campaign: Campaign) -> str:
+    """The campaign's parent run, created on first use and marked RUNNING while the campaign runs."""
     client = MlflowClient()
-    experiment_id = experiment_id_for(client, name)
-    settings_md5 = text_md5(settings_json)
-    existing = _find_run(client, experiment_id, kind="campaign", settings=settings_md5)
-    if existing:
-        return existing.info.run_id
-    run = client.create_run(experiment_id, run_name=name,
-                            tags={"pixelpick.kind": "campaign", "pixelpick.settings": settings_md5,
-                                  "mlflow.source.git.commit": git_commit()})
-    for key, value in flatten(json.loads(settings_json)).items():
-        client.log_param(run.info.run_id, key, value)
+    experiment_id = experiment_id_for(client, campaign.name)
+    run = _find_run(client, experiment_id, kind="campaign", campaign=campaign.name)
+    if run is not None:
+        if run.info.status != "RUNNING":
+            client.update_run(run.info.run_id, status="RUNNING")
+        return run.info.run_id
+    run = client.create_run(experiment_id, run_name=campaign.name, tags={
+        "pixelpick.kind": "campaign", "pixelpick.campaign": campaign.name, "mlflow.source.git.commit": git_commit()})
+    for key, value in flatten(campaign.recorded_settings()).items():
+        client.log_param(run.info.run_id, key, value[:6000])
     return run.info.run_id
 
 
-@task(retries=2, retry_delay_seconds=5)
-def log_round(settings_json: str, round_id: int, parent_run_id: str, model_digest: str) -> str:
-    """Log the round (params, per-epoch curves, mIoU, per-class IoU, query statistics), register its model with
-    lineage tags, move the `round-NN` and `best` aliases. Returns the registered model version."""
-    campaign = open_campaign(settings_json)
-    paths = campaign.paths(round_id)
+def end_campaign_run(campaign: Campaign, status: str) -> None:
+    """Mark the campaign's parent run FINISHED, FAILED or KILLED."""
     client = MlflowClient()
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    model_name = registered_model_name(campaign.settings.campaign.name)
-    done = _find_run(client, experiment_id, kind="round", round=str(round_id), model=model_digest)
-    if done and done.data.tags.get("pixelpick.model_version"):
-        return done.data.tags["pixelpick.model_version"]
+    experiment = client.get_experiment_by_name(campaign.name)
+    run = experiment and _find_run(client, experiment.experiment_id, kind="campaign", campaign=campaign.name)
+    if run:
+        client.set_terminated(run.info.run_id, status=status)
 
-    metrics = json.loads(paths.metrics.read_text())
-    checkpoint = campaign.read_checkpoint(paths.model)
-    snapshot_md5 = file_md5(paths.snapshot)
-    previous_version = _version_of_round(client, model_name, round_id - 1) if round_id > 0 else None
+
+# ---------------------------------------------------------------------------------------------------- a round
+
+
+def log_round(campaign: Campaign, round_id: int) -> str:
+    """Log the round (params, per-epoch curves, mIoU, per-class IoU, query statistics), register its model as a
+    pyfunc with lineage tags, and move the `round-NN` and `best` aliases. Returns the registered version."""
+    return with_retries(lambda: _log_round(campaign, round_id))
+
+
+def _log_round(campaign: Campaign, round_id: int) -> str:
+    files = campaign.files(round_id)
+    client = MlflowClient()
+    parent_id = campaign_run(campaign)
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    model_name = registered_model_name(campaign.name)
+    model_md5 = file_md5(files.model)
+    run = _find_run(client, experiment_id, kind="round", campaign=campaign.name, round=str(round_id), model=model_md5)
+    if run is not None and run.data.tags.get("pixelpick.model_version"):
+        return run.data.tags["pixelpick.model_version"]
+
+    metrics = json.loads(files.metrics.read_text())
+    previous = _version_of_round(client, model_name, round_id - 1) if round_id > 0 else None
     lineage = {
-        "pixelpick.kind": "round",
-        "pixelpick.round": str(round_id),
-        "pixelpick.model": model_digest,
-        "pixelpick.snapshot_md5": snapshot_md5,
-        "pixelpick.queries_from_model_version": previous_version or "random",
-        "mlflow.parentRunId": parent_run_id,
-        "mlflow.source.git.commit": git_commit(),
+        "pixelpick.kind": "round", "pixelpick.campaign": campaign.name, "pixelpick.round": str(round_id),
+        "pixelpick.model": model_md5, "pixelpick.snapshot_md5": file_md5(files.snapshot),
+        "pixelpick.queries_from_model_version": previous or "random",
+        "mlflow.parentRunId": parent_id, "mlflow.source.git.commit": git_commit(),
     }
-    run = client.create_run(experiment_id, run_name=f"round-{round_id:02d}", tags=lineage)
+    if run is None:
+        run = client.create_run(experiment_id, run_name=f"round-{round_id:02d}", tags=lineage)
+        _log_round_data(client, run.info.run_id, campaign, round_id, metrics)
     run_id = run.info.run_id
+    version = _registered_version(client, model_name, run_id) or _register(campaign, round_id, run_id, model_name,
+                                                                             lineage)
+    client.set_tag(run_id, "pixelpick.model_version", version)
+    client.set_terminated(run_id)
+    _move_aliases(client, model_name, version, round_id, metrics.get("miou"))
+    return version
+
+
+def _log_round_data(client: MlflowClient, run_id: str, campaign: Campaign, round_id: int, metrics: dict) -> None:
+    from pixelpick.checkpoints import read_checkpoint
+
     settings = campaign.settings
     for key, value in {
         "round": round_id, "strategy": settings.acquire.strategy, "pixels_per_image": settings.acquire.pixels_per_image,
         "top_fraction": settings.acquire.top_fraction, "arch": settings.model.arch, "epochs": settings.train.epochs,
-        "warm_start": settings.train.warm_start, "labelled_pixels": metrics["labelled_pixels"],
+        "warm_start": settings.train.warm_start, "superpixels": settings.train.superpixels,
+        "labelled_pixels": metrics["labelled_pixels"],
     }.items():
         client.log_param(run_id, key, value)
-    for epoch_metrics in checkpoint["history"]:
+    for epoch in read_checkpoint(campaign.files(round_id).model)["history"]:
         for key in ("loss", "lr_head"):
-            client.log_metric(run_id, f"train_{key}", epoch_metrics[key], step=epoch_metrics["epoch"])
-    client.log_metric(run_id, "miou", metrics["miou"], step=round_id)
-    client.log_metric(run_id, "pixel_accuracy", metrics["pixel_accuracy"], step=round_id)
+            client.log_metric(run_id, f"train_{key}", epoch[key], step=epoch["epoch"])
     client.log_metric(run_id, "labelled_pixels", metrics["labelled_pixels"], step=round_id)
-    for name, iou in zip(metrics["class_names"], metrics["iou_per_class"]):
-        if iou is not None:
-            client.log_metric(run_id, f"iou_{name.replace(' ', '_')}", iou, step=round_id)
-    for key, value in campaign.query_statistics(round_id).items():
+    if metrics.get("miou") is not None:
+        client.log_metric(run_id, "miou", metrics["miou"], step=round_id)
+        client.log_metric(run_id, "pixel_accuracy", metrics["pixel_accuracy"], step=round_id)
+        for name, iou in zip(metrics["class_names"], metrics["iou_per_class"]):
+            if iou is not None:
+                client.log_metric(run_id, f"iou_{name.replace(' ', '_')}", iou, step=round_id)
+    else:
+        client.set_tag(run_id, "pixelpick.miou", metrics.get("not_measured", "not measured"))
+    for key, value in query_statistics(campaign, round_id).items():
         if isinstance(value, dict):
             client.log_dict(run_id, value, f"query_stats/{key}.json")
-        else:
+        elif not np.isnan(value):
             client.log_metric(run_id, f"query_{key}", value, step=round_id)
-    client.log_artifact(run_id, str(paths.metrics))
+    client.log_artifact(run_id, str(campaign.files(round_id).metrics))
 
-    version = _register(run_id, experiment_id, model_name, paths.model, lineage)
-    client.set_tag(run_id, "pixelpick.model_version", version)
-    client.set_terminated(run_id)
-    _move_aliases(client, model_name, version, round_id, metrics["miou"])
+
+def model_signature(num_classes: int) -> ModelSignature:
+    """uint8 RGB images in, class probabilities and label maps out, any batch and image size."""
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes, -1, -1), "probabilities"),
+                        TensorSpec(np.dtype(np.int64), (-1, -1, -1), "labels")]),
+    )
+
+
+def _register(campaign: Campaign, round_id: int, run_id: str, model_name: str, lineage: dict[str, str]) -> str:
+    """Log the round's checkpoint as a pyfunc model in its run and register it as a new version."""
+    import torch
+    import torchvision
+
+    import pixelpick
+
+    files = campaign.files(round_id)
+    image = campaign.pool.load_image(campaign.pool.image_ids[0])
+    tags = {k.removeprefix("pixelpick."): v for k, v in lineage.items() if k.startswith("pixelpick.")}
+    tags["git_commit"] = lineage["mlflow.source.git.commit"]
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="segmenter",
+            python_model=str(SERVING_CODE),
+            artifacts={"checkpoint": str(files.model)},
+            code_paths=[str(Path(pixelpick.__file__).parent)],
+            signature=model_signature(campaign.pool.label_space.num_classes),
+            input_example=image[None],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                              f"torchvision=={torchvision.__version__.split('+')[0]}",
+                              f"numpy=={np.__version__}", "pillow", "scikit-image", "pandas", "pyarrow", "pyyaml",
+                              "pydantic", "zarr", "tqdm", "filelock", "matplotlib"],
+            registered_model_name=model_name,
+        )
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
     return version
 
 
-def _register(run_id: str, experiment_id: str, model_name: str, checkpoint: Path, lineage: dict[str, str]) -> str:
-    """Log the round's checkpoint as an MLflow LoggedModel (a state dict: no pickled code) and register it as a
-    new version of the campaign's model, with the lineage as tags on both."""
-    client = MlflowClient()
-    tags = {k.removeprefix("pixelpick."): v for k, v in lineage.items() if k.startswith("pixelpick.")}
-    tags["git_commit"] = lineage["mlflow.source.git.commit"]
-    logged = mlflow.initialize_logged_model(
-        name="segmenter", source_run_id=run_id, tags=tags, model_type="pixelpick-checkpoint",
-        experiment_id=experiment_id,
-    )
-    with tempfile.TemporaryDirectory() as folder:
-        shutil.copy(checkpoint, Path(folder) / checkpoint.name)
-        client.log_model_artifacts(logged.model_id, folder)
-    mlflow.finalize_logged_model(logged.model_id, "READY")
-    if not client.search_registered_models(f"name = '{model_name}'"):
-        client.create_registered_model(model_name, description="PixelPick segmentation models, one version per round")
-    version = client.create_model_version(
-        model_name, source=f"models:/{logged.model_id}", run_id=run_id, tags=tags, model_id=logged.model_id
-    )
-    return str(version.version)
-
-
-def _version_of_round(client: MlflowClient, model_name: str, round_id: int) -> str | None:
-    versions = client.search_model_versions(f"name = '{model_name}' and tags.round = '{round_id}'")
+def _registered_version(client: MlflowClient, model_name: str, run_id: str) -> str | None:
+    """The version a crashed earlier attempt already registered from this run, if any."""
+    try:
+        versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return None
     return max((str(v.version) for v in versions), key=int, default=None)
 
 
-def _move_aliases(client: MlflowClient, model_name: str, version: str, round_id: int, miou: float) -> None:
-    """`round-NN` names each round's version and `best` follows the highest mIoU. (MLflow reserves `latest`:
-    `models:/<name>/latest` already resolves to the newest version.)"""
+def _version_of_round(client: MlflowClient, model_name: str, round_id: int) -> str | None:
+    try:
+        return client.get_model_version_by_alias(model_name, f"round-{round_id:02d}").version
+    except MlflowException:
+        return None
+
+
+def _move_aliases(client: MlflowClient, model_name: str, version: str, round_id: int, miou: float | None) -> None:
+    """`round-NN` names each round's version and `best` follows the highest mIoU (the newest round, while mIoU is
+    not measured). MLflow reserves `latest`: `models:/<name>/latest` already resolves to the newest version."""
     client.set_registered_model_alias(model_name, f"round-{round_id:02d}", version)
     try:
         best = client.get_model_version_by_alias(model_name, "best")
         best_miou = client.get_run(best.run_id).data.metrics.get("miou", -np.inf)
-    except mlflow.exceptions.MlflowException:
+    except MlflowException:
         best_miou = -np.inf
-    if miou >= best_miou:
+    if miou is None or miou >= best_miou:
         client.set_registered_model_alias(model_name, "best", version)
-
-
-def text_md5(text: str) -> str:
-    return hashlib.md5(text.encode()).hexdigest()

@@ -1,135 +1,177 @@
-"""DVC at the edge: commit each finished round's outputs (its label snapshot first of all) to DVC.
+"""DVC at the edge: each campaign's pipeline file, generated from the recipe, and the records of what ran.
 
-A Prefect run of the campaign that `dvc.yaml` describes records every round in `dvc.lock` and the DVC cache
-(`dvc commit`), exactly as if `dvc repro` had produced it, so `dvc status` is clean and the snapshot is
-versioned. DVC holds a repository lock, so calls are serialised with a file lock (stack-notes §4.6).
+Every campaign folder gets a `dvc.yaml` with one stage per step of each round, named `<step>-rNN`, built from the
+recipe's declaration: `cmd` runs the step (`pixelpick step <step> --round N`, in the campaign folder), `deps` are
+the step's inputs (dataset files, the previous snapshot and model, the round's batch), `params` the settings keys
+it reads from the campaign's `params.yaml`, `outs` its outputs. So `dvc repro` runs the same steps on the same
+declared inputs as a Prefect run, and a Prefect run commits each finished round to `dvc.lock` (`dvc commit`):
+`dvc status` is then clean and `dvc.lock` describes exactly what ran.
+
+Human rounds enter the pipeline once their batch exists: the batch is `dvc add`ed (`labels/rNN.parquet.dvc`), and
+the round's ingest stage depends on it, so `dvc repro` reproduces a human round from its versioned labels.
+DVC holds a repository lock, so every call here is serialised through one file lock.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 from filelock import FileLock
-from prefect import get_run_logger, task
+from prefect import task
 
-from tasks.common import file_md5, open_campaign
+from pixelpick.campaign import Campaign
+from pixelpick.io import atomic_write
+from pixelpick.layout import round_name
+from pixelpick.recipe import Step, round_steps
 
-REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
 
-
-def dvc_stage_name(round_id: int) -> str:
-    return "initial" if round_id == 0 else f"round@r{round_id:02d}"
-
-
-def run_dvc(*args: str, repo: Path = REPO) -> str:
-    with FileLock(repo / ".dvc" / "tmp" / "pixelpick.lock"):
-        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"dvc {' '.join(args)} failed: {done.stderr.strip() or done.stdout.strip()}")
-    return done.stdout
+STEP_COMMAND = "pixelpick step {step} --round {round}"
+PROGRESS_STAGE = "progress"
 
 
-def describes(settings_run_dir: Path, repo: Path = REPO) -> bool:
-    """Whether this repository's dvc.yaml describes the campaign writing to `settings_run_dir`."""
-    dvc_yaml = repo / "dvc.yaml"
-    if not (repo / ".dvc").is_dir() or not dvc_yaml.exists():
-        return False
-    pipeline = yaml.safe_load(dvc_yaml.read_text())
-    outs = pipeline["stages"]["initial"]["outs"]
-    return any((repo / str(out)).resolve().is_relative_to(settings_run_dir.resolve()) for out in outs)
+class VersioningError(RuntimeError):
+    """DVC refused an operation; the message is DVC's own."""
 
 
-@task(retries=2, retry_delay_seconds=3)
-def version_round(settings_json: str, round_id: int, model_digest: str) -> str:
-    """`dvc commit` the round's stage; returns the snapshot's DVC md5, or "untracked" for an ad-hoc campaign."""
-    campaign = open_campaign(settings_json)
-    logger = get_run_logger()
-    if not describes(campaign.run_dir):
-        logger.info("campaign %s is not the one dvc.yaml describes: its files are not DVC-versioned",
-                    campaign.settings.campaign.name)
-        return "untracked"
-    run_dvc("commit", "--force", "--quiet", dvc_stage_name(round_id))
-    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
-    stage = lock["stages"][dvc_stage_name(round_id)]
-    snapshot = campaign.paths(round_id).snapshot.resolve()
-    return next(out["md5"] for out in stage["outs"] if (REPO / out["path"]).resolve() == snapshot)
+def stage_name(step: str, round_id: int) -> str:
+    return f"{step}-{round_name(round_id)}"
 
 
-@task
-def version_progress(settings_json: str) -> str:
-    """Write the campaign's mIoU-against-labelled-pixels table (what `dvc plots show` draws) and commit it."""
-    campaign = open_campaign(settings_json)
-    path = campaign.write_progress()
-    if describes(campaign.run_dir):
-        run_dvc("commit", "--force", "--quiet", "progress")
-    return str(path)
+def find_dvc_root(path: Path) -> Path | None:
+    """The DVC repository holding `path`, or None when it is in none."""
+    for folder in (path, *path.parents):
+        if (folder / ".dvc").is_dir():
+            return folder
+    return None
 
 
-# --------------------------------------------------------------------------- dvc.yaml, generated from params.yaml
+def pipeline_rounds(campaign: Campaign) -> list[tuple[int, list[Step]]]:
+    """The rounds (and their steps) the pipeline lists: every planned round of a simulated campaign; for a human
+    campaign, the rounds that have started, with the steps after `query` once the round's batch exists."""
+    if campaign.simulated:
+        return [(r, round_steps(campaign)) for r in range(campaign.settings.campaign.rounds + 1)]
+    listed = []
+    for r in campaign.layout.rounds_present():
+        chosen = round_steps(campaign) if campaign.layout.batch(r).is_file() else round_steps(campaign)[:1]
+        listed.append((r, chosen))
+    return listed
 
-ROUND_PARAMS = ["data", "model", "train", "acquire", "campaign.name", "campaign.workdir",
-                "campaign.initial_pixels_per_image", "campaign.error_rate", "campaign.seed"]
-ROUND_OUTS = ["queries.parquet", "annotations.parquet", "labels.parquet", "model.pt"]
 
+def pipeline(campaign: Campaign) -> dict:
+    """The campaign's dvc.yaml, as data."""
+    here = campaign.layout.dir
 
-def pipeline(settings, repo: Path = REPO) -> dict:
-    """dvc.yaml for the campaign in `settings`: the loop unrolled, each round depending on the one before."""
-    rounds_dir = settings.campaign.run_dir.resolve().relative_to(repo.resolve()) / "rounds"
-    progress = rounds_dir.parent / "progress.csv"
+    def relative(path: Path) -> str:
+        return Path(os.path.relpath(path, here)).as_posix()
 
-    def stage(key: str, cmd: str, deps: list[str]) -> dict:
-        return {
-            "cmd": cmd,
-            "deps": deps + ["pixelpick"],
-            "params": ROUND_PARAMS,
-            "outs": [f"{rounds_dir}/{key}/{name}" for name in ROUND_OUTS],
-            "metrics": [{f"{rounds_dir}/{key}/metrics.json": {"cache": False}}],
-        }
-
-    rounds = {f"r{r:02d}": {"round": r, "prev": f"r{r - 1:02d}"} for r in range(1, settings.campaign.rounds + 1)}
-    stages = {"initial": stage("r00", "python -m pixelpick round 0", [])}
-    if rounds:
-        looped = stage("${key}", "python -m pixelpick round ${item.round}",
-                       [f"{rounds_dir}/${{item.prev}}/labels.parquet", f"{rounds_dir}/${{item.prev}}/model.pt"])
-        stages["round"] = {"foreach": rounds, "do": looped}
-    last = f"r{settings.campaign.rounds:02d}"
-    stages["progress"] = {
-        "cmd": "python -m pixelpick progress",
-        "deps": [f"{rounds_dir}/r{r:02d}/metrics.json" for r in range(settings.campaign.rounds + 1)],
-        "outs": [{str(progress): {"cache": False}}],
+    stages: dict[str, dict] = {}
+    evaluated = []  # the metrics of evaluated rounds, which the progress stage reads
+    for round_id, steps in pipeline_rounds(campaign):
+        for step in steps:
+            stage = {
+                "cmd": STEP_COMMAND.format(step=step.name, round=round_id),
+                "deps": [relative(p) for _, p in sorted(step.inputs(campaign, round_id).items())],
+                "params": list(step.settings(campaign, round_id)),
+            }
+            outputs = [relative(p) for p in step.outputs(campaign, round_id).values()]
+            if step.metrics:
+                stage["metrics"] = [{path: {"cache": False}} for path in outputs]
+                evaluated.extend(p for p, f in zip(outputs, step.outputs(campaign, round_id).values()) if f.is_file())
+            else:
+                stage["outs"] = outputs
+            stages[stage_name(step.name, round_id)] = stage
+    layout = campaign.layout
+    stages[PROGRESS_STAGE] = {
+        "cmd": f"pixelpick step {PROGRESS_STAGE}",
+        "deps": evaluated,
+        "outs": [{relative(path): {"cache": False}} for path in (layout.progress_table, layout.progress_plot)],
     }
-    return {
-        "stages": stages,
-        "plots": [{str(progress): {"x": "labelled_pixels", "y": "miou", "title": f"mIoU ({last} is the last round)"}}],
-    }
+    return {"stages": stages, "plots": [relative(layout.progress_plot)]}
 
 
 class _PlainDumper(yaml.SafeDumper):
-    def ignore_aliases(self, data) -> bool:  # write repeated lists out in full: dvc.yaml is read by people
+    def ignore_aliases(self, data) -> bool:  # repeated lists are written out in full: people read dvc.yaml
         return True
 
 
-def render_pipeline(settings, repo: Path = REPO) -> str:
-    header = "# Generated from params.yaml by `python -m tasks.versioning`; regenerate after changing campaign.rounds.\n"
-    return header + yaml.dump(pipeline(settings, repo), Dumper=_PlainDumper, sort_keys=False)
+# What git leaves out of a campaign folder: its rounds' files (DVC versions those that matter) and scratch files.
+CAMPAIGN_GITIGNORE = "/rounds/\n/.lock\n/labels/*.parquet\n/labels/.*\n"
 
 
-if __name__ == "__main__":
-    from pixelpick.settings import load_settings
+def write_pipeline(campaign: Campaign) -> Path:
+    """(Re)write the campaign's dvc.yaml from the recipe, and the .gitignore that keeps its rounds' files out of
+    git; unchanged content leaves a file untouched."""
+    gitignore = campaign.layout.dir / ".gitignore"
+    if not gitignore.is_file() or gitignore.read_text() != CAMPAIGN_GITIGNORE:
+        atomic_write(gitignore, lambda f: f.write(CAMPAIGN_GITIGNORE.encode()))
+    header = (f"# The pipeline of campaign {campaign.name}: one stage per step of each round, generated from the\n"
+              "# recipe (pixelpick.recipe) by `pixelpick pipeline`; do not edit by hand.\n")
+    text = header + yaml.dump(pipeline(campaign), Dumper=_PlainDumper, sort_keys=False)
+    path = campaign.layout.pipeline
+    if not path.is_file() or path.read_text() != text:
+        atomic_write(path, lambda f: f.write(text.encode()))
+    return path
 
-    (REPO / "dvc.yaml").write_text(render_pipeline(load_settings(REPO / "params.yaml")))
-    print("wrote", REPO / "dvc.yaml")
+
+def run_dvc(root: Path, *args: str) -> str:
+    """Run a DVC command in the repository at `root`, one at a time; VersioningError with DVC's own message."""
+    (root / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
+    with FileLock(root / ".dvc" / "tmp" / "pixelpick.lock"):
+        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
+    if done.returncode != 0:
+        message = (done.stderr.strip() or done.stdout.strip() or f"exit status {done.returncode}").splitlines()
+        raise VersioningError(f"dvc {args[0]} failed: {' '.join(line.strip() for line in message[-3:])}")
+    return done.stdout
 
 
-@task(retries=2, retry_delay_seconds=3)
-def track_label_batch(batch_path: str) -> str:
-    """`dvc add` a human label batch, so the labels enter the pipeline as a versioned input; returns its md5."""
-    path = Path(batch_path).resolve()
-    if (REPO / ".dvc").is_dir() and path.is_relative_to(REPO):
-        run_dvc("add", "--quiet", str(path.relative_to(REPO)))
-    else:
-        get_run_logger().info("%s is outside this DVC repository: not tracked", path)
-    return file_md5(path)
+def commit_stages(campaign: Campaign, stage_names: list[str]) -> dict[str, str]:
+    """Record the named stages' current deps, params and outs in dvc.lock (`dvc commit --force`); returns the md5
+    of each committed output by path (relative to the campaign). Nothing happens outside a DVC repository."""
+    root = find_dvc_root(campaign.layout.dir)
+    if root is None:
+        log.warning("campaign %s is outside any DVC repository: its rounds are not versioned", campaign.name)
+        return {}
+    write_pipeline(campaign)
+    pipeline_file = os.path.relpath(campaign.layout.pipeline, root)
+    run_dvc(root, "commit", "--force", "--quiet", *(f"{pipeline_file}:{name}" for name in stage_names))
+    lock = yaml.safe_load((campaign.layout.dir / "dvc.lock").read_text())["stages"]
+    return {out["path"]: out["md5"] for name in stage_names for out in lock.get(name, {}).get("outs", [])}
+
+
+def commit_round(campaign: Campaign, round_id: int) -> dict[str, str]:
+    """Commit every stage of a finished round, and the progress stage."""
+    names = [stage_name(step.name, round_id) for step in round_steps(campaign)]
+    return commit_stages(campaign, names + [PROGRESS_STAGE])
+
+
+def track_batch(campaign: Campaign, round_id: int) -> str | None:
+    """`dvc add` a human round's batch (a versioned input of the round's ingest stage); returns its md5."""
+    root = find_dvc_root(campaign.layout.dir)
+    if root is None:
+        log.warning("campaign %s is outside any DVC repository: its labels are not versioned", campaign.name)
+        return None
+    batch = campaign.layout.batch(round_id)
+    run_dvc(root, "add", "--quiet", os.path.relpath(batch, root))
+    return yaml.safe_load(batch.with_name(batch.name + ".dvc").read_text())["outs"][0]["md5"]
+
+
+@task(retries=2, retry_delay_seconds=3, task_run_name="version-r{round_id:02d}")
+def version_round(campaign_dir: str, round_id: int) -> dict[str, str]:
+    """Commit a finished round to the campaign's dvc.lock (retried: DVC's repository lock may be busy)."""
+    from tasks.steps import open_for_task
+
+    return commit_round(open_for_task(campaign_dir), round_id)
+
+
+@task(retries=2, retry_delay_seconds=3, task_run_name="version-query-r{round_id:02d}")
+def version_query(campaign_dir: str, round_id: int) -> dict[str, str]:
+    """Commit a human round's query stage (the rest of the round waits for its labels)."""
+    from tasks.steps import open_for_task
+
+    return commit_stages(open_for_task(campaign_dir), [stage_name("query", round_id)])

@@ -27,6 +27,15 @@ def camvid_root() -> Path:
     return Path(root)
 
 
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server for the whole session (starting one takes about 10 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.fixture
 def tiny_settings(tmp_path):
     """A campaign small enough for a test: a few tiny synthetic scenes, two short rounds."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +21,10 @@ from pixelpick.annotation.progress import PixelRef
 from pixelpick.datasets.folder import FolderDataset
 from pixelpick.errors import (
     AnnotationJobError,
+    JobClosedError,
     KeyBindingError,
     PixelConflictError,
+    ProgressDatabaseError,
     SubmissionRejectedError,
     UnknownImageError,
 )
@@ -351,3 +356,126 @@ def test_a_progress_database_belongs_to_one_job(tmp_path, job):
         ProgressStore(tmp_path / "p.sqlite", other)
     with pytest.raises(AnnotationJobError, match="does not exist"):
         ingest_job_labels(tmp_path / "job.json", tmp_path / "none.sqlite", tmp_path / "out.parquet")
+
+
+def test_claims_stop_at_the_cap_of_pixels_held(tmp_path, job):
+    store = ProgressStore(tmp_path / "p.sqlite", job)
+    assert store.claim("ana", 5, max_held=2) == [PixelRef(*A0), PixelRef(*A1)]
+    assert store.claim("ana", 5, max_held=2) == [PixelRef(*A0), PixelRef(*A1)]
+    store.record(submission("ana", A0))
+    assert store.claim("ana", 5, max_held=2) == [PixelRef(*A1), PixelRef(*A2)]
+    assert len(store.claim("ben", 5)) == 2  # without a cap: everything left
+
+
+# --- progress databases that cannot be used ------------------------------------------------------------------------
+
+
+def not_a_progress_database(path: Path) -> None:
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE notes (text TEXT)")
+    connection.commit()
+    connection.close()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda path: path.write_bytes(b""), r"is empty \(0 bytes\)"),
+        (lambda path: path.write_bytes(b"PK\x03\x04 not a database at all " * 200), "is corrupt or not an SQLite"),
+        (not_a_progress_database, "is not a PixelPick progress database"),
+    ],
+)
+def test_an_unusable_progress_database_is_refused_in_one_line_and_left_alone(tmp_path, job, make, message):
+    path = tmp_path / "p.sqlite"
+    make(path)
+    before = path.read_bytes()
+    with pytest.raises(ProgressDatabaseError, match=message) as caught:
+        ProgressStore(path, job)
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+    assert path.read_bytes() == before  # never rebuilt over what is there
+
+    out = tmp_path / "batch.parquet"
+    with pytest.raises(ProgressDatabaseError, match=message):
+        ingest_job_labels(tmp_path / "job.json", path, out)
+    assert not out.exists()
+    assert path.read_bytes() == before
+
+
+def test_a_database_deleted_while_in_use_is_not_recreated(tmp_path, job):
+    store = ProgressStore(tmp_path / "p.sqlite", job)
+    store.path.unlink()
+    with pytest.raises(sqlite3.OperationalError, match="unable to open"):
+        store.record(submission("ana", A0))
+    assert not store.path.exists()
+
+
+def test_a_new_database_appears_whole_and_leaves_no_temporary_files(tmp_path, job):
+    folder = tmp_path / "progress"
+    stores = []
+    threads = [threading.Thread(target=lambda: stores.append(ProgressStore(folder / "p.sqlite", job)))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(stores) == 4  # every racing opener got the one database
+    stores[0].record(submission("ana", A0))
+    assert [store.done_count() for store in stores] == [1, 1, 1, 1]
+    assert [path.name for path in folder.iterdir() if path.name.endswith(".tmp")] == []
+
+
+def test_ingesting_a_job_without_labels_or_unfinished_writes_nothing(tmp_path, job):
+    store = ProgressStore(tmp_path / "p.sqlite", job)
+    out = tmp_path / "batch.parquet"
+    for allow_incomplete in (False, True):
+        with pytest.raises(AnnotationJobError, match="job 'demo-r01' has no labels yet") as caught:
+            ingest_job_labels(tmp_path / "job.json", store.path, out, allow_incomplete=allow_incomplete)
+        assert "\n" not in str(caught.value)
+    store.record(submission("ana", A0))
+    with pytest.raises(AnnotationJobError, match="4 of 5 pixels have no label"):
+        ingest_job_labels(tmp_path / "job.json", store.path, out)
+    assert not out.exists()
+    assert len(read_labels(ingest_job_labels(tmp_path / "job.json", store.path, out, allow_incomplete=True))) == 1
+
+
+# --- closing a job -------------------------------------------------------------------------------------------------
+
+
+def test_a_closed_job_refuses_every_change(tmp_path, job):
+    store = ProgressStore(tmp_path / "p.sqlite", job)
+    store.record(submission("ana", A0, sid="kept"))
+    store.claim("ben", 1)
+    assert store.closed_info() is None
+
+    closed = store.close("ingested into round 1")
+    assert closed.note == "ingested into round 1"
+    assert closed.closed_at.tzinfo is not None
+    assert abs((datetime.now(UTC) - closed.closed_at).total_seconds()) < 60
+    assert store.closed_info() == closed
+    assert ProgressStore(store.path, job).closed_info() == closed  # it is stored, not remembered
+    assert store.close("again") == closed  # the first close stands
+
+    refused = [
+        lambda: store.record(submission("ana", A1)),
+        lambda: store.relabel(submission("ana", A0, class_id=2)),
+        lambda: store.undo("ana"),
+        lambda: store.claim("cy", 2),
+        lambda: store.skip_image("ben", "images/a.png"),
+    ]
+    for change in refused:
+        with pytest.raises(JobClosedError, match="job 'demo-r01' was ingested and is closed since") as caught:
+            change()
+        assert caught.value.note == "ingested into round 1" and caught.value.closed_at == closed.closed_at
+    assert store.record(submission("ana", A0, sid="kept")) is False  # a retry of a label stored before
+    labels = store.completed_labels()
+    assert labels[["y", "x", "class_id"]].values.tolist() == [[0, 0, 0]]
+    path = ingest_job_labels(tmp_path / "job.json", store.path, tmp_path / "b.parquet", allow_incomplete=True)
+    assert len(read_labels(path)) == 1  # a closed job can be ingested again
+
+
+@pytest.mark.parametrize("note", ["", "   ", None])
+def test_closing_needs_a_reason(tmp_path, job, note):
+    store = ProgressStore(tmp_path / "p.sqlite", job)
+    with pytest.raises(AnnotationJobError, match="closing job 'demo-r01' needs a note"):
+        store.close(note)
+    assert store.closed_info() is None

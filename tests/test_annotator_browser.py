@@ -247,3 +247,54 @@ def test_unknown_keys_do_nothing_but_show_a_hint(open_page, store):
     assert "“z” is not a class key" in page.inner_text("#message")
     assert shown(page) == PIXELS[0] and page.get_attribute("#crop", "data-shown") == before
     assert store.done_count() == 0
+
+
+def test_labels_made_offline_survive_a_reload_and_arrive_once(open_page, store):
+    page = open_page("ana")
+    page.on("dialog", lambda dialog: dialog.accept())  # "leave the page?": changes are pending
+    reached_server = []
+
+    def lose_answers(route):
+        if not reached_server:  # the first label is stored, but its answer never comes back
+            reached_server.append(route.fetch().status)
+        route.abort()
+
+    page.route("**/api/labels", lose_answers)
+    for pixel in PIXELS[:3]:
+        press(page, KEYS[truth(pixel)])
+    page.wait_for_selector("#sync[data-state=offline]")
+    assert reached_server == [201] and set(stored(store)) == {PIXELS[0]}
+
+    page.reload()  # the outbox in memory is gone; its copy in localStorage is not
+    page.wait_for_selector("#sync[data-state=offline]")  # sending them again, still blocked
+    assert set(stored(store)) == {PIXELS[0]}
+    page.unroute("**/api/labels")
+    page.wait_for_selector("#crop[data-mode=label]")
+    wait_saved(page)
+
+    assert stored(store) == {pixel: (truth(pixel), "ana") for pixel in PIXELS[:3]}
+    assert len(store.completed_labels()) == 3
+    assert shown(page) == PIXELS[3]  # new pixels only after the old labels arrived
+    assert page.inner_text("#progress-job") == "3 of 9 done · 6 left"
+    assert page.evaluate("Object.keys(localStorage).filter(key => key.startsWith('pixelpick.pending'))") == []
+    assert page.errors == []
+
+
+def test_a_closed_job_refuses_labels_and_says_why(open_page, store):
+    page = open_page("ana")
+    press(page, KEYS[truth(PIXELS[0])])
+    wait_saved(page)
+    store.close("ingested into round 1")
+
+    page.keyboard.press(KEYS[truth(PIXELS[1])])  # shown at once, then refused by the server
+    page.wait_for_selector("#crop[data-mode=closed]")
+    assert "ingested and is closed" in page.inner_text("#overlay")
+    assert "ingested into round 1" in page.inner_text("#overlay")
+    assert set(stored(store)) == {PIXELS[0]}
+
+    page.reload()
+    page.wait_for_selector("#crop[data-mode=closed]")
+    assert "ingested into round 1" in page.inner_text("#overlay")
+    page.keyboard.press(KEYS[SKY])
+    assert set(stored(store)) == {PIXELS[0]}
+    assert page.errors == []

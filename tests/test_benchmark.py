@@ -15,18 +15,17 @@ from pixelpick.benchmark import (
     PRESETS,
     STAGES,
     BenchmarkPreset,
-    RunSpec,
     benchmark_settings,
+    parse_variant,
     plan_runs,
     read_rows,
     run_benchmark,
 )
 from pixelpick.benchmark_report import results_frame, summarise, write_report
-from pixelpick.campaign import Campaign
 from pixelpick.datasets import get_dataset
+from pixelpick.errors import BenchmarkError
 from tests.conftest import TINY_PARAMS
 from tests.fixtures import write_camvid
-from tests.test_flows import prefect_server  # noqa: F401  (the shared server fixture)
 
 TINY = BenchmarkPreset(
     name="tiny", description="a test", overrides={"train.epochs": 1}, step=5, rounds=2,
@@ -42,14 +41,20 @@ def tiny_base(tmp_path):
 
 
 def test_plan_keeps_each_seed_together():
-    plan = plan_runs(PRESETS["cpu"])
+    plan = plan_runs(PRESETS["cpu"], seeds=(0, 1))
     assert [s.name for s in plan] == ["margin-s0", "random-s0", "full-s0", "margin-s1", "random-s1", "full-s1"]
-    mc = plan_runs(PRESETS["cpu"], strategies=("margin", "random"), seeds=(3,), mc_samples=4)
+    mc = plan_runs(PRESETS["cpu"], strategies=("margin", "random"), seeds=(3,), variants=(parse_variant("mc4"),))
     assert [s.name for s in mc] == ["margin-s3", "random-s3", "margin+mc4-s3", "bald-s3", "full-s3"]
-    balanced = plan_runs(PRESETS["cpu"], seeds=(0,), class_balance=1.0)
-    assert [s.name for s in balanced] == ["margin-s0", "random-s0", "margin+cb1-s0", "full-s0"]
-    spread = plan_runs(PRESETS["cpu"], strategies=("margin",), seeds=(0,), min_distance=8, class_balance=0.5)
-    assert [s.name for s in spread] == ["margin-s0", "margin+cb0.5-s0", "margin+md8-s0", "full-s0"]
+    # Selection variants mean nothing to random picks; training variants apply to every strategy.
+    plan = plan_runs(PRESETS["cpu"], seeds=(0,), variants=(parse_variant("cb1"), parse_variant("sp300+st0.9")))
+    assert [s.name for s in plan] == ["margin-s0", "random-s0", "margin+cb1-s0", "margin+sp300+st0.9-s0",
+                                      "random+sp300+st0.9-s0", "full-s0"]
+    assert plan[3].overrides == {"train.superpixels": 300, "train.self_training_threshold": 0.9}
+
+
+def test_a_variant_names_known_settings_only():
+    with pytest.raises(BenchmarkError, match="'xx3' is not one of"):
+        parse_variant("sp300+xx3")
 
 
 def test_presets_cover_the_papers_budgets():
@@ -62,14 +67,16 @@ def test_presets_cover_the_papers_budgets():
 
 
 def test_benchmark_runs_are_paired_timed_and_resumable(tiny_base, monkeypatch):
+    import pixelpick.steps as steps_module
+
     trained = []
-    train = Campaign.train
+    train = steps_module.train
 
-    def counted_train(self, round_id, *args, **kwargs):
-        trained.append((self.run_dir.name, round_id))
-        return train(self, round_id, *args, **kwargs)
+    def counted_train(campaign, round_id, **kwargs):
+        trained.append((campaign.name, round_id))
+        return train(campaign, round_id, **kwargs)
 
-    monkeypatch.setattr(Campaign, "train", counted_train)
+    monkeypatch.setattr(steps_module, "train", counted_train)
     results = run_benchmark(tiny_base, TINY, plan_runs(TINY))
     # Round 0 is trained once per seed: the random run starts from the margin run's.
     assert [t for t in trained if not t[0].startswith(FULL)] == [("margin-s0", 0), ("margin-s0", 1), ("random-s0", 1)]
@@ -83,7 +90,8 @@ def test_benchmark_runs_are_paired_timed_and_resumable(tiny_base, monkeypatch):
     assert first["margin"] == first["random"]
     # Every stage that ran was timed; round 0 has no model to infer with.
     assert (al["training_s"] > 0).all() and (al["evaluation_s"] > 0).all() and (al["selection_s"] > 0).all()
-    assert (al.loc[al["round"] == 1, "inference_s"] > 0).all()
+    later = al[al["round"] == 1].set_index("strategy")["inference_s"]
+    assert later["margin"] > 0 and later["random"] == 0  # random picks need no model
     assert (al.loc[al["round"] == 0, "inference_s"] == 0).all()
     full = frame[frame["strategy"] == FULL].set_index("round")
     assert (full["pixels_per_image"] > 0.5 * 48 * 64).all()  # most of each 48x64 image is labelled
@@ -95,7 +103,7 @@ def test_benchmark_runs_are_paired_timed_and_resumable(tiny_base, monkeypatch):
     before = {str(p): p.read_bytes() for p in results}
     for cut_short in (results[0], results[2]):  # margin, then full supervision
         (cut_short.parent / "result.json").unlink()
-        for name in ("metrics.json", "timings.json", "model.pt"):
+        for name in ("metrics.json", "model.pt"):
             (cut_short.parent / "rounds" / "r01" / name).unlink()
     again = run_benchmark(tiny_base, TINY, plan_runs(TINY))
     assert again[1].read_bytes() == before[str(results[1])]
@@ -113,8 +121,6 @@ def _rows(strategy, budget_miou, seed=0):
 
 
 def test_a_run_is_never_resumed_under_another_recipe(tiny_base):
-    from pixelpick.errors import BenchmarkError
-
     plan = plan_runs(TINY, strategies=("margin",))[:1]
     run_benchmark(tiny_base, TINY, plan)
     changed = tiny_base.model_copy(update={"train": tiny_base.train.model_copy(update={"lr_head": 0.5})})
@@ -171,13 +177,14 @@ def test_evaluation_split_may_be_camvid_test(tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmark_flow_logs_every_run_and_writes_the_report(prefect_server, tiny_base, tmp_path):  # noqa: F811
-    from flows.benchmark import benchmark_flow
-    from tasks.benchmark import preset_dict
+def test_benchmark_flow_logs_every_run_and_writes_the_report(prefect_server, tiny_base, tmp_path,
+                                                             monkeypatch):
+    from flows.benchmark import BenchmarkChoice, benchmark_flow
 
-    plan = [vars(s) for s in plan_runs(TINY, strategies=("margin",))]
-    report = benchmark_flow(tiny_base.model_dump_json(), preset_dict(TINY), plan, str(tmp_path / "docs"),
-                            stem="synthetic-tiny")
+    monkeypatch.setitem(PRESETS, "tiny", TINY)
+    choice = BenchmarkChoice(preset="tiny", params=str(tmp_path / "params.yaml"), strategies=["margin"],
+                             workdir=str(tmp_path / "bench"), report_dir=str(tmp_path / "docs"))
+    report = benchmark_flow(choice)
     assert "| margin" in open(report["markdown"]).read()
     client = MlflowClient()
     experiment = client.get_experiment_by_name("benchmark-synthetic-tiny")
@@ -188,7 +195,6 @@ def test_benchmark_flow_logs_every_run_and_writes_the_report(prefect_server, tin
     assert sorted(m.step for m in history) == [5, 10]
 
     # Run again: every run resumes as finished and nothing is logged twice.
-    benchmark_flow(tiny_base.model_dump_json(), preset_dict(TINY), plan, str(tmp_path / "docs"),
-                   stem="synthetic-tiny", report_only=True)
+    benchmark_flow(choice.model_copy(update={"report_only": True}))
     runs = client.search_runs([experiment.experiment_id], "tags.`pixelpick.kind` = 'benchmark-run'")
     assert len(runs) == 2

@@ -1,12 +1,19 @@
-"""A whole campaign in plain Python on the synthetic default, shrunk to seconds."""
+"""A campaign in plain Python through the recipe, on the synthetic default shrunk to seconds: what a round makes,
+when a step counts as done, what its key depends on, and what opening a campaign checks."""
+
+import json
+import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pixelpick.campaign import Campaign
+from pixelpick.campaign import Campaign, CampaignError, open_campaign, open_recorded
 from pixelpick.labels import read_labels
 from pixelpick.metrics import ConfusionMatrix
+from pixelpick.recipe import STEPS, is_fresh, round_steps, run_campaign, run_round, step_key
+from pixelpick.steps import select
+from tests.conftest import TINY_PARAMS
 
 
 def majority_class_miou(dataset) -> float:
@@ -20,101 +27,206 @@ def majority_class_miou(dataset) -> float:
     return matrix.compute()["miou"]
 
 
+def new_campaign(folder, overrides=None) -> Campaign:
+    (folder / "params.yaml").write_text(TINY_PARAMS)
+    return open_campaign(folder / "params.yaml", overrides)
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    from tests.conftest import TINY_PARAMS
-    from pixelpick.settings import load_settings
-
     folder = tmp_path_factory.mktemp("campaign")
-    (folder / "params.yaml").write_text(TINY_PARAMS)
-    campaign = Campaign(load_settings(folder / "params.yaml"))
-    return campaign, campaign.run()
+    campaign = new_campaign(folder)
+    return campaign, run_campaign(campaign)
+
+
+def outputs_of(campaign, round_id):
+    files = campaign.files(round_id)
+    return {p: p.read_bytes() for p in (files.queries, files.annotations, files.snapshot, files.model, files.metrics)}
 
 
 def test_two_rounds_spend_the_budget_and_learn_above_chance(finished):
     campaign, results = finished
     pool = len(campaign.pool)
     assert [r["labelled_pixels"] for r in results] == [10 * pool, 20 * pool]
-    chance = majority_class_miou(campaign.eval_set)
-    assert results[-1]["miou"] > chance + 0.02, (results[-1]["miou"], chance)
+    assert results[-1]["evaluated_images"] == len(campaign.eval_set)
+    assert results[-1]["miou"] > majority_class_miou(campaign.eval_set) + 0.02
 
 
 def test_a_round_never_queries_a_labelled_pixel(finished):
     campaign, _ = finished
-    before = read_labels(campaign.paths(0).snapshot)
-    queries = pd.read_parquet(campaign.paths(1).queries)
-    overlap = queries.merge(before, on=["image_id", "y", "x"])
-    assert overlap.empty
+    before = read_labels(campaign.files(0).snapshot)
+    queries = pd.read_parquet(campaign.files(1).queries)
+    assert queries.merge(before, on=["image_id", "y", "x"]).empty
     assert queries.groupby("image_id").size().eq(10).all()
 
 
 def test_snapshot_r_is_snapshot_r_minus_1_plus_round_r(finished):
     campaign, _ = finished
-    r0 = read_labels(campaign.paths(0).snapshot)
-    r1 = read_labels(campaign.paths(1).snapshot)
+    r0, r1 = read_labels(campaign.files(0).snapshot), read_labels(campaign.files(1).snapshot)
     pd.testing.assert_frame_equal(r1.iloc[: len(r0)], r0)
     assert set(r1["round"].iloc[len(r0):]) == {1}
 
 
-def test_rerunning_a_round_reproduces_it_bit_for_bit(finished):
-    campaign, results = finished
-    paths = campaign.paths(1)
-    before = {p: p.read_bytes() for p in (paths.queries, paths.annotations, paths.snapshot)}
-    model_before = campaign.read_checkpoint(paths.model)["model"]
-    metrics = campaign.run_round(1)
-    assert {p: p.read_bytes() for p in before} == before
-    model_after = campaign.read_checkpoint(paths.model)["model"]
-    assert all(np.array_equal(model_before[k], model_after[k]) for k in model_before)
-    assert metrics["miou"] == results[1]["miou"]
-
-
-def test_a_crash_inside_ingest_keeps_the_table_and_a_rerun_completes_it(finished, monkeypatch):
-    import pixelpick.labels as labels_module
-
+def test_a_finished_round_is_fresh_and_a_forced_rerun_gives_the_same_bytes(finished):
     campaign, _ = finished
-    paths = campaign.paths(1)
-    expected = paths.snapshot.read_bytes()
-    paths.snapshot.unlink()
+    before = outputs_of(campaign, 1)
+    assert all(r.fresh for r in run_round(campaign, 1))
+    from pixelpick.recipe import run_step
 
-    def crash(*args, **kwargs):
-        raise OSError("power cut")
+    for step in round_steps(campaign):
+        run_step(campaign, step, 1, force=True)
+    assert outputs_of(campaign, 1) == before
 
-    with monkeypatch.context() as patch:
-        patch.setattr(labels_module, "_write_atomic", crash)
-        with pytest.raises(OSError, match="power cut"):
-            campaign.ingest(1, paths.annotations)
-    # The round's table was seeded from round 0's snapshot and the failed batch left nothing behind.
-    pd.testing.assert_frame_equal(read_labels(paths.snapshot), read_labels(campaign.paths(0).snapshot))
-    result = campaign.ingest(1, paths.annotations)
-    assert result.duplicates == 0 and paths.snapshot.read_bytes() == expected
-    assert campaign.ingest(1, paths.annotations).added == 0  # idempotent
+
+@pytest.mark.parametrize("lost", ["queries", "annotations", "snapshot", "model"])
+def test_deleting_an_output_remakes_exactly_it_and_what_depends_on_it(finished, lost):
+    campaign, _ = finished
+    before = outputs_of(campaign, 1)
+    getattr(campaign.files(1), lost).unlink()
+    results = {r.step: r for r in run_round(campaign, 1)}
+    made_by = {"queries": "query", "annotations": "annotate", "snapshot": "ingest", "model": "train"}[lost]
+    assert not results[made_by].fresh
+    # The remade file is identical, so nothing downstream sees a change and every other step stays fresh.
+    assert all(r.fresh for name, r in results.items() if name != made_by)
+    assert outputs_of(campaign, 1) == before
+
+
+def test_a_damaged_output_is_not_trusted(finished):
+    campaign, _ = finished
+    snapshot = campaign.files(1).snapshot
+    good = snapshot.read_bytes()
+    snapshot.write_bytes(good[: len(good) // 2])  # truncated: still there, but not what the record says
+    assert not is_fresh(campaign, STEPS["ingest"], 1)
+    assert not next(r for r in run_round(campaign, 1) if r.step == "ingest").fresh
+    assert snapshot.read_bytes() == good
+
+
+def test_extending_a_campaign_and_changing_runtime_settings_redo_nothing(finished, tmp_path):
+    campaign, _ = finished
+    keys = {(s.name, r): step_key(campaign, s, r) for r in (0, 1) for s in round_steps(campaign)}
+    extended = open_campaign(campaign.layout.dir.parents[2] / "params.yaml",
+                             {"campaign.rounds": 4, "train.device": "cpu", "train.eval_batch_size": 3})
+    assert extended.settings.campaign.rounds == 4
+    assert {(s.name, r): step_key(extended, s, r) for r in (0, 1) for s in round_steps(extended)} == keys
+    assert all(is_fresh(extended, s, r) for r in (0, 1) for s in round_steps(extended))
+
+
+def test_keys_hold_no_paths_a_moved_campaign_is_still_fresh(finished, tmp_path):
+    campaign, _ = finished
+    project = campaign.layout.dir.parents[2]
+    moved = tmp_path / "moved"
+    shutil.copytree(project / "data", moved / "data", ignore=shutil.ignore_patterns("probs.zarr"))
+    copy = open_recorded(moved / "data" / "runs" / campaign.name)
+    assert copy.settings.data.root == moved / "data" / "synthetic"
+    for step in round_steps(copy):
+        assert step_key(copy, step, 1) == step_key(campaign, step, 1)
+        assert is_fresh(copy, step, 1)
+
+
+def test_a_key_changes_with_the_settings_its_step_reads_and_no_others(finished):
+    campaign, _ = finished
+    query, train = STEPS["query"], STEPS["train"]
+
+    def variant(section, **update):
+        settings = campaign.settings.model_copy(update={section: getattr(campaign.settings, section).model_copy(
+            update=update)})
+        return Campaign(settings)
+
+    more_epochs = variant("train", epochs=7)
+    assert step_key(more_epochs, query, 1) == step_key(campaign, query, 1)
+    assert step_key(more_epochs, train, 1) != step_key(campaign, train, 1)
+    entropy = variant("acquire", strategy="entropy")
+    assert step_key(entropy, query, 1) != step_key(campaign, query, 1)
+    assert step_key(entropy, train, 1) == step_key(campaign, train, 1)
+
+
+def test_selection_of_any_subset_of_images_picks_what_the_whole_pool_picks(finished):
+    campaign, _ = finished
+    from pixelpick.probstore import ProbabilityStore
+
+    store = ProbabilityStore(campaign.files(1).probs)
+    labels = read_labels(campaign.files(0).snapshot)
+    ids = campaign.pool.image_ids
+    whole = select(campaign, 1, ids, labels, store)
+    halves = pd.concat([select(campaign, 1, ids[1::2], labels, store), select(campaign, 1, ids[::2], labels, store)])
+    key = ["image_id", "y", "x"]
+    pd.testing.assert_frame_equal(halves.sort_values(key).reset_index(drop=True),
+                                  whole.sort_values(key).reset_index(drop=True))
+    pd.testing.assert_frame_equal(whole, pd.read_parquet(campaign.files(1).queries))
+
+
+def test_a_checkpoint_says_what_made_it(finished):
+    campaign, _ = finished
+    from pixelpick.checkpoints import read_checkpoint
+    from pixelpick.digests import file_md5
+
+    checkpoint = read_checkpoint(campaign.files(1).model)
+    assert checkpoint["snapshot_md5"] == file_md5(campaign.files(1).snapshot)
+    assert checkpoint["settings"]["acquire"]["strategy"] == "margin"
+    assert checkpoint["settings"]["data"]["root"] == "../../synthetic"  # relative: the same bytes in any checkout
+    assert checkpoint["label_space"]["classes"][0]["name"] == campaign.pool.label_space.classes[0].name
 
 
 def test_query_statistics_are_this_rounds_own(finished):
+    from pixelpick.reporting import query_statistics
+
     campaign, _ = finished
-    stats = campaign.query_statistics(1)
+    stats = query_statistics(campaign, 1)
     assert sum(stats["label_histogram"].values()) == stats["queried_pixels"] == 10 * len(campaign.pool)
     assert stats["spatial_coverage"] > 0 and 0 <= stats["mean_score"] <= 1
+
+
+def test_progress_table_and_plot_are_the_same_bytes_for_the_same_rounds(finished):
+    from pixelpick.reporting import write_progress
+
+    campaign, results = finished
+    table, plot = write_progress(campaign)
+    first = table.read_bytes(), plot.read_bytes()
+    write_progress(campaign)
+    assert (table.read_bytes(), plot.read_bytes()) == first
+    assert pd.read_csv(table)["miou"].tolist() == pytest.approx([r["miou"] for r in results])
+
+
+# --------------------------------------------------------------------------------------------- opening a campaign
+
+
+def test_a_campaign_is_refused_with_settings_that_differ_from_its_record(finished):
+    campaign, _ = finished
+    params = campaign.layout.dir.parents[2] / "params.yaml"
+    with pytest.raises(CampaignError, match=r"acquire\.strategy: 'margin' recorded, 'entropy' given"):
+        open_campaign(params, {"acquire.strategy": "entropy"})
+    assert open_campaign(params, {"acquire.strategy": "entropy", "campaign.name": "other"}).name == "other"
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"acquire.pixels_per_image": 4000}, "acquire.pixels_per_image"),
+    ({"data.eval_split": "test"}, "data.eval_split"),
+    ({"data.train_split": "nope"}, "data.train_split"),
+])
+def test_settings_the_data_cannot_hold_are_refused_before_anything_is_written(tmp_path, overrides, key):
+    (tmp_path / "params.yaml").write_text(TINY_PARAMS)
+    with pytest.raises(CampaignError, match=key.replace(".", r"\.")):
+        open_campaign(tmp_path / "params.yaml", overrides)
+    assert not (tmp_path / "data" / "runs" / "tiny").exists()
 
 
 def test_class_balanced_selection_weights_each_score_by_its_expected_class_weight(tmp_path):
     from pixelpick.acquisition import class_weights
     from pixelpick.probstore import ProbabilityStore
-    from pixelpick.settings import load_settings
-    from tests.conftest import TINY_PARAMS
 
-    (tmp_path / "params.yaml").write_text(TINY_PARAMS)
-    campaign = Campaign(load_settings(tmp_path / "params.yaml", {"acquire.class_balance": 1.0, "train.epochs": 1}))
-    campaign.run_round(0)
-    campaign.infer(1)
-    queries = pd.read_parquet(campaign.select(1))
-    labels = read_labels(campaign.paths(0).snapshot)
+    campaign = new_campaign(tmp_path, {"acquire.class_balance": 1.0, "train.epochs": 1})
+    run_round(campaign, 0)
+    run_round(campaign, 1)
+    queries = pd.read_parquet(campaign.files(1).queries)
+    labels = read_labels(campaign.files(0).snapshot)
     space = campaign.pool.label_space
     known = labels["class_id"][labels["class_id"] != space.ignore_index]
     weights = class_weights(np.bincount(known, minlength=space.num_classes), power=1.0)
-    store = ProbabilityStore(campaign.paths(1).probs)
+    store = ProbabilityStore(campaign.files(1).probs)
     for image_id, picks in queries.groupby("image_id"):
         y, x = picks["y"].to_numpy(), picks["x"].to_numpy()
         expected = store.scores(image_id)[y, x] * (weights[:, None] * store.probs(image_id)[:, y, x]).sum(axis=0)
         assert picks["score"].to_numpy() == pytest.approx(expected, rel=1e-5)
     assert len(queries) == 10 * len(campaign.pool)
+    record = json.loads(campaign.files(1).step_record("query").read_text())
+    assert record["seconds"]["inference"] > 0 and record["seconds"]["selection"] > 0

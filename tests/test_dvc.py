@@ -1,4 +1,5 @@
-"""`dvc repro` of the unrolled campaign in a copy of the repository reproduces a round bit for bit."""
+"""`dvc repro` runs the same recipe as the flows: a campaign started for DVC alone, reproduced bit for bit, with
+Python writing byte-code (which must never count as a change), registered in MLflow, plotted offline."""
 
 from __future__ import annotations
 
@@ -10,16 +11,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from mlflow import MlflowClient
 
-from pixelpick.settings import load_settings
-from tasks.versioning import render_pipeline
+from tests.test_flows import scratch_repo
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def run(*cmd: str, cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    # Byte-code writing on, as Python's default: __pycache__ folders must not make a stage "changed".
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
@@ -29,39 +33,54 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def test_dvc_lock_is_not_git_ignored():
-    # DVC refuses to read or write a git-ignored dvc.lock, so every `dvc commit` of a round (and `make run`) fails.
-    done = subprocess.run(["git", "check-ignore", "-q", "dvc.lock"], cwd=REPO)
-    if done.returncode == 128:
+def test_the_project_keeps_campaign_records_and_byte_code_out_of_dvc_changes():
+    # DVC refuses a git-ignored dvc.lock; a campaign's records must be committable, its rounds' files not.
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0
+
+    if subprocess.run(["git", "rev-parse"], cwd=REPO, capture_output=True).returncode != 0:
         pytest.skip("not a git checkout")
-    assert done.returncode == 1, "dvc.lock is git-ignored: DVC cannot record rounds"
+    assert not ignored("data/runs/any/dvc.lock") and not ignored("data/runs/any/params.yaml")
+    assert not ignored("data/runs/any/labels/r01.parquet.dvc")
+    assert ignored("data/runs/any/rounds/r01/model.pt") and ignored("data/runs/any/labels/r01.parquet")
+    assert "__pycache__/" in (REPO / ".dvcignore").read_text()
 
 
-def test_committed_dvc_yaml_matches_params_yaml():
-    assert (REPO / "dvc.yaml").read_text() == render_pipeline(load_settings(REPO / "params.yaml"))
+def test_dvc_repro_runs_a_campaign_and_reproduces_a_round_bit_for_bit(tmp_path):
+    repo = scratch_repo(tmp_path / "repo")
+    run("pixelpick", "pipeline", "--set", "acquire.top_fraction=0.1", cwd=repo)  # overrides are recorded
+    campaign = repo / "data/runs/tiny"
+    run("dvc", "repro", "--quiet", str(campaign / "dvc.yaml"), cwd=repo)
+    run(sys.executable, "-c", "import pixelpick.recipe, tasks.steps", cwd=repo)  # writes byte-code
+    assert "up to date" in run("dvc", "status", cwd=repo)
+    lock = yaml.safe_load((campaign / "dvc.lock").read_text())
+    assert lock["stages"]["query-r01"]["params"]["params.yaml"]["acquire.top_fraction"] == 0.1
 
+    # Rounds made by dvc repro are registered in MLflow like any other.
+    versions = MlflowClient().search_model_versions("name = 'pixelpick-tiny'")
+    assert sorted(v.tags["round"] for v in versions) == ["0", "1"]
 
-def test_dvc_repro_reproduces_a_round_from_its_input_snapshot(tmp_path):
-    from tests.conftest import TINY_PARAMS
-
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for package in ("pixelpick", "tasks", "flows"):
-        shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "params.yaml").write_text(TINY_PARAMS)
-    (repo / ".gitignore").write_text("/data/*\n")
-    (repo / "dvc.yaml").write_text(render_pipeline(load_settings(repo / "params.yaml"), repo))
-    run("git", "init", "-q", cwd=repo)
-    run("dvc", "init", "-q", cwd=repo)
-    run("dvc", "repro", "-q", cwd=repo)
-
-    r01 = repo / "data/runs/tiny/rounds/r01"
+    r01 = campaign / "rounds/r01"
     first = {name: md5(r01 / name) for name in ("queries.parquet", "labels.parquet", "model.pt")}
-    assert "miou" in run("dvc", "metrics", "show", cwd=repo)
+    run("dvc", "repro", "--quiet", "--force", "--single-item", *(f"{campaign}/dvc.yaml:{step}-r01" for step in (
+        "query", "annotate", "ingest", "train")), cwd=repo)
+    assert {name: md5(r01 / name) for name in first} == first
     assert "up to date" in run("dvc", "status", cwd=repo)
 
-    # Reproduce round 1 alone from round 0's snapshot and model: the same bytes come out.
-    run("dvc", "repro", "-q", "--force", "--single-item", "round@r01", cwd=repo)
-    assert {name: md5(r01 / name) for name in first} == first
+    # The plots are an image: the page DVC writes needs nothing from the internet.
     run("dvc", "plots", "show", "-o", str(tmp_path / "plots"), cwd=repo)
-    assert (tmp_path / "plots" / "index.html").exists()
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert "<img" in page and "<script" not in page
+
+
+def test_a_step_run_by_hand_in_the_campaign_folder_is_the_stage_dvc_runs(tmp_path):
+    repo = scratch_repo(tmp_path / "repo")
+    run("pixelpick", "pipeline", cwd=repo)
+    campaign = repo / "data/runs/tiny"
+    for step in ("query", "annotate", "ingest"):
+        run("pixelpick", "step", step, "--round", "0", cwd=campaign)
+    shutil.rmtree(campaign / "rounds/r00/steps")  # DVC does not know our records; its own lock decides
+    status = run("dvc", "status", str(campaign / "dvc.yaml"), cwd=repo)
+    assert "ingest-r00" in status  # never committed: DVC says it changed, until `dvc commit` or `dvc repro`
+    run("dvc", "repro", "--quiet", f"{campaign}/dvc.yaml:ingest-r00", cwd=repo)
+    assert "ingest-r00" not in run("dvc", "status", str(campaign / "dvc.yaml"), cwd=repo)

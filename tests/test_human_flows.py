@@ -1,50 +1,124 @@
-"""A human-in-the-loop round: the query flow exports a job, the train flow waits for it, then trains on it."""
+"""Rounds labelled by people: the query flow exports a job, labels arrive through the annotator's API, the train
+flow collects, versions and trains on them; `dvc repro` reproduces a human round from its versioned batch alone."""
 
 from __future__ import annotations
 
+import shutil
+import uuid
+import warnings
+
+import numpy as np
 import pytest
 
 from flows.human import query_flow, train_flow
 from pixelpick.annotation.jobs import load_job
-from pixelpick.annotation.progress import ProgressStore, Submission, default_progress_path
-from pixelpick.campaign import Campaign
+from pixelpick.annotation.progress import ProgressStore, default_progress_path
+from pixelpick.annotation.server import create_app
+from pixelpick.campaign import open_recorded
 from pixelpick.labels import read_labels
-from tests.test_flows import make_settings, prefect_server  # noqa: F401  (the shared server fixture)
+from tests.fixtures import CLASSES_YAML, random_image, save_png
+from tests.test_flows import choice, run, scratch_repo
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
 
 pytestmark = pytest.mark.slow
 
+HUMAN = {"campaign.annotator": "human"}
 
-def label_from_ground_truth(campaign: Campaign, job_path, annotator: str, limit: int | None = None) -> None:
+
+def label_through_the_api(job_path, answer, annotator="ana", limit=None) -> int:
+    """An annotator labels the job's pixels through the web annotator's API; `answer(image_id, y, x)` is the class."""
     job = load_job(job_path)
     store = ProgressStore(default_progress_path(job_path), job)
-    pixels = store.claim(annotator, limit or job.num_pixels)[:limit]
-    for n, pixel in enumerate(pixels):
-        truth = int(campaign.pool.load_mask(pixel.image_id)[pixel.y, pixel.x])
-        store.record(Submission(annotator, pixel.image_id, pixel.y, pixel.x, truth, 0.5, f"{annotator}-{n}"))
+    client = TestClient(create_app(job, store, job.dataset.root, rate_limit=None), base_url="http://localhost")
+    done = 0
+    while limit is None or done < limit:
+        pixels = client.post("/api/claims", json={"annotator": annotator, "count": 16}).json()["pixels"]
+        if not pixels:
+            break
+        for pixel in pixels[: None if limit is None else limit - done]:
+            body = {"annotator": annotator, **pixel, "class_id": answer(pixel["image_id"], pixel["y"], pixel["x"]),
+                    "seconds": 0.8, "submission_id": uuid.uuid4().hex}
+            assert client.post("/api/labels", json=body).status_code == 201
+            done += 1
+    return done
 
 
-def test_query_then_train_once_the_job_is_complete(prefect_server, tmp_path):  # noqa: F811
-    settings = make_settings(tmp_path, "human")
-    settings_json = settings.model_dump_json()
-    campaign = Campaign(settings)
+def test_a_human_round_is_versioned_tracked_and_reproduced_from_its_batch(prefect_server, tmp_path):
+    repo = scratch_repo(tmp_path / "repo")
+    campaign_choice = choice(repo, **HUMAN, **{"campaign.name": "people"})
+    job_path = query_flow(campaign_choice, 0)
+    campaign = open_recorded(repo / "data/runs/people")
+    truth = lambda image_id, y, x: int(campaign.pool.load_mask(image_id)[y, x])  # noqa: E731
 
-    job_path = query_flow(settings_json, 0)
-    assert load_job(job_path).num_pixels == 10 * len(campaign.pool)
+    assert label_through_the_api(job_path, truth, "ana", limit=5) == 5
+    waiting = train_flow(campaign_choice, 0)
+    assert waiting["status"] == "waiting" and waiting["done"] == 5
+    assert not campaign.files(0).model.exists()
+    label_through_the_api(job_path, truth, "ben")  # everything but what ana holds
+    label_through_the_api(job_path, truth, "ana")  # ana finishes hers
+    assert train_flow(campaign_choice, 0)["status"] == "trained"
 
-    label_from_ground_truth(campaign, job_path, "ana", limit=5)
-    waiting = train_flow(settings_json, 0)
-    assert waiting == {"status": "waiting", "done": 5, "total": 10 * len(campaign.pool)}
-    assert not campaign.paths(0).model.exists()
-
-    label_from_ground_truth(campaign, job_path, "ben")
-    trained = train_flow(settings_json, 0)
-    assert trained["status"] == "trained"
-    labels = read_labels(campaign.paths(0).snapshot)
+    labels = read_labels(campaign.files(0).snapshot)
     assert len(labels) == 10 * len(campaign.pool)
     assert set(labels["source"]) == {"human"} and set(labels["annotator"]) == {"ana", "ben"}
-    assert campaign.human_batch(0).exists()
+    assert (campaign.layout.dir / "labels" / "r00.parquet.dvc").is_file()  # the batch is a versioned input
+    assert "up to date" in run("dvc", "status", cwd=repo)
+    # Once ingested, the job is closed to further edits.
+    store = ProgressStore(default_progress_path(job_path), load_job(job_path))
+    assert store.closed_info() is not None
 
-    # The next round's pixels come from this model and never repeat a labelled pixel.
-    next_job = load_job(query_flow(settings_json, 1))
+    # Round 1: the next pixels come from round 0's model and never repeat a labelled pixel.
+    next_job = load_job(query_flow(campaign_choice, 1))
     asked = {(i.image_id, y, x) for i in next_job.images for y, x in i.pixels}
     assert not asked & set(zip(labels["image_id"], labels["y"], labels["x"]))
+    label_through_the_api(campaign.files(1).job, truth)
+    assert train_flow(campaign_choice, 1)["status"] == "trained"
+    assert "up to date" in run("dvc", "status", cwd=repo)
+    snapshot = campaign.files(1).snapshot.read_bytes()
+    model = campaign.files(1).model.read_bytes()
+
+    # In a copy of the repository without the pool's ground truth, `dvc repro --force` of the human round
+    # rebuilds its snapshot and model bit for bit from the versioned batch: the masks are never read.
+    copy = tmp_path / "copy"
+    shutil.copytree(repo, copy, symlinks=True)
+    shutil.rmtree(copy / "data/synthetic/trainannot")
+    for stage in ("ingest-r01", "train-r01"):
+        run("dvc", "repro", "--force", "--single-item", f"data/runs/people/dvc.yaml:{stage}", cwd=copy)
+    assert (copy / "data/runs/people/rounds/r01/labels.parquet").read_bytes() == snapshot
+    assert (copy / "data/runs/people/rounds/r01/model.pt").read_bytes() == model
+
+
+def write_own_images(root, count=8, size=(40, 56)):
+    """A folder of one's own images and a classes file: no masks at all."""
+    (root / "classes.yaml").parent.mkdir(parents=True, exist_ok=True)
+    (root / "classes.yaml").write_text(CLASSES_YAML)
+    for index in range(count):
+        save_png(root / "images" / f"photo_{index}.png", random_image(index, size))
+    return root
+
+
+def test_a_campaign_on_ones_own_images_without_any_mask_works_with_people(prefect_server, tmp_path):
+    repo = scratch_repo(tmp_path / "repo", params="""
+data: {dataset: folder, root: photos, eval_split: null}
+model: {arch: lraspp_mobilenetv3}
+train: {preset: cpu-synthetic, epochs: 1, batch_size: 4}
+acquire: {pixels_per_image: 5}
+campaign: {name: photos, annotator: human, initial_pixels_per_image: 5, rounds: 1}
+""")
+    write_own_images(repo / "photos")
+    campaign_choice = choice(repo)
+    rng = np.random.default_rng(0)
+    answer = lambda image_id, y, x: int(rng.integers(3))  # noqa: E731  (someone labelling by eye)
+
+    for round_id in (0, 1):
+        job = query_flow(campaign_choice, round_id)
+        assert label_through_the_api(job, answer) == 5 * 8
+        trained = train_flow(campaign_choice, round_id)
+        assert trained["status"] == "trained"
+        assert trained["miou"] is None and "not measured" in trained["not_measured"]
+        assert trained["labelled_pixels"] == 5 * 8 * (round_id + 1)
+    assert "up to date" in run("dvc", "status", cwd=repo)
+    assert (repo / "data/runs/photos/rounds/r01/model.pt").is_file()

@@ -1,37 +1,61 @@
-"""Inference into the probability store: what it stores, and the timings a round logs."""
-
-import json
+"""Inference into the probability store: what it stores, what the query step records, and when a store is reused."""
 
 import numpy as np
 import torch
 
 from pixelpick.acquisition import score_pixels
 from pixelpick.campaign import Campaign
+from pixelpick.checkpoints import save_checkpoint
 from pixelpick.inference import predict_probabilities
-from pixelpick.io import atomic_write
 from pixelpick.probstore import ProbabilityStore
+from pixelpick.steps import infer
 
 
-def test_infer_stores_every_images_probabilities_and_scores_and_logs_its_timings(tiny_settings):
-    campaign = Campaign(tiny_settings)
+def _round_zero_model(campaign: Campaign):
     torch.manual_seed(0)
     model = campaign.new_model()
-    paths = campaign.paths(0)
-    atomic_write(paths.model, lambda f: torch.save({"model": model.state_dict()}, f))
+    path = campaign.files(0).model
+    save_checkpoint(path, model, arch=campaign.settings.model.arch, num_classes=campaign.pool.label_space.num_classes,
+                    dropout_p=0.2)
+    return path
 
-    store_path = campaign.infer(1)
 
-    assert store_path == campaign.paths(1).probs
-    store = ProbabilityStore(store_path)
+def test_infer_stores_every_images_probabilities_and_scores(tiny_settings):
+    campaign = Campaign(tiny_settings)
+    model_path = _round_zero_model(campaign)
+
+    store, seconds = infer(campaign, 1, model_path)
+
+    assert store.path == campaign.files(1).probs
     assert store.image_ids == campaign.pool.image_ids and store.strategy == "margin"
-    model = campaign.load_model(paths.model)
+    assert seconds["inference"] > seconds["scoring"] > 0
+    model = campaign.load_model(model_path)
     live = dict(predict_probabilities(model, campaign.pool, campaign.pool.image_ids, torch.device("cpu"),
                                        batch_size=campaign.settings.train.eval_batch_size))
     for image_id, probs in live.items():
         assert store.probs(image_id).dtype == np.float16
         np.testing.assert_allclose(store.probs(image_id), probs.numpy(), atol=1e-3)
-        np.testing.assert_allclose(store.scores(image_id), score_pixels("margin", probs).numpy(), atol=1e-6)
-    log = json.loads(campaign.paths(1).infer_log.read_text())
-    assert set(log) == {"seconds", "scoring_seconds", "write_seconds", "images"}
-    assert log["images"] == len(campaign.pool.image_ids)
-    assert 0 < log["scoring_seconds"] < log["seconds"] and 0 < log["write_seconds"] < log["seconds"]
+        np.testing.assert_allclose(store.scores(image_id), score_pixels("margin", probs).numpy(), atol=1e-5)
+
+
+def test_a_store_is_reused_only_while_complete_and_made_by_the_same_model(tiny_settings):
+    campaign = Campaign(tiny_settings)
+    model_path = _round_zero_model(campaign)
+    infer(campaign, 1, model_path)
+    _, seconds = infer(campaign, 1, model_path)
+    assert seconds["inference"] == 0  # reused
+
+    # A chunk file goes missing: the store would read it back as NaN, so it is recomputed, never used.
+    chunk = next((campaign.files(1).probs / "scores").rglob("c.*"))
+    chunk.unlink()
+    assert ProbabilityStore(campaign.files(1).probs).missing_images()
+    store, seconds = infer(campaign, 1, model_path)
+    assert seconds["inference"] > 0 and not store.missing_images()
+    assert all(np.isfinite(scores).all() for _, scores in store.iter_scores())
+
+    # Another model: recomputed.
+    torch.manual_seed(1)
+    save_checkpoint(model_path, campaign.new_model(), arch=campaign.settings.model.arch,
+                    num_classes=campaign.pool.label_space.num_classes, dropout_p=0.2)
+    _, seconds = infer(campaign, 1, model_path)
+    assert seconds["inference"] > 0

@@ -1,6 +1,7 @@
 """LabelStore: validation, all-or-nothing appends, idempotent re-ingest, atomic writes, snapshots, file checks."""
 
 import os
+import time
 
 import numpy as np
 import pandas as pd
@@ -9,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pixelpick.errors import LabelFileError, LabelValidationError, UnknownImageError
+from pixelpick.io import remove_stale_temporaries
 from pixelpick.labels import LABEL_COLUMNS, AppendResult, LabelStore, label_frame, read_labels
 
 SIZES = {"train/a.png": (4, 5), "train/b.png": (3, 3)}
@@ -57,12 +59,49 @@ def test_append_then_read_round_trips_in_append_order(filled):
     assert (labels["time"] == NOW).all() and (labels["seconds"] == np.float32(0.8)).all()
 
 
-def test_coercible_types_are_accepted(store):
-    raw = batch(("train/a.png", 1, 2, 0))
-    raw[["y", "x", "class_id"]] = raw[["y", "x", "class_id"]].astype(str)  # e.g. parsed from CSV
+def test_other_number_types_and_iso_times_are_accepted(store):
+    raw = batch(("train/a.png", 1, 2, 0), ("train/a.png", 2, 2, 1))
+    raw["y"] = raw["y"].astype(float)  # what pandas makes of an integer column that once held a NaN
+    raw["x"] = raw["x"].astype(object)
+    raw.loc[0, "x"] = np.int64(2)
     raw["time"] = "2024-05-01T12:00:00Z"
-    assert store.append(raw) == AppendResult(added=1, duplicates=0)
-    assert store.read().loc[0, ["y", "x", "class_id"]].tolist() == [1, 2, 0]
+    assert store.append(raw) == AppendResult(added=2, duplicates=0)
+    assert store.read()[["y", "x", "class_id"]].values.tolist() == [[1, 2, 0], [2, 2, 1]]
+    assert (store.read()["time"] == NOW).all()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        ("y", "1", "y='1' is text, not an integer"),
+        ("x", "2", "x='2' is text, not an integer"),
+        ("class_id", "0", "class_id='0' is text, not an integer"),
+        ("round", "0", "round='0' is text, not an integer"),
+        ("seconds", "0.8", "seconds='0.8' is text, not a number"),
+        ("y", True, "y=True is bool, not an integer"),
+        ("seconds", False, "seconds=False is bool, not a number"),
+        ("class_id", pd.NA, "class_id=<NA> is missing, not an integer"),
+    ],
+)
+def test_numbers_given_as_text_or_booleans_are_refused_naming_row_and_column(filled, name, value, reason):
+    before = filled.path.read_bytes()
+    rows = batch(("train/a.png", 1, 1, 0), ("train/a.png", 1, 2, 0))
+    rows[name] = rows[name].astype(object)
+    rows.loc[1, name] = value
+    with pytest.raises(LabelValidationError) as caught:
+        filled.append(rows)
+    assert caught.value.row == 1
+    assert caught.value.reason == reason
+    assert "first bad row 1 (image_id='train/a.png'" in str(caught.value)
+    assert filled.path.read_bytes() == before
+
+
+def test_a_whole_column_of_text_numbers_is_refused(store):
+    raw = batch(("train/a.png", 1, 2, 0))
+    raw[["y", "x", "class_id"]] = raw[["y", "x", "class_id"]].astype(str)  # e.g. a CSV read without dtypes
+    with pytest.raises(LabelValidationError, match="y='1' is text, not an integer"):
+        store.append(raw)
+    assert list(store.path.parent.iterdir()) == []
 
 
 def test_exact_duplicates_are_skipped_so_reingest_is_idempotent(filled):
@@ -109,7 +148,7 @@ def bad_column(name, value):
         (lambda: batch(("train/a.png", 0, 0, 2)), "already labelled class 1, not 2"),
         (bad_column("y", float("nan")), "y=nan"),
         (bad_column("y", 1.5), "y=1.5"),
-        (bad_column("x", "left"), "x=left"),
+        (bad_column("x", "left"), "x='left' is text, not an integer"),
         (bad_column("class_id", None), "class_id=None"),
         (bad_column("seconds", float("nan")), "seconds=nan"),
         (bad_column("seconds", -1.0), "seconds=-1.0"),
@@ -156,9 +195,38 @@ def test_batch_with_wrong_columns_is_rejected(store, drop, extra):
     assert not store.path.exists()
 
 
-def test_empty_batch_adds_nothing(store):
-    assert store.append(batch()) == AppendResult(added=0, duplicates=0)
-    assert not store.path.exists()
+@pytest.mark.parametrize(
+    "make_empty",
+    [
+        lambda: batch(),
+        lambda: pd.DataFrame(columns=LABEL_COLUMNS),  # object columns, as an empty query result gives
+        lambda: pd.DataFrame({name: [] for name in LABEL_COLUMNS}),  # float64 columns
+    ],
+)
+def test_empty_batch_adds_nothing_and_writes_nothing(filled, make_empty):
+    before = filled.path.read_bytes()
+    files = sorted(filled.path.parent.iterdir())
+    assert filled.append(make_empty()) == AppendResult(added=0, duplicates=0)
+    assert filled.path.read_bytes() == before
+    assert sorted(filled.path.parent.iterdir()) == files
+
+
+def test_empty_batch_on_a_new_store_creates_nothing(tmp_path):
+    store = LabelStore(tmp_path / "new" / "labels.parquet", image_sizes=SIZES, num_classes=3, ignore_index=VOID)
+    assert store.append(pd.DataFrame(columns=LABEL_COLUMNS)) == AppendResult(added=0, duplicates=0)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_batch_that_is_not_a_table_is_refused(store):
+    with pytest.raises(LabelValidationError, match="expected a pandas DataFrame, got list"):
+        store.append([("train/a.png", 1, 1, 0)])
+
+
+def test_a_rejected_batch_leaves_no_new_file(tmp_path):
+    store = LabelStore(tmp_path / "new" / "labels.parquet", image_sizes=SIZES, num_classes=3, ignore_index=VOID)
+    with pytest.raises(LabelValidationError):
+        store.append(batch(("train/a.png", 9, 9, 0)))
+    assert not (tmp_path / "new").exists()  # not the store, its folder, its lock or a temporary file
 
 
 def test_crash_during_write_keeps_the_old_file(filled, monkeypatch):
@@ -173,6 +241,36 @@ def test_crash_during_write_keeps_the_old_file(filled, monkeypatch):
     assert filled.path.read_bytes() == before
     left = [p.name for p in filled.path.parent.iterdir() if not p.name.endswith(".lock")]
     assert left == ["labels.parquet"]  # no temp file left behind
+
+
+def test_stale_temporary_files_of_a_crashed_write_are_removed_on_the_next_write(filled):
+    folder = filled.path.parent
+    stale = folder / ".labels.parquet.abcd1234.tmp"  # as io.atomic_write names them
+    live = folder / ".labels.parquet.efgh5678.tmp"  # a writer still at work
+    other = folder / ".other.parquet.abcd1234.tmp"  # another file's
+    for path in (stale, live, other):
+        path.write_bytes(b"half a parquet file")
+    an_hour_ago = time.time() - 3600
+    for path in (stale, other):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+
+    filled.append(batch(("train/a.png", 2, 2, 2)))
+    assert not stale.exists()
+    assert live.exists() and other.exists()
+    assert len(filled.read()) == 4
+
+
+def test_remove_stale_temporaries_keeps_files_that_only_look_alike(tmp_path):
+    target = tmp_path / "labels.parquet"
+    names = [".labels.parquet.abcd1234.tmp", ".labels.parquet.abcd1234.tmp.keep", "labels.parquet.abcd1234.tmp",
+             ".labels.parquet.toolongname.tmp", ".labels.parquet.lock"]
+    an_hour_ago = time.time() - 3600
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (an_hour_ago, an_hour_ago))
+    assert remove_stale_temporaries(target) == [tmp_path / names[0]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+    assert remove_stale_temporaries(tmp_path / "missing" / "labels.parquet") == []
 
 
 def test_snapshot_holds_rounds_up_to_the_given_one(filled, tmp_path):

@@ -25,7 +25,8 @@ def test_round_trip_per_image_shards_of_any_size(tmp_path):
 
 def test_interrupted_inference_leaves_an_unusable_store(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
-        with ProbabilityWriter(tmp_path / "p.zarr", {"a": (2, 2), "b": (2, 2)}, num_classes=2, strategy="entropy") as writer:
+        with ProbabilityWriter(tmp_path / "p.zarr", {"a": (2, 2), "b": (2, 2)}, num_classes=2,
+                               strategy="entropy") as writer:
             writer.write("a", np.full((2, 2, 2), 0.5), np.zeros((2, 2)))
             raise RuntimeError("boom")
     with pytest.raises(RuntimeError, match="incomplete"):
@@ -34,7 +35,8 @@ def test_interrupted_inference_leaves_an_unusable_store(tmp_path):
 
 def test_missing_images_are_an_error_and_unknown_ids_are_named(tmp_path):
     with pytest.raises(RuntimeError, match="never written"):
-        with ProbabilityWriter(tmp_path / "p.zarr", {"a": (2, 2), "b": (2, 2)}, num_classes=2, strategy="margin") as writer:
+        with ProbabilityWriter(tmp_path / "p.zarr", {"a": (2, 2), "b": (2, 2)}, num_classes=2,
+                               strategy="margin") as writer:
             writer.write("a", np.full((2, 2, 2), 0.5), np.zeros((2, 2)))
     with ProbabilityWriter(tmp_path / "q.zarr", {"a": (2, 2)}, num_classes=2, strategy="margin") as writer:
         writer.write("a", np.full((2, 2, 2), 0.5), np.zeros((2, 2)))
@@ -55,9 +57,10 @@ def test_chunks_are_the_files_zarr_itself_would_write(tmp_path):
                            strategy="margin") as writer:
         writer.write_batch([f"{i}.png" for i in range(3)], probs, scores)
     reference = zarr.open_group(tmp_path / "zarr.zarr", mode="w")
-    for kind, data, dtype, compressors in (("probs", probs, "float16", _COMPRESSORS), ("scores", scores, "float32", None)):
+    arrays = (("probs", probs, "float16", _COMPRESSORS), ("scores", scores, "float32", None))
+    for kind, data, dtype, compressors in arrays:
         array = zarr.create_array(reference.store, name=f"{kind}/6x5", shape=data.shape, chunks=(1, *data.shape[1:]),
-                                  dtype=dtype, compressors=compressors, fill_value=0, chunk_key_encoding=_CHUNK_KEYS)
+                                  dtype=dtype, compressors=compressors, fill_value=np.nan, chunk_key_encoding=_CHUNK_KEYS)
         array[:] = data.astype(dtype)
         for row in range(3):
             key = array.metadata.encode_chunk_key((row,) + (0,) * (data.ndim - 1))
@@ -97,3 +100,16 @@ def test_a_batch_of_the_wrong_length_or_shape_fails_the_store(tmp_path):
     with pytest.raises(KeyError, match="nope"):
         with ProbabilityWriter(tmp_path / "r.zarr", {"a": (2, 2)}, num_classes=2, strategy="margin") as w:
             w.write("nope", np.full((2, 2, 2), 0.5), np.zeros((2, 2)))
+
+
+def test_a_missing_chunk_reads_as_nan_and_is_reported_never_as_zeros(tmp_path):
+    with ProbabilityWriter(tmp_path / "p.zarr", {"a": (2, 3), "b": (2, 3)}, num_classes=2, strategy="margin",
+                           key="k1") as writer:
+        for image_id in ("a", "b"):
+            writer.write(image_id, np.full((2, 2, 3), 0.5), np.ones((2, 3)))
+    store = ProbabilityStore(tmp_path / "p.zarr")
+    assert store.key == "k1" and store.missing_images() == []
+    next((tmp_path / "p.zarr" / "scores").rglob("c.1.*")).unlink()
+    store = ProbabilityStore(tmp_path / "p.zarr")
+    assert store.missing_images() == ["b"]
+    assert np.isnan(store.scores("b")).all()

@@ -70,8 +70,8 @@ def test_points_are_dropped_exactly_when_outside_the_crop(seed):
 
     # Recover the crop window from the content; every labelled pixel inside it must survive, and nothing else.
     crop = (out["image"].permute(1, 2, 0) * 255).round().byte().numpy()
-    (top, left), = [(t, l) for t in range(24 - 16 + 1) for l in range(32 - 16 + 1)
-                    if np.array_equal(image[t : t + 16, l : l + 16], crop)]
+    (top, left), = [(t, left) for t in range(24 - 16 + 1) for left in range(32 - 16 + 1)
+                    if np.array_equal(image[t : t + 16, left : left + 16], crop)]
     inside = (ys.ravel() >= top) & (ys.ravel() < top + 16) & (xs.ravel() >= left) & (xs.ravel() < left + 16)
     assert out["point_labels"].tolist() == np.flatnonzero(inside).tolist()
     expected_points = pixels[inside] + 0.5 - np.array([top, left])

@@ -6,9 +6,16 @@ The web server lives in `pixelpick.annotation.server` and is imported only when 
 """
 
 from pixelpick.annotation.jobs import JOB_FORMAT, JOB_VERSION, Job, export_job, load_job, split_job, write_job
-from pixelpick.annotation.progress import ProgressStore, Submission, default_progress_path, ingest_job_labels
+from pixelpick.annotation.progress import (
+    ClosedInfo,
+    ProgressStore,
+    Submission,
+    default_progress_path,
+    ingest_job_labels,
+)
 
 __all__ = [
+    "ClosedInfo",
     "JOB_FORMAT",
     "JOB_VERSION",
     "Job",

@@ -1,7 +1,7 @@
 """Annotation jobs: the versioned JSON file that tells annotators which pixels of which images to label.
 
-A job is our own contract with the annotation tool (stack notes §4.11: tools whose contract drifted broke their
-users), so it carries a format name and a version, and `load_job` rejects anything it does not fully understand.
+A job is our own contract with the annotation tool (tools whose contract drifts silently break their users), so
+it carries a format name and a version, and `load_job` rejects anything it does not fully understand.
 The format is documented in docs/annotation.md.
 """
 

@@ -7,15 +7,23 @@ claiming them for one annotator with a lease that every action of that annotator
 change the class (review) or undo it (the pixel goes back to them).
 
 Tables: `pixels` (the job's pixels in job order, with the current claim), `labels` (one row per labelled pixel;
-`seq` orders an annotator's labels for undo), `skips` (images an annotator chose to do last), `meta`.
+`seq` orders an annotator's labels for undo), `skips` (images an annotator chose to do last), `meta` (the job's
+fingerprint, and when and why the job was closed).
+
+A new database is built under a temporary name and linked into place, so a file at `path` is always a complete
+progress database; an existing file that is not one (empty, corrupt, another job's) is refused, never rebuilt.
+Once a job's labels were ingested into a round the job is closed (`close`), and every change is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 import re
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,11 +35,18 @@ from typing import NamedTuple
 import pandas as pd
 
 from pixelpick.annotation.jobs import Job, load_job
-from pixelpick.errors import AnnotationJobError, PixelConflictError, SubmissionRejectedError
-from pixelpick.io import write_parquet
+from pixelpick.errors import (
+    AnnotationJobError,
+    JobClosedError,
+    PixelConflictError,
+    ProgressDatabaseError,
+    SubmissionRejectedError,
+)
+from pixelpick.io import remove_stale_temporaries, write_parquet
 from pixelpick.labels import label_frame
 
 DEFAULT_LEASE_SECONDS = 600.0
+DEFAULT_BUSY_TIMEOUT = 30.0  # how long an operation waits for another writer before "database is locked"
 MAX_SECONDS_PER_PIXEL = 24 * 3600.0  # a longer "time per click" is a clock error, not an annotator
 ANNOTATOR_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _SCHEMA = """
@@ -49,6 +64,7 @@ CREATE TABLE IF NOT EXISTS labels (
     submission_id TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS skips (annotator TEXT NOT NULL, image_id TEXT NOT NULL, PRIMARY KEY (annotator, image_id));
 """
+_TABLES = {"meta", "pixels", "labels", "skips"}
 
 
 class PixelRef(NamedTuple):
@@ -70,6 +86,13 @@ class Submission:
     submission_id: str  # chosen by the page; a retry of the same submission is stored once
 
 
+class ClosedInfo(NamedTuple):
+    """When a job was closed (UTC) and why."""
+
+    closed_at: datetime
+    note: str
+
+
 def default_progress_path(job_path: str | Path) -> Path:
     """Where a job's progress lives: `batch.json` -> `batch.progress.sqlite`, beside it."""
     job_path = Path(job_path)
@@ -86,43 +109,81 @@ class ProgressStore:
         *,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         clock: Callable[[], float] = time.time,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
     ) -> None:
         self.path = Path(path)
         self.job = job
         self.lease_seconds = lease_seconds
+        self.busy_timeout = busy_timeout
         self._clock = clock
         self._sizes = {image.image_id: (image.height, image.width) for image in job.images}
         pixels = [(image.image_id, y, x) for image in job.images for y, x in image.pixels]
         self._pixel_ids = {pixel: pixel_id for pixel_id, pixel in enumerate(pixels)}
-        self._create_or_check()
+        # mode=rw: a database deleted while in use is an error, not silently replaced by an empty one.
+        self._uri = f"{self.path.resolve().as_uri()}?mode=rw"
+        if not self.path.exists():
+            self._create()
+        self._check()
 
     # --- set-up ------------------------------------------------------------------------------------------------
 
-    def _create_or_check(self) -> None:
+    def _create(self) -> None:
+        """Build the database under a temporary name and link it into place, unless another process was first."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(self.path, timeout=30)
+        remove_stale_temporaries(self.path)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        os.close(fd)
         try:
-            connection.execute("PRAGMA journal_mode=WAL")  # persistent: readers never block the writer
-            connection.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as error:
-            raise AnnotationJobError(f"progress database {self.path} is not usable: {error}") from error
-        finally:
-            connection.close()
-        fingerprint = self._fingerprint()
-        with self._transaction() as db:
-            stored = db.execute("SELECT value FROM meta WHERE key = 'job'").fetchone()
-            if stored is None:
-                db.execute("INSERT INTO meta VALUES ('job', ?), ('job_id', ?)", (fingerprint, self.job.job_id))
-                db.executemany(
+            connection = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                connection.execute("PRAGMA journal_mode=WAL")  # persistent: readers never block the writer
+                connection.executescript(_SCHEMA)
+                connection.execute("BEGIN")
+                connection.execute(
+                    "INSERT INTO meta VALUES ('job', ?), ('job_id', ?)", (self._fingerprint(), self.job.job_id)
+                )
+                connection.executemany(
                     "INSERT INTO pixels (id, image_id, y, x) VALUES (?, ?, ?, ?)",
                     ((pixel_id, *pixel) for pixel, pixel_id in self._pixel_ids.items()),
                 )
-            elif stored[0] != fingerprint:
-                job_id = db.execute("SELECT value FROM meta WHERE key = 'job_id'").fetchone()[0]
-                raise AnnotationJobError(
-                    f"progress database {self.path} belongs to job {job_id!r} with other pixels, "
-                    f"not to job {self.job.job_id!r}; use a separate database per job"
-                )
+                connection.execute("COMMIT")
+            finally:
+                connection.close()  # the last connection checkpoints the WAL into the file and removes it
+            os.link(tmp, self.path)  # unlike a rename, never replaces a database another process just made
+        except FileExistsError:
+            pass
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def _check(self) -> None:
+        """Refuse, naming the file, anything but this job's progress database."""
+        where = f"progress database {self.path}"
+        if self.path.stat().st_size == 0:
+            raise ProgressDatabaseError(
+                f"{where} is empty (0 bytes), e.g. from an interrupted copy; restore it from a backup, "
+                "or delete it to start the job afresh"
+            )
+        try:
+            with self._transaction() as db:
+                tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if not _TABLES <= tables:
+                    raise ProgressDatabaseError(
+                        f"{where} is not a PixelPick progress database (it lacks the tables "
+                        f"{sorted(_TABLES - tables)})"
+                    )
+                problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+                if problems != ["ok"]:
+                    raise ProgressDatabaseError(f"{where} is corrupt: {problems[0]}")
+                meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('job', 'job_id')").fetchall())
+        except sqlite3.DatabaseError as error:
+            raise ProgressDatabaseError(f"{where} cannot be opened: {_describe_database_error(error)}") from None
+        if "job" not in meta:
+            raise ProgressDatabaseError(f"{where} is not a PixelPick progress database (it names no job)")
+        if meta["job"] != self._fingerprint():
+            raise ProgressDatabaseError(
+                f"{where} belongs to job {meta.get('job_id')!r} with other pixels, "
+                f"not to job {self.job.job_id!r}; use a separate database per job"
+            )
 
     def _fingerprint(self) -> str:
         digest = hashlib.sha256(self.job.job_id.encode())
@@ -134,7 +195,7 @@ class ProgressStore:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One connection per operation (threads and processes can share the file); BEGIN IMMEDIATE serialises
         writers, so a claim or a label is checked and written without anyone else in between."""
-        connection = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        connection = sqlite3.connect(self._uri, uri=True, timeout=self.busy_timeout, isolation_level=None)
         try:
             connection.execute("PRAGMA synchronous=FULL")
             connection.execute("BEGIN IMMEDIATE")
@@ -147,19 +208,64 @@ class ProgressStore:
         finally:
             connection.close()
 
+    # --- closing -----------------------------------------------------------------------------------------------
+
+    def close(self, note: str) -> ClosedInfo:
+        """Close the job, e.g. once its labels were ingested into a round: every later change is refused.
+
+        `note` says why (shown to annotators). Closing a closed job keeps the first time and note.
+        """
+        if not isinstance(note, str) or not note.strip():
+            raise AnnotationJobError(
+                f"closing job {self.job.job_id!r} needs a note saying why, e.g. 'ingested into round 3'"
+            )
+        with self._transaction() as db:
+            closed = self._closed(db)
+            if closed is None:
+                closed = ClosedInfo(datetime.now(UTC).replace(microsecond=0), note.strip())
+                stored = {"closed_at": closed.closed_at.isoformat(), "note": closed.note}
+                db.execute("INSERT INTO meta VALUES ('closed', ?)", (json.dumps(stored),))
+        return closed
+
+    def closed_info(self) -> ClosedInfo | None:
+        """When and why the job was closed, or None while it is open."""
+        with self._transaction() as db:
+            return self._closed(db)
+
+    @staticmethod
+    def _closed(db: sqlite3.Connection) -> ClosedInfo | None:
+        row = db.execute("SELECT value FROM meta WHERE key = 'closed'").fetchone()
+        if row is None:
+            return None
+        stored = json.loads(row[0])
+        return ClosedInfo(datetime.fromisoformat(stored["closed_at"]), stored["note"])
+
+    def _refuse_if_closed(self, db: sqlite3.Connection) -> None:
+        # Checked inside each change's own transaction, so no change slips in after the job was closed.
+        closed = self._closed(db)
+        if closed is not None:
+            raise JobClosedError(
+                f"job {self.job.job_id!r} was ingested and is closed since "
+                f"{closed.closed_at:%Y-%m-%d %H:%M} UTC ({closed.note}); it accepts no more labels",
+                closed_at=closed.closed_at,
+                note=closed.note,
+            )
+
     # --- handing out pixels ------------------------------------------------------------------------------------
 
-    def claim(self, annotator: str, count: int) -> list[PixelRef]:
+    def claim(self, annotator: str, count: int, *, max_held: int | None = None) -> list[PixelRef]:
         """The unlabelled pixels `annotator` holds, topped up from the pool to at least `count`, in job order.
 
-        New pixels come first from images the annotator has not skipped and nobody else is working on.
+        New pixels come first from images the annotator has not skipped and nobody else is working on. With
+        `max_held`, nobody is topped up beyond that many unlabelled pixels, so one name cannot take every pixel.
         """
         self._check_annotator(annotator)
         now = self._clock()
         with self._transaction() as db:
+            self._refuse_if_closed(db)
             self._renew_leases(db, annotator, now)
             held = self._held(db, annotator)
-            wanted = count - len(held)
+            wanted = (count if max_held is None else min(count, max_held)) - len(held)
             if wanted > 0:
                 free = db.execute(
                     """SELECT p.id FROM pixels p LEFT JOIN labels l ON l.pixel_id = p.id
@@ -205,6 +311,7 @@ class ProgressStore:
         if image_id not in self._sizes:
             raise SubmissionRejectedError(f"image {image_id!r} is not in job {self.job.job_id!r}")
         with self._transaction() as db:
+            self._refuse_if_closed(db)
             db.execute("INSERT OR IGNORE INTO skips VALUES (?, ?)", (annotator, image_id))
             released = db.execute(
                 """UPDATE pixels SET claimed_by = NULL, lease_until = NULL
@@ -227,9 +334,10 @@ class ProgressStore:
             existing = db.execute(
                 "SELECT annotator, submission_id FROM labels WHERE pixel_id = ?", (pixel_id,)
             ).fetchone()
+            if existing is not None and existing[1] == submission.submission_id:
+                return False  # a retry of a label stored before, even before the job was closed
+            self._refuse_if_closed(db)
             if existing is not None:
-                if existing[1] == submission.submission_id:
-                    return False
                 raise PixelConflictError(f"{_describe(submission)} is already labelled by {existing[0]!r}")
             holder, lease_until = db.execute(
                 "SELECT claimed_by, lease_until FROM pixels WHERE id = ?", (pixel_id,)
@@ -253,6 +361,7 @@ class ProgressStore:
         """Change the class of a pixel `submission.annotator` labelled before (reviewing with 'back')."""
         pixel_id = self._check_submission(submission)
         with self._transaction() as db:
+            self._refuse_if_closed(db)
             existing = db.execute("SELECT annotator FROM labels WHERE pixel_id = ?", (pixel_id,)).fetchone()
             if existing is None:
                 raise PixelConflictError(f"{_describe(submission)} has no label to change")
@@ -276,6 +385,7 @@ class ProgressStore:
         self._check_annotator(annotator)
         now = self._clock()
         with self._transaction() as db:
+            self._refuse_if_closed(db)
             last = db.execute(
                 """SELECT l.pixel_id, p.image_id, p.y, p.x FROM labels l JOIN pixels p ON p.id = l.pixel_id
                    WHERE l.annotator = ? ORDER BY l.seq DESC LIMIT 1""",
@@ -411,16 +521,20 @@ def ingest_job_labels(
 ) -> Path:
     """Write a job's labels as a Parquet batch in LABEL_COLUMNS at `out_path` (atomically) and return the path.
 
-    The labels are checked against the job again (every pixel queried, once, with a valid class). An unfinished
-    job raises AnnotationJobError unless `allow_incomplete`. The caller appends the batch to the LabelStore.
+    The labels are checked against the job again (every pixel queried, once, with a valid class). A job without
+    labels, a progress database that is missing, empty, corrupt or another job's, and an unfinished job (unless
+    `allow_incomplete`) raise AnnotationJobError and write nothing. The caller appends the batch to the
+    LabelStore, then closes the job (`ProgressStore.close`).
     """
     job = load_job(job_path)
     if not Path(progress_db).is_file():
-        raise AnnotationJobError(
+        raise ProgressDatabaseError(
             f"progress database {progress_db} does not exist; nobody has labelled job {job.job_id!r}"
         )
     store = ProgressStore(progress_db, job)
     labels = store.completed_labels()
+    if labels.empty:
+        raise AnnotationJobError(f"job {job.job_id!r} has no labels yet in {progress_db}; there is nothing to ingest")
     if len(labels) < job.num_pixels and not allow_incomplete:
         raise AnnotationJobError(
             f"job {job.job_id!r} is unfinished: {job.num_pixels - len(labels)} of {job.num_pixels} pixels "
@@ -428,6 +542,13 @@ def ingest_job_labels(
         )
     check_labels_against_job(labels, job)
     return write_parquet(labels, out_path)
+
+
+def _describe_database_error(error: sqlite3.DatabaseError) -> str:
+    message = str(error)
+    if "file is not a database" in message or "malformed" in message:
+        return f"it is corrupt or not an SQLite database ({message})"
+    return message
 
 
 def check_labels_against_job(labels: pd.DataFrame, job: Job) -> None:

@@ -2,34 +2,54 @@
 
 The page does the drawing and the timing; the server owns the truth. Every submission is validated here (job,
 queried pixel, class) and stored at once; a rejected one stores nothing and answers 4xx with a `detail` message
-that the page shows. Images are served only when they belong to the job and resolve inside the dataset root.
+that the page shows. Every failure answers JSON, from an unknown path to an internal error, and none names a path
+on the server. Images are served only when they belong to the job and resolve inside the dataset root. What
+makes it safe to expose (Host allow-list, body and rate limits, token strength) is in `guards`.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import logging
+import math
 import mimetypes
 import secrets
+import sqlite3
 from collections.abc import Sequence
+from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
+from pixelpick.annotation.guards import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_RATE_LIMIT,
+    DeclaredBodyLimit,
+    HostAllowList,
+    RateLimiter,
+    allowed_host_names,
+    body_too_large,
+)
 from pixelpick.annotation.jobs import Job
 from pixelpick.annotation.keys import NAVIGATION_KEYS, resolve_key_bindings
-from pixelpick.annotation.progress import ANNOTATOR_PATTERN, PixelRef, ProgressStore, Submission
-from pixelpick.errors import AnnotatorConfigError, PixelConflictError, SubmissionRejectedError
+from pixelpick.annotation.progress import ANNOTATOR_PATTERN, ClosedInfo, PixelRef, ProgressStore, Submission
+from pixelpick.errors import AnnotatorConfigError, JobClosedError, PixelConflictError, SubmissionRejectedError
 
 STATIC_DIR = Path(__file__).parent / "static"
-TOKEN_ENV = "PIXELPICK_ANNOTATOR_TOKEN"
 TOKEN_COOKIE = "pixelpick_token"
 TOKEN_HEADER = "x-pixelpick-token"
 MAX_CLAIM = 64
+DEFAULT_MAX_HELD = 32  # unlabelled pixels one name may hold; the page keeps about 6 ahead of the one shown
+BUSY_RETRY_SECONDS = 2  # Retry-After when the progress database is locked by another writer
+
+log = logging.getLogger(__name__)
 
 Annotator = Annotated[StrictStr, Field(pattern=ANNOTATOR_PATTERN.pattern)]
 
@@ -77,27 +97,58 @@ def create_app(
     class_keys: Sequence[str] | None = None,
     token: str | None = None,
     default_annotator: str | None = None,
+    allowed_hosts: Sequence[str] = (),
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_held: int | None = DEFAULT_MAX_HELD,
+    rate_limit: float | None = DEFAULT_RATE_LIMIT,
 ) -> FastAPI:
     """The annotator app for `job`, storing into `store` and serving images from `dataset_root`.
 
     class_keys: the key of each class in id order (default: the job's keys); checked for collisions again.
     token: when set, every request needs it (header, `?token=` or the cookie the page gets from `?token=`).
+    allowed_hosts: names the Host header may give besides localhost, 127.0.0.1 and ::1 (e.g. the served host).
+    max_body_bytes: larger request bodies are refused (413) before they are read.
+    max_held: how many unlabelled pixels one annotator name may hold at once (None: no cap).
+    rate_limit: requests per second one annotator name may make on average, in bursts of three seconds' worth;
+        more are answered 429 with Retry-After (None: no limit).
     """
+    if max_body_bytes < 1 or (max_held is not None and max_held < 1):
+        raise AnnotatorConfigError(
+            f"the body limit ({max_body_bytes} bytes) and the pixels one annotator may hold ({max_held}) "
+            "must be positive"
+        )
     root = Path(dataset_root).resolve()
     check_images_present(job, root)
     names = [info.name for info in job.classes]
     keys = resolve_key_bindings(job.classes, dict(zip(names, class_keys, strict=True)) if class_keys else None)
     images = {image.image_id: image for image in job.images}
+    hosts = allowed_host_names(allowed_hosts)
+    limiter = RateLimiter(rate_limit) if rate_limit is not None else None
     app = FastAPI(title="PixelPick annotator", docs_url=None, redoc_url=None, openapi_url=None)
+    # Added innermost first: the Host check runs before anything else, then the body limits, then the token.
     if token:
         _require_token(app, token)
-    _add_error_handlers(app)
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=max_body_bytes)
+    app.add_middleware(DeclaredBodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(HostAllowList, allowed=hosts)
+    _add_error_handlers(app, max_body_bytes)
 
     def progress(image_id: str | None = None) -> dict[str, object]:
         counts: dict[str, object] = {"done": store.done_count(), "total": job.num_pixels}
         if image_id is not None:
             counts |= {"image_id": image_id, "image_done": store.done_count(image_id)}
         return counts
+
+    def throttle(annotator: str) -> None:
+        wait = limiter.wait(annotator) if limiter else 0.0
+        if wait:
+            seconds = math.ceil(wait)
+            raise HTTPException(
+                429,
+                f"annotator {annotator!r} is sending more than {limiter.rate:g} requests per second; "
+                f"try again in {seconds} s",
+                headers={"Retry-After": str(seconds)},
+            )
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -109,7 +160,7 @@ def create_app(
             "job_id": job.job_id,
             "campaign": job.campaign,
             "round": job.round,
-            "dataset": job.dataset.model_dump(),
+            "dataset": {"name": job.dataset.name},  # not its root: no response names a path on the server
             "classes": [{**info.model_dump(), "key": key} for info, key in zip(job.classes, keys, strict=True)],
             "ignore_index": job.ignore_index,
             "navigation": NAVIGATION_KEYS,
@@ -118,10 +169,12 @@ def create_app(
                 for image in job.images
             ],
             "default_annotator": default_annotator,
+            "closed": _closed_json(store.closed_info()),
         }
 
     @app.get("/api/state")
     def state(annotator: Annotated[str, Query(pattern=ANNOTATOR_PATTERN.pattern)]) -> dict[str, object]:
+        throttle(annotator)
         count, seconds = store.annotator_seconds(annotator)
         return {
             **progress(),
@@ -133,27 +186,32 @@ def create_app(
 
     @app.post("/api/claims")
     def claim(body: ClaimBody) -> dict[str, object]:
-        pixels = store.claim(body.annotator, body.count)
+        throttle(body.annotator)
+        pixels = store.claim(body.annotator, body.count, max_held=max_held)
         return {"pixels": [pixel._asdict() for pixel in pixels], **progress()}
 
     @app.post("/api/labels", status_code=201)
     def label(body: LabelBody) -> dict[str, object]:
+        throttle(body.annotator)
         stored = store.record(Submission(**body.model_dump()))
         return {"stored": stored, **progress(body.image_id)}
 
     @app.put("/api/labels")
     def relabel(body: LabelBody) -> dict[str, object]:
+        throttle(body.annotator)
         store.relabel(Submission(**body.model_dump()))
         return progress(body.image_id)
 
     @app.post("/api/undo")
     def undo(body: UndoBody) -> dict[str, object]:
+        throttle(body.annotator)
         expected = PixelRef(**body.expected.model_dump()) if body.expected else None
         pixel = store.undo(body.annotator, expected)
         return {"pixel": pixel._asdict(), **progress(pixel.image_id)}
 
     @app.post("/api/skip")
     def skip(body: SkipBody) -> dict[str, object]:
+        throttle(body.annotator)
         return {"released": store.skip_image(body.annotator, body.image_id), **progress()}
 
     @app.get("/api/images/{image_id:path}")
@@ -187,21 +245,6 @@ def check_images_present(job: Job, root: Path) -> None:
         )
 
 
-def check_host(host: str, token: str | None) -> None:
-    """Refuse to listen beyond this machine without an access token."""
-    if token:
-        return
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise AnnotatorConfigError(
-            f"refusing to serve on {host!r} without an access token: anyone who can reach it could label; "
-            f"set --token or {TOKEN_ENV}, or bind to 127.0.0.1"
-        )
-
-
 def _require_token(app: FastAPI, token: str) -> None:
     expected = token.encode()
 
@@ -221,7 +264,33 @@ def _require_token(app: FastAPI, token: str) -> None:
         return response
 
 
-def _add_error_handlers(app: FastAPI) -> None:
+def _closed_json(closed: ClosedInfo | None) -> dict[str, str] | None:
+    if closed is None:
+        return None
+    return {"closed_at": closed.closed_at.isoformat(), "note": closed.note}
+
+
+def _add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        detail, path, headers = error.detail, request.url.path, dict(error.headers or {})
+        if error.status_code == 413:  # from Starlette's limit on a streamed body
+            detail = body_too_large(max_body_bytes)
+        elif error.status_code == 405:
+            # Starlette's Allow names the first route on the path only (POST /api/labels, not also PUT).
+            methods = {method for route in app.routes if isinstance(route, APIRoute) and route.path_regex.match(path)
+                       for method in route.methods}
+            headers["Allow"] = ", ".join(sorted(methods)) or headers.get("Allow", "")
+            detail = f"{request.method} is not allowed on {path}; use {headers['Allow']}"
+        elif detail == HTTPStatus(error.status_code).phrase:  # Starlette's bare phrase: say what went wrong
+            detail = f"there is nothing at {path}" if error.status_code == 404 else detail
+        return JSONResponse({"detail": detail}, status_code=error.status_code, headers=headers)
+
+    @app.exception_handler(JobClosedError)
+    async def closed(request: Request, error: JobClosedError) -> JSONResponse:
+        info = {"closed_at": error.closed_at.isoformat(), "note": error.note}
+        return JSONResponse({"detail": str(error), "closed": info}, status_code=409)
+
     @app.exception_handler(PixelConflictError)
     async def conflict(request: Request, error: PixelConflictError) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=409)
@@ -234,6 +303,25 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def malformed(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = "; ".join(_describe_problem(problem) for problem in error.errors())
         return JSONResponse({"detail": f"malformed request: {problems}"}, status_code=422)
+
+    @app.exception_handler(sqlite3.OperationalError)
+    async def database_busy(request: Request, error: sqlite3.OperationalError) -> JSONResponse:
+        if "locked" not in str(error) and "busy" not in str(error):
+            raise error  # not a matter of waiting: an internal error (500), logged with its traceback
+        log.warning("progress database busy, answering 503: %s", error)
+        return JSONResponse(
+            {"detail": "the progress database is busy (another writer holds it); nothing was stored, try again"},
+            status_code=503,
+            headers={"Retry-After": str(BUSY_RETRY_SECONDS)},
+        )
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        # The traceback goes to the server's log (Starlette re-raises after this answer), never to the client.
+        return JSONResponse(
+            {"detail": "internal error in the annotator; the server's log has the details"},
+            status_code=500,
+        )
 
 
 def _describe_problem(problem: dict) -> str:

@@ -103,6 +103,11 @@ class SegmentationDataset:
         """Where the mask of `image_file` lives (it may not exist)."""
         raise NotImplementedError
 
+    def source_paths(self) -> tuple[list[Path], list[Path]]:
+        """(what the split's images and label space are read from, what its masks are read from): the files and
+        folders a pipeline stage depends on. They may hold other splits' files too."""
+        raise NotImplementedError
+
     # --- the shared interface ----------------------------------------------------------------------------------
 
     def __len__(self) -> int:
@@ -117,6 +122,10 @@ class SegmentationDataset:
             return self._paths[image_id]
         except KeyError:
             raise UnknownImageError(f"image id {image_id!r} is not in split {self.split!r} of {self.root}") from None
+
+    def has_mask(self, image_id: str) -> bool:
+        """Whether `image_id` has a ground-truth mask file (a split may have masks for only some images)."""
+        return self.has_masks and self._mask_file(self.image_path(image_id)).is_file()
 
     def image_size(self, image_id: str) -> tuple[int, int]:
         """(H, W) of the image at the working resolution; reads only the file header."""

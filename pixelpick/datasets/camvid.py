@@ -49,3 +49,6 @@ class CamVidDataset(SegmentationDataset):
 
     def _mask_file(self, image_file: Path) -> Path:
         return self.root / f"{self.split}annot" / image_file.name
+
+    def source_paths(self) -> tuple[list[Path], list[Path]]:
+        return [self.root / self.split], [self.root / f"{self.split}annot"]

@@ -71,6 +71,7 @@ class CityscapesDataset(SegmentationDataset):
     def __init__(
         self, root: Path | str, split: str, *, downsample: int = 1, image_size: tuple[int, int] | None = None
     ) -> None:
+        original_root = root
         if downsample not in DOWNSAMPLE_FACTORS:
             raise DatasetError(f"cityscapes downsample must be one of {DOWNSAMPLE_FACTORS}, got {downsample}")
         if downsample > 1:
@@ -78,6 +79,7 @@ class CityscapesDataset(SegmentationDataset):
             self.mask_lut = None  # the cache already holds trainIds
             self.mask_suffix = _TRAIN_ID_SUFFIX
         self.downsample = downsample
+        self.source_root = Path(original_root)
         super().__init__(root, split, image_size=image_size)
 
     def _splits_present(self) -> list[str]:
@@ -88,6 +90,10 @@ class CityscapesDataset(SegmentationDataset):
 
     def _mask_file(self, image_file: Path) -> Path:
         return _gt_file(self.root, self.split, image_file, self.mask_suffix)
+
+    def source_paths(self) -> tuple[list[Path], list[Path]]:
+        # The original files, not the downsampled cache built from them.
+        return [self.source_root / "leftImg8bit" / self.split], [self.source_root / "gtFine" / self.split]
 
 
 def _gt_file(root: Path, split: str, image_file: Path, suffix: str) -> Path:

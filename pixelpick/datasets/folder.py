@@ -41,7 +41,8 @@ class FolderDataset(SegmentationDataset):
         image_size: tuple[int, int] | None = None,
     ) -> None:
         root = Path(root)
-        self.label_space = load_classes_file(Path(classes_file) if classes_file else find_classes_file(root))
+        self.classes_file = Path(classes_file) if classes_file else find_classes_file(root)
+        self.label_space = load_classes_file(self.classes_file)
         super().__init__(root, split, image_size=image_size)
 
     def _split_folder(self, split: str) -> Path:
@@ -58,6 +59,10 @@ class FolderDataset(SegmentationDataset):
     def _mask_file(self, image_file: Path) -> Path:
         folder = self._split_folder(self.split)
         return (folder / "masks" / image_file.relative_to(folder / "images")).with_suffix(".png")
+
+    def source_paths(self) -> tuple[list[Path], list[Path]]:
+        folder = self._split_folder(self.split)
+        return [self.classes_file, folder / "images"], [folder / "masks"]
 
 
 def find_classes_file(root: Path) -> Path:

@@ -56,3 +56,7 @@ class VOCDataset(SegmentationDataset):
 
     def _mask_file(self, image_file: Path) -> Path:
         return self.root / "SegmentationClass" / f"{image_file.stem}.png"
+
+    def source_paths(self) -> tuple[list[Path], list[Path]]:
+        split_file = self.root / "ImageSets" / "Segmentation" / f"{self.split}.txt"
+        return [split_file, self.root / "JPEGImages"], [self.root / "SegmentationClass"]

@@ -6,7 +6,9 @@
  * ahead of time and their images decoded in advance, and every change (label, relabel, undo, skip) goes to the
  * server in the background through one ordered outbox that retries until the server answers. The server owns
  * the truth: a rejected change is shown with the server's reason, and the counters are resynchronised whenever
- * the outbox is empty.
+ * the outbox is empty. Changes the server has not acknowledged are also kept in localStorage, so a reload or a
+ * closed tab loses none: the next page for the same job and annotator sends them again (the server stores a
+ * retried submission once) before it asks for new pixels.
  */
 
 const PREFETCH = 6; // pixels claimed ahead of the one on screen (kept small: claimed pixels are held from others)
@@ -19,6 +21,7 @@ const KEEP_IMAGES = 12; // decoded images kept in memory (a Cityscapes frame is 
 const BACKDROP = "#0d0f12";
 const NAME_STORAGE = "pixelpick.annotator";
 const ZOOM_STORAGE = "pixelpick.zoom";
+const PENDING_STORAGE = "pixelpick.pending"; // + job id and annotator: changes not yet acknowledged
 
 const $ = (id) => document.getElementById(id);
 const pixelKey = (pixel) => `${pixel.image_id}\n${pixel.y}\n${pixel.x}`;
@@ -48,8 +51,9 @@ const state = {
   loaded: new Map(), // image_id -> decoded ImageBitmap
   loading: new Map(), // image_id -> Promise
   shownCount: 0,
+  closed: null, // the server's message once the job is closed (its labels were ingested)
 };
-// For tests and benchmarks/annotator_latency.py: key press -> next pixel drawn, in ms.
+// For measuring in a browser (e.g. driven by Playwright): key press -> next pixel drawn, in ms.
 window.pixelpick = { state, latencies: [] };
 
 /* ---------------------------------------------------------------- the server */
@@ -62,28 +66,84 @@ async function api(method, path, body) {
     keepalive: method !== "GET", // a label sent just before the tab closes still arrives
   });
   const data = await response.json().catch(() => ({ detail: `HTTP ${response.status}` }));
-  return { ok: response.ok, status: response.status, data };
+  return { ok: response.ok, status: response.status, headers: response.headers, data };
 }
 
-/** `api`, retried with backoff until the server answers: offline, or restarting after a crash, loses nothing. */
+/** `api`, retried with backoff until the server answers: offline, restarting after a crash, busy (503) or
+ *  rate-limited (429, waiting as long as Retry-After says) loses nothing. */
 async function answerOf(method, path, body) {
   for (let delay = 250; ; delay = Math.min(delay * 2, 5000)) {
+    let wait = delay;
     try {
       const result = await api(method, path, body);
-      if (result.status < 500) return result;
+      if (result.status < 500 && result.status !== 429) return result;
+      const retryAfter = Number(result.headers.get("Retry-After"));
+      if (retryAfter > 0) wait = retryAfter * 1000;
     } catch (error) {
       // no answer at all: try again
     }
     showSync("offline");
-    await new Promise((resolve) => setTimeout(resolve, delay));
+    await new Promise((resolve) => setTimeout(resolve, wait));
   }
 }
 
-/** Queue a change; changes reach the server one at a time, in the order they were made. */
-function send(method, path, body, { onDone = () => {}, onReject = () => {} } = {}) {
-  state.outbox.push({ method, path, body, onDone, onReject });
+/** Queue a change; changes reach the server one at a time, in the order they were made. A `persist`ed change
+ *  (label, relabel, undo, skip) is kept in localStorage until the server acknowledges it. */
+function send(method, path, body, { onDone = () => {}, onReject = () => {}, persist = false } = {}) {
+  state.outbox.push({ method, path, body, onDone, onReject, persist });
+  if (persist) savePending();
   showSync();
   pump();
+}
+
+function pendingKey() {
+  return `${PENDING_STORAGE}:${state.job.job_id}:${state.annotator}`;
+}
+
+function readPending() {
+  try {
+    const pending = JSON.parse(localStorage.getItem(pendingKey()) || "[]");
+    return Array.isArray(pending) ? pending : [];
+  } catch (error) {
+    return []; // unreadable: nothing that can be sent
+  }
+}
+
+function writePending(changes) {
+  try {
+    if (changes.length) localStorage.setItem(pendingKey(), JSON.stringify(changes));
+    else localStorage.removeItem(pendingKey());
+  } catch (error) {
+    // storage full or disabled: the outbox still retries for as long as the tab is open
+  }
+}
+
+function savePending() {
+  writePending(state.outbox.filter((op) => op.persist).map(({ method, path, body }) => ({ method, path, body })));
+}
+
+/** Send the changes an earlier page for this job and annotator left unacknowledged, in their order. */
+async function resendPending() {
+  const pending = readPending();
+  if (pending.length) setOverlay(`Saving ${pending.length} change(s) left from your last visit…`, "loading");
+  while (pending.length) {
+    const result = await answerOf(pending[0].method, pending[0].path, pending[0].body);
+    if (result.data.closed) return jobClosed(result.data); // none of them can be stored any more
+    if (!result.ok) showMessage(result.data.detail || `a saved change was refused (HTTP ${result.status})`, "error");
+    pending.shift();
+    writePending(pending);
+  }
+  showSync();
+}
+
+/** The job's labels were ingested and it accepts no more changes: say so instead of showing a pixel. */
+function jobClosed(data) {
+  state.closed = data.detail || "This job is closed.";
+  state.queue = [];
+  state.reviewIndex = null;
+  state.outbox = state.outbox.filter((op) => !op.persist);
+  writePending([]);
+  render();
 }
 
 async function pump() {
@@ -92,10 +152,15 @@ async function pump() {
   while (state.outbox.length) {
     const op = state.outbox[0];
     const result = await answerOf(op.method, op.path, op.body);
+    if (state.outbox[0] !== op) continue; // dropped meanwhile: the job was closed
     state.outbox.shift();
+    if (op.persist) savePending();
     if (result.ok) {
       if (!state.outbox.length) syncCounts(result.data);
       op.onDone(result.data);
+    } else if (result.data.closed) {
+      op.onReject(result.data);
+      jobClosed(result.data);
     } else {
       showMessage(result.data.detail || `request failed (HTTP ${result.status})`, "error");
       op.onReject(result.data);
@@ -104,6 +169,7 @@ async function pump() {
   }
   state.sending = false;
   showSync();
+  if (state.closed) return;
   if (!state.queue.length) requestClaims(); // a claim made while labels were pending may have come back short
   if (!current().pixel) render();
 }
@@ -120,7 +186,7 @@ function syncCounts(data) {
 /** Claim more pixels. A claim does not wait behind queued labels (pixels the page knows are ignored anyway),
  *  except after a skip: the server must give the skipped image back first, or its pixels would return at once. */
 async function requestClaims() {
-  if (state.claiming) return;
+  if (state.claiming || state.closed) return;
   state.claiming = true;
   const skips = state.skips;
   // The server counts pixels whose labels are still in the outbox as held, so ask for those on top.
@@ -134,6 +200,7 @@ async function requestClaims() {
     : await answerOf("POST", "api/claims", body);
   state.claiming = false;
   if (state.skips !== skips) return requestClaims(); // this answer may hold pixels of the skipped image
+  if (result.data.closed) return jobClosed(result.data);
   if (!result.ok) return showMessage(result.data.detail || "cannot get pixels to label", "error");
   if (!state.outbox.length) syncCounts(result.data);
   addClaims(result.data.pixels);
@@ -199,6 +266,7 @@ function prefetchImages() {
 /* ---------------------------------------------------------------- drawing */
 
 function current() {
+  if (state.closed) return { pixel: null, mode: "closed" };
   if (state.reviewIndex !== null) return { pixel: state.history[state.reviewIndex], mode: "review" };
   return { pixel: state.queue[0] || null, mode: "label" };
 }
@@ -249,6 +317,7 @@ function renderEmpty() {
   for (const canvas of [$("crop"), $("context")]) canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
   $("pixel-info").textContent = "";
   $("progress-image").textContent = "–";
+  if (state.closed) return setOverlay(state.closed, "closed");
   if (state.claiming || state.total === 0) return setOverlay("Loading…", "loading");
   if (state.done >= state.total) {
     return setOverlay(`All ${state.total} pixels of this job are labelled. Thank you!`, "done");
@@ -406,7 +475,7 @@ const NAVIGATION = {
 };
 
 function onKeyDown(event) {
-  if (!state.job || !state.annotator || event.target.closest?.("input, textarea, button")) return;
+  if (!state.job || !state.annotator || state.closed || event.target.closest?.("input, textarea, button")) return;
   if (event.ctrlKey || event.metaKey || event.altKey) return; // leave browser shortcuts alone
   const action = NAVIGATION[event.key];
   if (action) {
@@ -441,7 +510,7 @@ function answer(classId, event) {
   if (mode === "review") {
     if (pixel.class_id !== classId) {
       pixel.class_id = classId;
-      send("PUT", "api/labels", body);
+      send("PUT", "api/labels", body, { persist: true });
     }
     return forward();
   }
@@ -452,6 +521,7 @@ function answer(classId, event) {
   countDone(pixel.image_id, +1);
   state.clicks = { count: state.clicks.count + 1, seconds: state.clicks.seconds + seconds, last: seconds };
   send("POST", "api/labels", body, {
+    persist: true,
     onReject: () => {
       // Not stored: forget it locally too, so back/undo and the counts match the server.
       state.history = state.history.filter((item) => item !== labelled);
@@ -476,7 +546,7 @@ function undo() {
   const pixel = { image_id: last.image_id, y: last.y, x: last.x };
   state.queue.unshift(pixel);
   countDone(pixel.image_id, -1);
-  send("POST", "api/undo", { annotator: state.annotator, expected: pixel }, { onReject: reloadState });
+  send("POST", "api/undo", { annotator: state.annotator, expected: pixel }, { onReject: reloadState, persist: true });
   render();
 }
 
@@ -508,7 +578,7 @@ function skipImage() {
   skipped.forEach((item) => state.known.delete(pixelKey(item)));
   state.queue = state.queue.filter((item) => item.image_id !== pixel.image_id);
   state.skips += 1;
-  send("POST", "api/skip", { annotator: state.annotator, image_id: pixel.image_id });
+  send("POST", "api/skip", { annotator: state.annotator, image_id: pixel.image_id }, { persist: true });
   showMessage(`Skipped the rest of ${pixel.image_id}; it comes back after the other images.`);
   requestClaims();
   render();
@@ -610,10 +680,18 @@ async function start() {
   localStorage.setItem(NAME_STORAGE, annotator);
   state.annotator = annotator;
   $("annotator-name").textContent = `labelling as ${annotator}`;
+  if (job.closed) return jobClosed({ detail: closedMessage(job.closed) });
 
+  await resendPending();
+  if (state.closed) return;
   loadState(await getJSON(`api/state?annotator=${encodeURIComponent(annotator)}`));
   requestClaims();
   render();
+}
+
+function closedMessage(closed) {
+  const when = new Date(closed.closed_at).toLocaleString();
+  return `This job's labels were ingested and the job is closed (since ${when}: ${closed.note}). Thank you!`;
 }
 
 document.addEventListener("keydown", onKeyDown);

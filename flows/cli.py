@@ -1,0 +1,292 @@
+"""`pixelpick`: the one command line.
+
+    pixelpick campaign [--set KEY=VALUE ...] [--campaign NAME]   a whole campaign (Prefect flow; --plain: no Prefect)
+    pixelpick round N                                            one round of it
+    pixelpick human query N / human train N                      a round labelled by people
+    pixelpick annotate serve --job JOB                           the web annotator (and export-labels, split-job)
+    pixelpick benchmark --preset cpu --camvid-root DIR           the label-efficiency benchmark
+    pixelpick predict --model models:/NAME@best --images DIR --out DIR    label maps with a registered model
+    pixelpick step STEP --round N                                one step, in a campaign folder (what `dvc repro` runs)
+    pixelpick pipeline [--campaign NAME]                         rewrite a campaign's dvc.yaml from the recipe
+
+Bad input (a settings key, a missing dataset, a malformed batch) prints one line naming the problem and exits with
+status 1; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import tasks  # noqa: F401  (sets the store locations before Prefect and MLflow are imported)
+from pixelpick.errors import PixelPickError
+from pixelpick.settings import parse_override
+
+EXIT_BAD_INPUT = 1
+EXIT_INTERRUPTED = 130
+
+
+def _campaign_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a setting, e.g. --set train.epochs=2 (repeatable)")
+    parser.add_argument("--campaign", help="the campaign's name (the same as --set campaign.name=NAME)")
+
+
+def _serve_options(parser: argparse.ArgumentParser, default_interval: float | None = None) -> None:
+    parser.add_argument("--serve", action="store_true", help="serve as a scheduled deployment instead of running once "
+                        "(needs a Prefect server: PREFECT_API_URL)")
+    parser.add_argument("--cron", help="schedule for --serve, e.g. '0 2 * * *'")
+    parser.add_argument("--interval", type=float, default=default_interval, help="schedule for --serve, in seconds")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pixelpick", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    campaign = commands.add_parser("campaign", help="run a whole campaign")
+    _campaign_options(campaign)
+    campaign.add_argument("--plain", action="store_true", help="in this process only: no Prefect, MLflow or DVC")
+    _serve_options(campaign)
+
+    round_ = commands.add_parser("round", help="run one round of a campaign")
+    round_.add_argument("round", type=int)
+    _campaign_options(round_)
+
+    human = commands.add_parser("human", help="a round labelled by people")
+    human.add_argument("stage", choices=["query", "train"])
+    human.add_argument("round", type=int)
+    _campaign_options(human)
+    _serve_options(human, default_interval=600)
+
+    annotate = commands.add_parser("annotate", help="the web annotator: serve, export-labels, split-job",
+                                   add_help=False)
+    annotate.add_argument("arguments", nargs=argparse.REMAINDER)
+
+    benchmark = commands.add_parser("benchmark", help="the label-efficiency benchmark")
+    benchmark.add_argument("--preset", default="cpu")
+    benchmark.add_argument("--camvid-root", default=os.environ.get("PIXELPICK_CAMVID_ROOT"),
+                           help="the CamVid folder (default: $PIXELPICK_CAMVID_ROOT)")
+    benchmark.add_argument("--strategies", help="comma-separated, default: the preset's")
+    benchmark.add_argument("--seeds", help="comma-separated, default: the preset's")
+    benchmark.add_argument("--variant", dest="variants", action="append", default=[], metavar="VARIANT",
+                           help="extra rows: cb1 (class-balanced), md8 (picks 8 px apart), mc8 (MC dropout, adds "
+                                "BALD), sp300 (superpixel expansion), st0.9 (self-training), or combined: sp300+st0.9")
+    benchmark.add_argument("--params", default="params.yaml")
+    benchmark.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    benchmark.add_argument("--workdir", default="data/benchmarks")
+    benchmark.add_argument("--report-dir", default="docs/benchmarks")
+    benchmark.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+
+    predict = commands.add_parser("predict", help="write label maps for a folder of images with a registered model")
+    predict.add_argument("--model", required=True, help="an MLflow model URI, e.g. models:/pixelpick-NAME@best")
+    predict.add_argument("--images", type=Path, required=True, help="a folder of images (png, jpg)")
+    predict.add_argument("--out", type=Path, required=True, help="where the label maps (palette PNGs) go")
+
+    step = commands.add_parser("step", help="one step of a round, in a campaign folder (what dvc repro runs)")
+    step.add_argument("step", help="query, annotate, ingest, train, evaluate, or progress")
+    step.add_argument("--round", type=int)
+    step.add_argument("--campaign-dir", type=Path, default=Path("."))
+
+    pipeline = commands.add_parser("pipeline", help="write a campaign's dvc.yaml from the recipe (starting the "
+                                   "campaign if new), for `dvc repro`")
+    _campaign_options(pipeline)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = dict(parse_override(o) for o in args.overrides)
+    if getattr(args, "campaign", None):
+        overrides["campaign.name"] = args.campaign
+    return overrides
+
+
+def _choice(args: argparse.Namespace, round_id: int | None = None):
+    """The flow's campaign parameter, after opening the campaign here: bad settings, missing data or a round whose
+    inputs do not exist yet fail in one line before any server starts."""
+    from flows.parameters import CampaignChoice
+    from pixelpick.campaign import open_campaign
+    from pixelpick.recipe import round_steps, step_key
+
+    campaign = open_campaign(args.params, _overrides(args), create=round_id in (None, 0))
+    if round_id:
+        step_key(campaign, round_steps(campaign)[0], round_id)  # StepInputError: run the previous round first
+    return CampaignChoice(params=str(Path(args.params).resolve()), overrides=_overrides(args))
+
+
+def _serve(flow_function, name: str, parameters: dict, args: argparse.Namespace) -> None:
+    if not os.environ.get("PREFECT_API_URL"):
+        raise SystemExit("error: --serve needs a Prefect server: start `prefect server start` and set "
+                         "PREFECT_API_URL=http://127.0.0.1:4200/api")
+    # Stopping the server pauses the schedule, so scheduled runs do not pile up while nothing serves them.
+    flow_function.serve(name=name, parameters=parameters, cron=args.cron, interval=args.interval,
+                        pause_on_shutdown=True)
+
+
+def run_campaign(args: argparse.Namespace) -> None:
+    if args.plain:
+        from pixelpick.campaign import open_campaign
+        from pixelpick.locking import campaign_lock
+        from pixelpick.recipe import run_campaign as run_plain
+
+        campaign = open_campaign(args.params, _overrides(args))
+        print(f"{'round':>5} {'px/img':>7} {'labelled':>9} {'mIoU':>6}")
+        with campaign_lock(campaign.layout.lock, campaign.name):
+            run_plain(campaign, progress=True, on_round=lambda r, m: print(
+                f"{r:>5} {m['pixels_per_image']:>7.1f} {m['labelled_pixels']:>9d} "
+                f"{'n/a' if m['miou'] is None else format(100 * m['miou'], '.1f'):>6}", flush=True))
+        return
+    from flows.campaign import campaign_flow
+
+    choice = _choice(args)
+    if args.serve:
+        name = args.campaign or choice.overrides.get("campaign.name") or "default"
+        _serve(campaign_flow, f"campaign-{name}", {"campaign": choice.model_dump()}, args)
+    else:
+        campaign_flow(choice)
+
+
+def run_round(args: argparse.Namespace) -> None:
+    from flows.round import round_flow
+
+    summary = round_flow(_choice(args, args.round), args.round)
+    miou = "n/a" if summary["miou"] is None else f"{100 * summary['miou']:.1f}"
+    print(f"round {args.round}: {summary['labelled_pixels']} labelled pixels, mIoU {miou}, model version "
+          f"{summary['model_version']}")
+
+
+def run_human(args: argparse.Namespace) -> None:
+    from flows.human import query_flow, train_flow
+
+    chosen = query_flow if args.stage == "query" else train_flow
+    choice = _choice(args, args.round if args.stage == "query" else None)
+    if args.stage == "train" and not args.serve:
+        from pixelpick.campaign import open_campaign
+        from pixelpick.human import job_progress
+
+        job_progress(open_campaign(args.params, _overrides(args), create=False), args.round)  # the job must exist
+    if args.serve:
+        name = f"{args.stage}-{args.campaign or 'default'}-r{args.round:02d}"
+        _serve(chosen, name, {"campaign": choice.model_dump(), "round_id": args.round}, args)
+    else:
+        chosen(choice, args.round)
+
+
+def run_annotate(args: argparse.Namespace) -> None:
+    from pixelpick.annotation.__main__ import main as annotation_main
+
+    annotation_main(args.arguments)
+
+
+def run_benchmark(args: argparse.Namespace) -> None:
+    from flows.benchmark import BenchmarkChoice, benchmark_flow
+
+    overrides = dict(parse_override(o) for o in args.overrides)
+    if args.camvid_root:
+        overrides.setdefault("data.root", str(Path(args.camvid_root).resolve()))
+    choice = BenchmarkChoice(
+        preset=args.preset, params=str(Path(args.params).resolve()), overrides=overrides,
+        strategies=args.strategies.split(",") if args.strategies else None,
+        seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None, variants=args.variants,
+        workdir=str(Path(args.workdir).resolve()), report_dir=str(Path(args.report_dir).resolve()),
+        report_only=args.report_only)
+    command = shlex.join(["pixelpick", "benchmark", *(a for a in sys.argv[2:] if a != "--report-only")])
+    paths = benchmark_flow(choice, command)
+    print(f"report: {paths['markdown']}")
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    import mlflow
+
+    from pixelpick.predict import PredictionInputError, read_rgb, save_label_map
+
+    images = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    if not images:
+        raise PredictionInputError(f"no images (png, jpg) under {args.images}")
+    model = mlflow.pyfunc.load_model(args.model)
+    colours = [c.colour for c in model.unwrap_python_model().predictor.label_space.classes]
+    for path in images:
+        labels = model.predict(read_rgb(path)[None])["labels"][0]
+        save_label_map(labels, colours, (args.out / path.relative_to(args.images)).with_suffix(".png"))
+    print(f"wrote {len(images)} label maps to {args.out}")
+
+
+def run_step(args: argparse.Namespace) -> None:
+    from pixelpick.campaign import open_recorded
+    from pixelpick.locking import campaign_lock
+    from pixelpick.reporting import write_progress
+    from tasks.steps import execute_step
+
+    campaign = open_recorded(args.campaign_dir)
+    with campaign_lock(campaign.layout.lock, campaign.name):
+        if args.step == "progress":
+            write_progress(campaign)
+            return
+        if args.round is None:
+            raise SystemExit("error: step needs --round N")
+        result = execute_step(campaign, args.step, args.round, progress=True)
+    print(f"{args.step} of round {args.round}: {'up to date' if result.fresh else 'done'}")
+
+
+def run_pipeline(args: argparse.Namespace) -> None:
+    from pixelpick.campaign import open_campaign
+    from tasks.versioning import write_pipeline
+
+    print(write_pipeline(open_campaign(args.params, _overrides(args))))
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "campaign": run_campaign, "round": run_round, "human": run_human, "annotate": run_annotate,
+    "benchmark": run_benchmark, "predict": run_predict, "step": run_step, "pipeline": run_pipeline,
+}
+
+
+class _OneLine(logging.Filter):
+    """Keeps Prefect's console log to one line per failure: the traceback is left to --debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.levelno >= logging.ERROR:
+            error = record.exc_info[1]
+            record.exc_info = record.exc_text = None
+            record.msg, record.args = f"{record.getMessage().splitlines()[0]} {type(error).__name__}: {error}", ()
+        return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_parser().parse_args(argv)
+    logging.getLogger("pixelpick").setLevel(logging.INFO)  # shown by Prefect's console handler
+    if not args.debug:
+        from prefect.logging.configuration import ensure_logging_setup
+
+        ensure_logging_setup()  # Prefect's console handler sits on the root logger; the API keeps the traceback
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_OneLine())
+    try:
+        COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted: the run stopped; run the same command again to continue where it stopped",
+              file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as error:
+        if args.debug or not _is_bad_input(error):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _is_bad_input(error: Exception) -> bool:
+    from tasks.versioning import VersioningError
+
+    return isinstance(error, (PixelPickError, VersioningError, FileNotFoundError))
+
+
+if __name__ == "__main__":
+    main()

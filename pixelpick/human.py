@@ -1,0 +1,92 @@
+"""Human labelling of a round: the job people label, and the batch their labels become.
+
+    export_job      the round's queries as an annotation job (rounds/rNN/job.json; docs/annotation.md)
+    job_progress    how many of the job's pixels are labelled
+    collect_labels  the finished job's labels, validated against the job and against the label snapshot they
+                    will join, written as the round's batch file (labels/rNN.parquet); nothing is written when
+                    any label is invalid
+    close_job       after the batch is ingested: the job takes no further edits, and the annotator says so
+
+The batch file is what the pipeline versions and ingests, so a human round is reproduced from it and never from
+the progress database or the ground truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from pixelpick.annotation.jobs import export_job as write_job_file
+from pixelpick.annotation.jobs import load_job
+from pixelpick.annotation.progress import ProgressStore, default_progress_path, ingest_job_labels
+from pixelpick.campaign import Campaign
+from pixelpick.io import write_parquet
+from pixelpick.labels import LabelStore, read_labels
+from pixelpick.layout import round_name
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    done: int
+    total: int
+    closed: bool
+
+    @property
+    def complete(self) -> bool:
+        return self.done >= self.total
+
+
+def export_job(campaign: Campaign, round_id: int) -> Path:
+    """Write the round's annotation job from its queries (the same queries give the same pixels)."""
+    files = campaign.files(round_id)
+    return write_job_file(pd.read_parquet(files.queries), campaign.pool,
+                          job_id=f"{campaign.name}-{round_name(round_id)}", campaign=campaign.name,
+                          round_id=round_id, path=files.job, dataset_name=campaign.settings.data.dataset)
+
+
+def job_progress(campaign: Campaign, round_id: int) -> JobProgress:
+    job_path = campaign.files(round_id).job
+    job = load_job(job_path)
+    database = default_progress_path(job_path)
+    if not database.exists():
+        return JobProgress(0, job.num_pixels, False)
+    store = ProgressStore(database, job)
+    return JobProgress(store.done_count(), job.num_pixels, store.closed_info() is not None)
+
+
+def collect_labels(campaign: Campaign, round_id: int) -> Path:
+    """The finished job's labels as the round's batch file. They are checked against the job (every queried pixel
+    once, with a class of the job) and against the previous snapshot (no pixel labelled twice) first."""
+    job_path = campaign.files(round_id).job
+    batch = campaign.layout.batch(round_id)
+    staging = batch.with_name(f".{batch.name}.collecting")
+    try:
+        ingest_job_labels(job_path, default_progress_path(job_path), staging)
+        _check_joins_snapshot(campaign, round_id, staging)
+        staging.replace(batch)
+    finally:
+        staging.unlink(missing_ok=True)
+    return batch
+
+
+def _check_joins_snapshot(campaign: Campaign, round_id: int, batch: Path) -> None:
+    """Append the batch to a scratch copy of the previous snapshot: LabelValidationError if it would not join."""
+    scratch = batch.with_name(f".{batch.name}.check")
+    try:
+        if round_id > 0:
+            write_parquet(read_labels(campaign.files(round_id - 1).snapshot), scratch)
+        space = campaign.pool.label_space
+        LabelStore(scratch, image_sizes=campaign.image_sizes, num_classes=space.num_classes,
+                   ignore_index=space.ignore_index).append(read_labels(batch))
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def close_job(campaign: Campaign, round_id: int) -> None:
+    """Close the round's job to further edits: its labels are now the round's snapshot."""
+    job_path = campaign.files(round_id).job
+    store = ProgressStore(default_progress_path(job_path), load_job(job_path))
+    if store.closed_info() is None:
+        store.close(f"ingested into round {round_id} of campaign {campaign.name}")

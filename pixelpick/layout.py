@@ -1,0 +1,107 @@
+"""Where a campaign keeps its files. Every path of a campaign is named here and nowhere else.
+
+    <campaign>/                      data/runs/<name>/ by default
+      params.yaml                    the campaign's settings, recorded when it started (every step reads them)
+      dvc.yaml, dvc.lock             its pipeline: one stage per step of each round (generated from the recipe)
+      labels/rNN.parquet             human label batches, one per round (DVC-tracked inputs, `rNN.parquet.dvc`)
+      progress.csv, progress.png     mIoU against labelled pixels, one row per evaluated round
+      rounds/rNN/
+        queries.parquet              the pixels round NN asked for (image_id, y, x, score, round)
+        annotations.parquet          the simulated annotator's answers (simulated campaigns only)
+        labels.parquet               the label snapshot: snapshot NN-1 plus this round's batch
+        model.pt                     the model trained on that snapshot (a self-describing checkpoint)
+        metrics.json                 mIoU and per-class IoU on the evaluation split (or why it was not measured)
+        probs.zarr                   the previous model's probabilities and scores (a regenerable intermediate)
+        job.json                     the round's annotation job (human campaigns), its progress database beside it
+        steps/<step>.json            what each step last ran on (its input key) and made (output digests, seconds)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RoundFiles:
+    """The files of one round."""
+
+    dir: Path
+
+    @property
+    def queries(self) -> Path:
+        return self.dir / "queries.parquet"
+
+    @property
+    def annotations(self) -> Path:
+        return self.dir / "annotations.parquet"
+
+    @property
+    def snapshot(self) -> Path:
+        return self.dir / "labels.parquet"
+
+    @property
+    def model(self) -> Path:
+        return self.dir / "model.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.json"
+
+    @property
+    def probs(self) -> Path:
+        return self.dir / "probs.zarr"
+
+    @property
+    def job(self) -> Path:
+        return self.dir / "job.json"
+
+    def step_record(self, step: str) -> Path:
+        return self.dir / "steps" / f"{step}.json"
+
+
+@dataclass(frozen=True)
+class CampaignLayout:
+    """The folder of one campaign."""
+
+    dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def params(self) -> Path:
+        return self.dir / "params.yaml"
+
+    @property
+    def pipeline(self) -> Path:
+        return self.dir / "dvc.yaml"
+
+    @property
+    def lock(self) -> Path:
+        return self.dir / ".lock"
+
+    @property
+    def progress_table(self) -> Path:
+        return self.dir / "progress.csv"
+
+    @property
+    def progress_plot(self) -> Path:
+        return self.dir / "progress.png"
+
+    def batch(self, round_id: int) -> Path:
+        """Where a human round's labels land as a batch file."""
+        return self.dir / "labels" / f"{round_name(round_id)}.parquet"
+
+    def round(self, round_id: int) -> RoundFiles:
+        return RoundFiles(self.dir / "rounds" / round_name(round_id))
+
+    def rounds_present(self) -> list[int]:
+        """The rounds that have a folder, in order."""
+        folders = (self.dir / "rounds").glob("r[0-9][0-9]*")
+        return sorted(int(folder.name[1:]) for folder in folders if folder.name[1:].isdigit())
+
+
+def round_name(round_id: int) -> str:
+    return f"r{round_id:02d}"

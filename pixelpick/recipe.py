@@ -1,0 +1,267 @@
+"""The recipe of a round, declared once: its ordered steps, and what each reads and writes.
+
+Every way of running a round goes through this declaration: the plain-Python loop here, the Prefect flows (one
+task per step, cached on `step_key`), `dvc repro` (one stage per step, generated from the same declaration), and
+the benchmark (which reads each step's seconds from its record). A step depends on exactly:
+
+- the settings keys it reads (`Step.settings`), by value;
+- its input files and folders: the dataset files it reads, the previous round's snapshot and model, the round's
+  queries or label batch, by content (md5).
+
+Those make the step's key. After a step runs, a record beside its outputs (`rounds/rNN/steps/<step>.json`) keeps
+the key, the md5 of every output and the seconds it took. A step is fresh, and is skipped, only when its key is
+unchanged and every output still has the digest recorded, so a deleted or damaged output is remade, with
+everything after it. Location settings (paths), `campaign.rounds` and runtime settings (device, workers) are in no
+key: moving a project, extending a campaign or changing machines redoes nothing.
+
+The label source is a parameter of the recipe: simulated campaigns label each round with the `annotate` step;
+human campaigns ingest the round's batch file (`labels/rNN.parquet`, written by `pixelpick.human`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pixelpick import steps
+from pixelpick.campaign import Campaign
+from pixelpick.digests import file_md5, tree_md5, value_digest
+from pixelpick.io import write_json
+from pixelpick.reporting import write_progress
+from pixelpick.steps import StepInputError
+
+log = logging.getLogger(__name__)
+
+# Settings keys, grouped by what reads them.
+DATA = ("data.dataset", "data.train_split", "data.image_size", "data.cityscapes_downsample")
+MODEL = ("model.arch", "model.dropout_p")
+TRAIN = ("train.epochs", "train.initial_epochs", "train.batch_size", "train.optimizer", "train.lr_backbone",
+         "train.lr_head", "train.weight_decay", "train.momentum", "train.schedule", "train.milestones", "train.gamma",
+         "train.crop_size", "train.scale_range", "train.hflip_p", "train.photometric", "train.warm_start",
+         "train.superpixels", "train.superpixel_compactness", "train.superpixel_weight",
+         "train.self_training_threshold", "train.self_training_weight")
+ACQUIRE = ("acquire.strategy", "acquire.pixels_per_image", "acquire.top_fraction", "acquire.mc_samples",
+           "acquire.class_balance", "acquire.min_distance", "acquire.exclude_void")
+
+Paths = dict[str, Path]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step: its name, the settings keys it reads, its inputs and outputs (named paths, given the campaign and
+    the round), and the function that runs it. `metrics`: its output is a small metrics file."""
+
+    name: str
+    settings: Callable[[Campaign, int], tuple[str, ...]]
+    inputs: Callable[[Campaign, int], Paths]
+    outputs: Callable[[Campaign, int], Paths]
+    run: Callable[..., dict[str, Any]]
+    metrics: bool = False
+
+
+def _pool_images(c: Campaign) -> Paths:
+    images, _ = c.pool.source_paths()
+    return {f"pool_images_{i}": path for i, path in enumerate(images)}
+
+
+def _pool_masks(c: Campaign) -> Paths:
+    _, masks = c.pool.source_paths()
+    return {f"pool_masks_{i}": path for i, path in enumerate(masks)}
+
+
+def _previous(c: Campaign, r: int, what: str) -> Paths:
+    return {} if r == 0 else {f"previous_{what}": getattr(c.files(r - 1), what)}
+
+
+def _reads_void(c: Campaign) -> bool:
+    return c.simulated and c.settings.acquire.exclude_void
+
+
+def _query_settings(c: Campaign, r: int) -> tuple[str, ...]:
+    common = (*DATA, "campaign.seed", "campaign.annotator", "acquire.exclude_void")
+    if r == 0:
+        return (*common, "campaign.initial_pixels_per_image")
+    return tuple(dict.fromkeys((*common, *MODEL, *ACQUIRE)))
+
+
+def _query_inputs(c: Campaign, r: int) -> Paths:
+    return {**_pool_images(c), **(_pool_masks(c) if _reads_void(c) else {}), **_previous(c, r, "model"),
+            **_previous(c, r, "snapshot")}
+
+
+def _run_query(c: Campaign, r: int, inputs: Paths, outputs: Paths, progress: bool) -> dict[str, Any]:
+    return steps.query(c, r, previous_model=inputs.get("previous_model"),
+                       previous_snapshot=inputs.get("previous_snapshot"), out=outputs["queries"])
+
+
+def _batch(c: Campaign, r: int) -> Path:
+    return c.files(r).annotations if c.simulated else c.layout.batch(r)
+
+
+def _train_inputs(c: Campaign, r: int) -> Paths:
+    t = c.settings.train
+    uses_previous = t.warm_start or t.self_training_threshold > 0
+    pretrained = c.settings.model.pretrained_path
+    return {"snapshot": c.files(r).snapshot, **_pool_images(c), **(_previous(c, r, "model") if uses_previous else {}),
+            **({"pretrained": pretrained} if pretrained else {})}
+
+
+def _evaluate_inputs(c: Campaign, r: int) -> Paths:
+    files = {"model": c.files(r).model, "snapshot": c.files(r).snapshot}
+    if c.eval_set is not None:
+        images, masks = c.eval_set.source_paths()
+        files.update({f"eval_images_{i}": p for i, p in enumerate(images)})
+        files.update({f"eval_masks_{i}": p for i, p in enumerate(masks) if p.exists()})
+    return files
+
+
+QUERY = Step("query", _query_settings, _query_inputs, lambda c, r: {"queries": c.files(r).queries}, _run_query)
+ANNOTATE = Step(
+    "annotate",
+    lambda c, r: (*DATA, "campaign.error_rate", "campaign.seed"),
+    lambda c, r: {"queries": c.files(r).queries, **_pool_masks(c)},
+    lambda c, r: {"annotations": c.files(r).annotations},
+    lambda c, r, i, o, progress: steps.annotate(c, r, queries=i["queries"], out=o["annotations"]),
+)
+INGEST = Step(
+    "ingest",
+    lambda c, r: DATA,
+    lambda c, r: {"batch": _batch(c, r), **_previous(c, r, "snapshot"), **_pool_images(c)},
+    lambda c, r: {"snapshot": c.files(r).snapshot},
+    lambda c, r, i, o, progress: steps.ingest(c, r, batch=i["batch"], previous_snapshot=i.get("previous_snapshot"),
+                                              out=o["snapshot"]),
+)
+TRAIN_STEP = Step(
+    "train",
+    lambda c, r: (*DATA, *MODEL, *TRAIN, "campaign.seed"),
+    _train_inputs,
+    lambda c, r: {"model": c.files(r).model},
+    lambda c, r, i, o, progress: steps.train(c, r, snapshot=i["snapshot"], previous_model=i.get("previous_model"),
+                                             out=o["model"], progress=progress),
+)
+EVALUATE = Step(
+    "evaluate",
+    lambda c, r: (*DATA, "data.eval_split", *MODEL),
+    _evaluate_inputs,
+    lambda c, r: {"metrics": c.files(r).metrics},
+    lambda c, r, i, o, progress: steps.evaluate(c, r, model=i["model"], snapshot=i["snapshot"], out=o["metrics"],
+                                                progress=progress),
+    metrics=True,
+)
+STEPS = {step.name: step for step in (QUERY, ANNOTATE, INGEST, TRAIN_STEP, EVALUATE)}
+
+
+def round_steps(campaign: Campaign) -> list[Step]:
+    """The ordered steps of a round: a simulated campaign annotates its queries itself; a human one ingests the
+    batch people made."""
+    if campaign.simulated:
+        return [QUERY, ANNOTATE, INGEST, TRAIN_STEP, EVALUATE]
+    return [QUERY, INGEST, TRAIN_STEP, EVALUATE]
+
+
+# ---------------------------------------------------------------------------------------------- keys and records
+
+
+def settings_values(campaign: Campaign, keys: tuple[str, ...]) -> dict[str, Any]:
+    """{dotted key: value} of the settings, as the campaign's record spells them."""
+    record = campaign.recorded_settings()
+    values = {}
+    for key in keys:
+        node: Any = record
+        for part in key.split("."):
+            node = node[part]
+        values[key] = node
+    return values
+
+
+def step_key(campaign: Campaign, step: Step, round_id: int) -> str:
+    """What the step's outputs are a function of: the step, the round, its settings values and input digests."""
+    inputs = step.inputs(campaign, round_id)
+    missing = [name for name, path in inputs.items() if not path.exists()]
+    if missing:
+        raise StepInputError(f"{step.name} of round {round_id} needs {inputs[missing[0]]}, which does not exist"
+                             + _hint(step, missing[0]))
+    return value_digest({
+        "step": step.name, "round": round_id,
+        "settings": settings_values(campaign, step.settings(campaign, round_id)),
+        "inputs": {name: tree_md5(path) for name, path in sorted(inputs.items())},
+    })
+
+
+def _hint(step: Step, missing: str) -> str:
+    if missing == "batch":
+        return ": its labels have not been collected (label the round's job, then run the human train flow)"
+    if missing.startswith("previous"):
+        return ": run the previous round first"
+    return ""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: str
+    round: int
+    fresh: bool  # True when the step was skipped because its outputs were up to date
+    outputs: dict[str, str]  # output name -> md5
+    seconds: dict[str, float]
+    details: dict[str, Any]
+
+
+def read_record(campaign: Campaign, step: Step, round_id: int) -> dict[str, Any] | None:
+    path = campaign.files(round_id).step_record(step.name)
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def is_fresh(campaign: Campaign, step: Step, round_id: int, key: str | None = None) -> bool:
+    """Whether the step's outputs are what its current inputs and settings make: same key, same output digests."""
+    record = read_record(campaign, step, round_id)
+    if record is None or record.get("key") != (key or step_key(campaign, step, round_id)):
+        return False
+    outputs = step.outputs(campaign, round_id)
+    return all(path.is_file() and file_md5(path) == record["outputs"].get(name) for name, path in outputs.items())
+
+
+def run_step(campaign: Campaign, step: Step, round_id: int, *, progress: bool = False,
+             force: bool = False) -> StepResult:
+    """Run one step of one round, unless it is fresh (or `force`); record what it made."""
+    key = step_key(campaign, step, round_id)
+    if not force and is_fresh(campaign, step, round_id, key):
+        record = read_record(campaign, step, round_id)
+        return StepResult(step.name, round_id, True, record["outputs"], record["seconds"], record.get("details", {}))
+    inputs, outputs = step.inputs(campaign, round_id), step.outputs(campaign, round_id)
+    log.info("round %d: %s", round_id, step.name)
+    measured = step.run(campaign, round_id, inputs, outputs, progress)
+    digests = {name: file_md5(path) for name, path in outputs.items()}
+    record = {"step": step.name, "round": round_id, "key": key, "outputs": digests,
+              "seconds": measured.get("seconds", {}), "details": measured.get("details", {})}
+    write_json(record, campaign.files(round_id).step_record(step.name))
+    return StepResult(step.name, round_id, False, digests, record["seconds"], record["details"])
+
+
+# ----------------------------------------------------------------------------------------------- the plain loop
+
+
+def run_round(campaign: Campaign, round_id: int, *, progress: bool = False) -> list[StepResult]:
+    """Every step of one round, in order, in this process. A human round stops with StepInputError until its
+    batch has been collected."""
+    return [run_step(campaign, step, round_id, progress=progress) for step in round_steps(campaign)]
+
+
+def run_campaign(campaign: Campaign, *, progress: bool = False,
+                 on_round: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Round 0 (random pixels), then `campaign.rounds` rounds, in plain Python; returns each round's metrics."""
+    results = []
+    for round_id in range(campaign.settings.campaign.rounds + 1):
+        run_round(campaign, round_id, progress=progress)
+        metrics = json.loads(campaign.files(round_id).metrics.read_text())
+        results.append(metrics)
+        write_progress(campaign)
+        if on_round is not None:
+            on_round(round_id, metrics)
+    return results

@@ -1,0 +1,84 @@
+"""Opening, holding and closing a campaign at the edge: its record and pipeline file, its lock, its MLflow run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from prefect import task
+
+from pixelpick.campaign import CampaignError, open_campaign
+from pixelpick.locking import campaign_lock, holds
+from pixelpick.recipe import round_steps
+from pixelpick.reporting import write_progress
+from tasks.steps import open_for_task
+from tasks.tracking import campaign_run, end_campaign_run, log_round, with_retries
+from tasks.versioning import write_pipeline
+
+
+@task(task_run_name="open-campaign")
+def start_campaign(params: str, overrides: dict[str, Any], annotator: str = "simulated") -> dict[str, Any]:
+    """Open (or start) the campaign: its settings recorded on first use or checked against the record (refused,
+    naming the keys, when they differ), its pipeline file written. The flow calling this needs the campaign's
+    labels to come from `annotator`. Returns the campaign's folder, name, rounds and round steps."""
+    campaign = open_campaign(params, overrides)
+    if campaign.settings.campaign.annotator != annotator:
+        command = "pixelpick human query/train" if annotator == "simulated" else "pixelpick campaign/round"
+        raise CampaignError(f"campaign {campaign.name!r} is labelled by campaign.annotator = "
+                            f"{campaign.settings.campaign.annotator!r}: run its rounds with `{command}`")
+    write_pipeline(campaign)
+    return {"dir": str(campaign.layout.dir), "name": campaign.name, "rounds": campaign.settings.campaign.rounds,
+            "steps": [step.name for step in round_steps(campaign)]}
+
+
+@contextmanager
+def hold_campaign(campaign_dir: str) -> Iterator[None]:
+    """For the duration of a flow: the campaign's lock (a second run of the campaign is refused at once), and its
+    MLflow parent run marked RUNNING, then FINISHED, FAILED, or KILLED when interrupted. A flow nested in another
+    that holds the campaign already (a round in a campaign) leaves both to the outer one."""
+    campaign = open_for_task(campaign_dir)
+    if holds(campaign.layout.lock):
+        yield
+        return
+    with campaign_lock(campaign.layout.lock, campaign.name):
+        track_campaign(campaign_dir)
+        try:
+            yield
+        except (KeyboardInterrupt, SystemExit):
+            finish_campaign(campaign_dir, "KILLED")
+            raise
+        except BaseException:
+            finish_campaign(campaign_dir, "FAILED")
+            raise
+        finish_campaign(campaign_dir, "FINISHED")
+
+
+@task(retries=2, retry_delay_seconds=5, task_run_name="mlflow-campaign-run")
+def track_campaign(campaign_dir: str) -> str:
+    """The campaign's MLflow parent run, marked RUNNING."""
+    return with_retries(lambda: campaign_run(open_for_task(campaign_dir)))
+
+
+@task(retries=2, retry_delay_seconds=5, task_run_name="mlflow-campaign-{status}")
+def finish_campaign(campaign_dir: str, status: str) -> None:
+    """Mark the campaign's MLflow parent run FINISHED, FAILED or KILLED."""
+    with_retries(lambda: end_campaign_run(open_for_task(campaign_dir), status))
+
+
+@task(task_run_name="progress")
+def update_progress(campaign_dir: str) -> str:
+    """The campaign's mIoU against labelled pixels, as a table and a plot (what `dvc plots show` draws)."""
+    table, _ = write_progress(open_for_task(campaign_dir))
+    return str(table)
+
+
+@task(task_run_name="summary-r{round_id:02d}")
+def round_summary(campaign_dir: str, round_id: int) -> dict[str, Any]:
+    """The round's labelled pixels, mIoU (or why it was not measured) and registered model version."""
+    campaign = open_for_task(campaign_dir)
+    metrics = json.loads(campaign.files(round_id).metrics.read_text())
+    summary = {key: metrics.get(key) for key in ("round", "labelled_pixels", "pixels_per_image", "miou",
+                                                  "not_measured")}
+    return {**summary, "model_version": log_round(campaign, round_id)}

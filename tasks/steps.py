@@ -1,0 +1,57 @@
+"""The steps of a round as Prefect tasks, and the one entry point that both Prefect and `dvc repro` run.
+
+`execute_step` runs one recipe step (skipped when fresh) and, for `evaluate`, logs the round to MLflow. A DVC
+stage runs it through `pixelpick step <step> --round N`; a Prefect task runs it in-process. The task's cache key
+is the step's key from the recipe (its settings values and input digests: no paths, no unread settings), and a
+cached result is used only while the step's outputs still have the digests its record holds.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from prefect import task
+from prefect.context import TaskRunContext
+
+from pixelpick.campaign import Campaign, open_recorded
+from pixelpick.recipe import STEPS, StepResult, is_fresh, run_step, step_key
+from tasks.tracking import log_round
+
+
+def open_for_task(campaign_dir: str) -> Campaign:
+    """The campaign at `campaign_dir`, read from its record (reused while the record is unchanged)."""
+    record = Path(campaign_dir) / "params.yaml"
+    return _open(str(Path(campaign_dir).resolve()), record.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _open(campaign_dir: str, record_version: int) -> Campaign:
+    return open_recorded(campaign_dir)
+
+
+def execute_step(campaign: Campaign, step: str, round_id: int, *, progress: bool = False) -> StepResult:
+    """Run step `step` of round `round_id` (unless fresh); an evaluated round is also logged to MLflow."""
+    result = run_step(campaign, STEPS[step], round_id, progress=progress)
+    if step == "evaluate":
+        log_round(campaign, round_id)
+    return result
+
+
+def _step_cache_key(context: TaskRunContext, parameters: dict) -> str:
+    campaign = open_for_task(parameters["campaign_dir"])
+    return step_key(campaign, STEPS[parameters["step"]], parameters["round_id"])
+
+
+@task(cache_key_fn=_step_cache_key, persist_result=True, result_serializer="json",
+      task_run_name="{step}-r{round_id:02d}")
+def step_task(campaign_dir: str, step: str, round_id: int) -> dict:
+    """One step of one round; returns the md5 of each output and the seconds it took."""
+    result = execute_step(open_for_task(campaign_dir), step, round_id, progress=True)
+    return {"step": step, "round": round_id, "outputs": result.outputs, "seconds": result.seconds}
+
+
+def run_step_task(campaign_dir: str, step: str, round_id: int) -> dict:
+    """Submit `step_task`, refreshing Prefect's cache unless the step's outputs are what its record says."""
+    fresh = is_fresh(open_for_task(campaign_dir), STEPS[step], round_id)
+    return step_task.with_options(refresh_cache=not fresh)(campaign_dir, step, round_id)
