@@ -9,21 +9,22 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.parameters import CampaignChoice
-from flows.round import round_flow
+from flows.parameters import CampaignChoice, ClusterChoice
+from flows.round import on_cluster
 from tasks.campaigns import hold_campaign, start_campaign
 
 
 @flow(name="pixelpick-campaign", flow_run_name="campaign", log_prints=True)
-def campaign_flow(campaign: CampaignChoice = CampaignChoice()) -> list[dict]:
-    """Every round of a simulated campaign, each skipped step by step when already done; prints a row per round."""
+def campaign_flow(campaign: CampaignChoice = CampaignChoice(), cluster: ClusterChoice = ClusterChoice()) -> list[dict]:
+    """Every round of a simulated campaign, each skipped step by step when already done; prints a row per round.
+    With a cluster, each round's query runs in shards on it."""
     opened = start_campaign(campaign.params_path(), campaign.overrides)
     print(f"campaign {opened['name']}: {opened['dir']}")
     print(f"{'round':>5} {'labelled':>9} {'px/img':>7} {'mIoU':>6}  model version")
     results = []
     with hold_campaign(opened["dir"]):
         for round_id in range(opened["rounds"] + 1):
-            summary = round_flow(campaign, round_id)
+            summary = on_cluster(cluster)(campaign, round_id, cluster)
             miou = "n/a" if summary["miou"] is None else f"{100 * summary['miou']:.1f}"
             print(f"{round_id:>5} {summary['labelled_pixels']:>9} {summary['pixels_per_image']:>7.1f} {miou:>6}  "
                   f"v{summary['model_version']}")

@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,19 @@ def _campaign_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--campaign", help="the campaign's name (the same as --set campaign.name=NAME)")
 
 
+def _cluster_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=0,
+                        help="run each round's query in shards on a local Dask cluster of N worker processes")
+    parser.add_argument("--dask-address", help="... or on an existing Dask cluster (tcp://scheduler:8786)")
+    parser.add_argument("--shards", type=int, help="shards of the pool (default: 4 per worker, or 16)")
+
+
+def _cluster(args: argparse.Namespace):
+    from flows.parameters import ClusterChoice
+
+    return ClusterChoice(workers=args.workers, address=args.dask_address, shards=args.shards)
+
+
 def _serve_options(parser: argparse.ArgumentParser, default_interval: float | None = None) -> None:
     parser.add_argument("--serve", action="store_true", help="serve as a scheduled deployment instead of running once "
                         "(needs a Prefect server: PREFECT_API_URL)")
@@ -55,11 +69,13 @@ def get_parser() -> argparse.ArgumentParser:
     campaign = commands.add_parser("campaign", help="run a whole campaign")
     _campaign_options(campaign)
     campaign.add_argument("--plain", action="store_true", help="in this process only: no Prefect, MLflow or DVC")
+    _cluster_options(campaign)
     _serve_options(campaign)
 
     round_ = commands.add_parser("round", help="run one round of a campaign")
     round_.add_argument("round", type=int)
     _campaign_options(round_)
+    _cluster_options(round_)
 
     human = commands.add_parser("human", help="a round labelled by people")
     human.add_argument("stage", choices=["query", "train"])
@@ -149,15 +165,17 @@ def run_campaign(args: argparse.Namespace) -> None:
     choice = _choice(args)
     if args.serve:
         name = args.campaign or choice.overrides.get("campaign.name") or "default"
-        _serve(campaign_flow, f"campaign-{name}", {"campaign": choice.model_dump()}, args)
+        _serve(campaign_flow, f"campaign-{name}", {"campaign": choice.model_dump(),
+                                                   "cluster": _cluster(args).model_dump()}, args)
     else:
-        campaign_flow(choice)
+        campaign_flow(choice, _cluster(args))
 
 
 def run_round(args: argparse.Namespace) -> None:
-    from flows.round import round_flow
+    from flows.round import on_cluster
 
-    summary = round_flow(_choice(args, args.round), args.round)
+    cluster = _cluster(args)
+    summary = on_cluster(cluster)(_choice(args, args.round), args.round, cluster)
     miou = "n/a" if summary["miou"] is None else f"{100 * summary['miou']:.1f}"
     print(f"round {args.round}: {summary['labelled_pixels']} labelled pixels, mIoU {miou}, model version "
           f"{summary['model_version']}")
@@ -226,6 +244,12 @@ def run_step(args: argparse.Namespace) -> None:
     from tasks.steps import execute_step
 
     campaign = open_recorded(args.campaign_dir)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # one process of a torchrun launch: train as part of the group
+        from pixelpick.distributed import init_from_environment
+
+        campaign.device = init_from_environment()
+        execute_step(campaign, args.step, args.round, progress=False)
+        return
     with campaign_lock(campaign.layout.lock, campaign.name):
         if args.step == "progress":
             write_progress(campaign)
@@ -260,8 +284,15 @@ class _OneLine(logging.Filter):
         return True
 
 
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM stops a run as Ctrl-C does: at once, through the same clean-up (flow and MLflow run marked, the
+    temporary server stopped, training's resume point kept)."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = get_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
     logging.getLogger("pixelpick").setLevel(logging.INFO)  # shown by Prefect's console handler
     if not args.debug:
         from prefect.logging.configuration import ensure_logging_setup
@@ -269,11 +300,16 @@ def main(argv: list[str] | None = None) -> None:
         ensure_logging_setup()  # Prefect's console handler sits on the root logger; the API keeps the traceback
         for handler in logging.getLogger().handlers:
             handler.addFilter(_OneLine())
+    from tasks.servers import stop_orphaned_servers
+
+    stop_orphaned_servers()
+    from prefect.exceptions import TerminationSignal
+
     try:
         COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("interrupted: the run stopped; run the same command again to continue where it stopped",
-              file=sys.stderr)
+    except (KeyboardInterrupt, TerminationSignal) as stop:
+        cause = "SIGTERM" if isinstance(stop, TerminationSignal) else str(stop) or "SIGINT"
+        print(f"stopped ({cause}): run the same command again to continue where it stopped", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as error:
         if args.debug or not _is_bad_input(error):

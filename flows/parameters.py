@@ -22,3 +22,22 @@ class CampaignChoice(BaseModel):
     def params_path(self) -> str:
         path = Path(self.params).expanduser()
         return str(path if path.is_absolute() else PROJECT / path)
+
+
+class ClusterChoice(BaseModel):
+    """Where a round's query runs: in the flow's process (the default), on a local Dask cluster of `workers`
+    single-threaded processes, or on the Dask cluster at `address`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int = Field(0, ge=0, description="> 0: start a local Dask cluster of this many worker processes")
+    address: str | None = Field(None, description="an existing Dask scheduler, e.g. tcp://scheduler:8786")
+    shards: int | None = Field(None, ge=1, description="shards of the pool (default: 4 per worker, or 16)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.workers or self.address)
+
+    @property
+    def shard_count(self) -> int:
+        return self.shards or (4 * self.workers if self.workers else 16)

@@ -7,22 +7,34 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.parameters import CampaignChoice
+from flows.parameters import CampaignChoice, ClusterChoice
 from tasks.artifacts import publish_round_artifacts
 from tasks.campaigns import hold_campaign, round_summary, start_campaign, update_progress
+from tasks.cluster import dask_task_runner, query_on_cluster
 from tasks.steps import run_step_task
 from tasks.versioning import version_round
 
 
 @flow(name="pixelpick-round", flow_run_name="round-{round_id:02d}", log_prints=True)
-def round_flow(campaign: CampaignChoice = CampaignChoice(), round_id: int = 0) -> dict:
+def round_flow(campaign: CampaignChoice = CampaignChoice(), round_id: int = 0,
+               cluster: ClusterChoice = ClusterChoice()) -> dict:
     """Run round `round_id` of a simulated campaign: query, annotate, ingest, train, evaluate (each skipped when
-    its outputs are up to date), then record it in dvc.lock and publish its artifacts."""
+    its outputs are up to date), then record it in dvc.lock and publish its artifacts. With a cluster, the query's
+    shards run on its workers (`on_cluster` gives this flow the cluster's task runner)."""
     opened = start_campaign(campaign.params_path(), campaign.overrides)
     with hold_campaign(opened["dir"]):
         for step in opened["steps"]:
-            run_step_task(opened["dir"], step, round_id)
+            if step == "query" and cluster.enabled:
+                query_on_cluster(opened["dir"], round_id, cluster.shard_count)
+            else:
+                run_step_task(opened["dir"], step, round_id)
         update_progress(opened["dir"])
         version_round(opened["dir"], round_id)
         publish_round_artifacts(opened["dir"], round_id)
         return round_summary(opened["dir"], round_id)
+
+
+def on_cluster(cluster: ClusterChoice):
+    """The round flow with the cluster's task runner (the flow's own process runs everything without one)."""
+    runner = dask_task_runner(cluster.workers, cluster.address)
+    return round_flow if runner is None else round_flow.with_options(task_runner=runner)

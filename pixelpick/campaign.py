@@ -35,7 +35,7 @@ from pixelpick.training import resolve_device
 log = logging.getLogger(__name__)
 
 # Keys that say how fast or on what to run, not what to compute: they never make a campaign "another recipe".
-RUNTIME_KEYS = ("train.device", "train.num_workers", "train.eval_batch_size")
+RUNTIME_KEYS = ("train.device", "train.num_workers", "train.eval_batch_size", "train.checkpoint_every")
 _PATH_KEYS = ("data.root", "data.classes_file", "data.cache_dir", "model.pretrained_path", "campaign.workdir")
 
 
@@ -157,10 +157,11 @@ def _reopen(settings: Settings, layout: CampaignLayout) -> Campaign:
             f"campaign {settings.campaign.name!r} was started with other settings ({listed}). Give a new campaign "
             f"another name (--set campaign.name=...), or edit {layout.params} and run `dvc repro` in that folder "
             "to redo what the change affects")
-    # The number of rounds and the runtime keys may change: no step reads them, so nothing is redone.
+    # The number of rounds, where stores go and the runtime keys may change: no step's output depends on them.
     runtime = {key.split(".")[1]: getattr(settings.train, key.split(".")[1]) for key in RUNTIME_KEYS}
+    changeable = {key: getattr(settings.campaign, key) for key in ("rounds", "store_url", "keep_stores")}
     updated = recorded.model_copy(update={
-        "campaign": recorded.campaign.model_copy(update={"rounds": settings.campaign.rounds}),
+        "campaign": recorded.campaign.model_copy(update=changeable),
         "train": recorded.train.model_copy(update=runtime)})
     if updated != recorded:
         write_record(updated, layout)
@@ -169,7 +170,7 @@ def _reopen(settings: Settings, layout: CampaignLayout) -> Campaign:
 
 def recipe_differences(recorded: Settings, given: Settings) -> dict[str, tuple[str, str]]:
     """{key: (recorded, given)} for every setting that differs, ignoring `campaign.rounds` and runtime keys."""
-    ignored = {"campaign.rounds", "train.preset", *RUNTIME_KEYS}
+    ignored = {"campaign.rounds", "train.preset", "campaign.store_url", "campaign.keep_stores", *RUNTIME_KEYS}
     old, new = (flatten(json.loads(s.model_dump_json())) for s in (recorded, given))
     return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
             if key not in ignored and old.get(key) != new.get(key)}

@@ -30,23 +30,32 @@ def predict_batches(
     mc_samples: int = 0,
     batch_size: int = 8,
     before_forward: Callable[[], None] | None = None,
+    batches: Sequence[tuple[int, list[str]]] | None = None,
+    seed: int | None = None,
 ) -> Iterator[tuple[list[str], torch.Tensor]]:
     """Yield (image ids, probabilities) per batch: (N, C, H, W), or (N, T, C, H, W) for T = `mc_samples` >= 2.
 
     Tensors are float32 on the CPU. Only one batch is ever held, so memory does not grow with the pool.
     `before_forward`, if given, is called after a batch's images are loaded and before its forward pass.
+    `batches` ((index in the pool's batches, image ids), ...) replaces `image_ids` and `batch_size`; with `seed`,
+    each batch's MC-dropout masks are drawn from (seed, its index), so a shard of the pool draws what the whole
+    pool would.
     """
+    if batches is None:
+        batches = list(enumerate(same_size_batches(dataset, image_ids, batch_size)))
     model.eval().to(device).to(memory_format=torch.channels_last)
     set_mc_dropout(model, mc_samples >= 2)
     space = dataset.label_space
     transform = EvalTransform(mean=space.mean, std=space.std)
     passes = max(mc_samples, 1)
     try:
-        for ids in same_size_batches(dataset, image_ids, batch_size):
+        for index, ids in batches:
             images = torch.stack([transform(dataset.load_image(i))["image"] for i in ids]).to(device)
             images = images.contiguous(memory_format=torch.channels_last)  # faster on the CPU and the GPU alike
             if before_forward is not None:
                 before_forward()
+            if passes > 1 and seed is not None:
+                torch.manual_seed(seed * 1_000_003 + index)
             samples = []
             for _ in range(passes):
                 with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
@@ -102,17 +111,25 @@ def infer_to_store(
     key: str | None = None,
     progress: bool = False,
     timings: InferenceTimings | None = None,
-) -> Path:
-    """Run the model over the whole pool and store each image's mean probabilities and `strategy` score map.
+    batches: Sequence[tuple[int, list[str]]] | None = None,
+) -> str | Path:
+    """Run the model over the pool and store each image's mean probabilities and `strategy` score map.
 
     Scores are computed here, from the live float32 probabilities, because MC strategies (BALD) need every pass
     and storing T x C x H x W per image is what makes uncertainty pipelines run out of memory. Each batch is scored
     at once and written on the store's writer thread while the next batch runs through the model. Pass `timings`
     to have it filled in. `key` is recorded in the store, to tell later what it was computed from.
+
+    Without `batches` this creates the store at `store_path` (a path or an fsspec URL), fills it and marks it
+    complete. With `batches` ((index in the pool's batches, image ids), ...: one shard, see `pool_batches`), it
+    writes those images into a store `create_store` made, and the caller marks it complete once all shards are in.
     """
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    image_ids = list(dataset.image_ids)
+    shard = batches is not None
+    if batches is None:
+        batches = list(enumerate(same_size_batches(dataset, dataset.image_ids, batch_size)))
+    image_ids = [image_id for _, ids in batches for image_id in ids]
     sizes = {image_id: dataset.image_size(image_id) for image_id in image_ids}
     scoring_seconds = 0.0
 
@@ -124,12 +141,14 @@ def infer_to_store(
         scoring_seconds += time.perf_counter() - scoring_start
         return stored, scores
 
-    with ProbabilityWriter(store_path, sizes, dataset.label_space.num_classes, strategy, dtype, key=key) as writer:
+    writer = (ProbabilityWriter(store_path, images=image_ids) if shard else
+              ProbabilityWriter(store_path, sizes, dataset.label_space.num_classes, strategy, dtype, key=key))
+    with writer:
         # On the CPU the forward pass already keeps every core busy, and a writer thread running beside it stalls
         # torch's thread team at each op; so the previous batch is scored and written while this batch's images
         # load (single-threaded), and finished before the forward pass starts.
-        stream = predict_batches(model, dataset, image_ids, device, mc_samples=mc_samples, batch_size=batch_size,
-                                 before_forward=writer.drain if device.type == "cpu" else None)
+        stream = predict_batches(model, dataset, image_ids, device, mc_samples=mc_samples, batches=batches,
+                                 seed=seed, before_forward=writer.drain if device.type == "cpu" else None)
         with tqdm(total=len(image_ids), desc="infer", disable=not progress, leave=False) as bar:
             for ids, probs in stream:
                 # Mean over MC passes and the store's dtype here: torch converts to float16 far faster than numpy.
@@ -141,7 +160,12 @@ def infer_to_store(
         timings.scoring_seconds = scoring_seconds
         timings.write_seconds = writer.write_seconds
         timings.images = len(image_ids)
-    return Path(store_path)
+    return store_path
+
+
+def pool_batches(dataset: SegmentationDataset, batch_size: int) -> list[tuple[int, list[str]]]:
+    """The pool's batches as (index, image ids): shards made of whole batches infer exactly what the pool does."""
+    return list(enumerate(same_size_batches(dataset, dataset.image_ids, batch_size)))
 
 
 def same_size_batches(

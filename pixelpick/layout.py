@@ -13,6 +13,7 @@
         metrics.json                 mIoU and per-class IoU on the evaluation split (or why it was not measured)
         probs.zarr                   the previous model's probabilities and scores (a regenerable intermediate)
         job.json                     the round's annotation job (human campaigns), its progress database beside it
+        train.resume.pt              while training: its state every few epochs, so a killed run continues
         steps/<step>.json            what each step last ran on (its input key) and made (output digests, seconds)
 """
 
@@ -55,6 +56,11 @@ class RoundFiles:
     @property
     def job(self) -> Path:
         return self.dir / "job.json"
+
+    @property
+    def training_state(self) -> Path:
+        """Training's resume point while the round's model is being trained (removed once it is done)."""
+        return self.dir / "train.resume.pt"
 
     def step_record(self, step: str) -> Path:
         return self.dir / "steps" / f"{step}.json"

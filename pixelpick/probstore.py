@@ -50,16 +50,17 @@ def _size_key(size: Sequence[int]) -> str:
 
 
 class ProbabilityStore:
-    """Read access to a complete store."""
+    """Read access to a complete store (or, with `require_complete=False`, to the shards written so far)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, location: str | Path, *, require_complete: bool = True) -> None:
+        self.location = location
+        self.path = _store_location(location)
         try:
             self.group = zarr.open_group(self.path, mode="r")
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"no probability store at {self.path}") from exc
         attrs = self.group.attrs
-        if not attrs.get("complete", False):
+        if require_complete and not attrs.get("complete", False):
             raise RuntimeError(f"probability store {self.path} is incomplete (inference was interrupted): re-run it")
         self.key: str | None = attrs.get("key")
         self.image_ids: list[str] = list(attrs["image_ids"])
@@ -83,14 +84,17 @@ class ProbabilityStore:
         return self._read("probs", image_id)
 
     def missing_images(self) -> list[str]:
-        """Images whose probability or score chunk file is gone from disk (they would read back as NaN)."""
+        """Images whose probability or score chunk is gone from the store (they would read back as NaN)."""
+        present: dict[tuple[str, str], set[str]] = {}
         missing = []
         for image_id in self.image_ids:
             size_key, row = self._rows[image_id]
             for kind in ("probs", "scores"):
                 array = self._array(kind, size_key)
+                if (kind, size_key) not in present:
+                    present[kind, size_key] = set(_list_keys(self.group.store, f"{kind}/{size_key}/"))
                 chunk = array.metadata.encode_chunk_key((row,) + (0,) * (array.ndim - 1))
-                if not (self.path / kind / size_key / chunk).is_file():
+                if f"{kind}/{size_key}/{chunk}" not in present[kind, size_key]:
                     missing.append(image_id)
                     break
         return missing
@@ -122,8 +126,80 @@ class ProbabilityStore:
         yield from zip(image_ids, block)
 
 
+def create_store(
+    location: str | Path,
+    image_sizes: Mapping[str, tuple[int, int]],
+    num_classes: int,
+    strategy: str,
+    dtype: str = "float16",
+    key: str | None = None,
+) -> None:
+    """Create an empty store for the pool `image_sizes` (image id -> (H, W)), replacing any store there.
+
+    `location` is a local path or any fsspec URL (`s3://...`), so that writers on other machines can reach it.
+    """
+    group = zarr.open_group(_store_location(location), mode="w")
+    by_size: dict[str, list[str]] = {}
+    for image_id, size in image_sizes.items():
+        by_size.setdefault(_size_key(size), []).append(image_id)
+    rows = {image_id: [size_key, row] for size_key, ids in by_size.items() for row, image_id in enumerate(ids)}
+    for size_key, ids in by_size.items():
+        height, width = map(int, size_key.split("x"))
+        for kind, shape, array_dtype, compressors in (
+            ("probs", (num_classes, height, width), dtype, _COMPRESSORS),
+            ("scores", (height, width), "float32", None),
+        ):
+            zarr.create_array(group.store, name=f"{kind}/{size_key}", shape=(len(ids), *shape), chunks=(1, *shape),
+                              dtype=array_dtype, compressors=compressors, fill_value=np.nan,
+                              chunk_key_encoding=_CHUNK_KEYS)
+    group.attrs.update({"image_ids": list(image_sizes), "rows": rows, "num_classes": num_classes,
+                        "strategy": strategy, "key": key, "complete": False})
+
+
+def mark_complete(location: str | Path) -> None:
+    """Declare a store complete once every image's chunks are on disk (the writers of all shards are done)."""
+    group = zarr.open_group(_store_location(location), mode="r+")
+    group.attrs["complete"] = True
+    missing = ProbabilityStore(location).missing_images()
+    if missing:
+        group.attrs["complete"] = False
+        raise RuntimeError(f"{len(missing)} images of store {location} were never written, e.g. {missing[0]!r}")
+
+
+def store_bytes(location: str | Path) -> int:
+    """The bytes a store takes (0 when there is none)."""
+    fs, path = _filesystem(location)
+    return int(fs.du(path)) if fs.exists(path) else 0
+
+
+def remove_store(location: str | Path) -> bool:
+    """Delete a store; True if there was one. A deleted store is regenerated from its round's model when needed."""
+    fs, path = _filesystem(location)
+    if not fs.exists(path):
+        return False
+    fs.rm(path, recursive=True)
+    return True
+
+
+def _filesystem(location: str | Path):
+    import fsspec
+
+    return fsspec.core.url_to_fs(str(location))
+
+
+def _store_location(location: str | Path) -> str | Path:
+    """A local path as a Path (Zarr's LocalStore), a URL as it is (fsspec)."""
+    text = str(location)
+    return text if "://" in text and not text.startswith("file://") else Path(text.removeprefix("file://"))
+
+
 class ProbabilityWriter:
-    """Writes a new store; use as a context manager. `complete` is set only when every image was written.
+    """Writes images into a store; use as a context manager.
+
+    Given the pool (`image_sizes`, `num_classes`, `strategy`) it creates the store, writes every image and marks
+    the store complete at the end of the `with` block: one writer for the whole pool. Given only `images`, it
+    writes those images into an existing store (`create_store`) and leaves completion to whoever wrote the other
+    shards (`mark_complete`): every image is one chunk, so writers of disjoint shards never touch the same chunk.
 
     `compute_seconds` and `write_seconds` add up the writer thread's time in queued computations (scoring) and in
     encoding and writing chunks; read them after the `with` block.
@@ -131,39 +207,30 @@ class ProbabilityWriter:
 
     def __init__(
         self,
-        path: str | Path,
-        image_sizes: Mapping[str, tuple[int, int]],
-        num_classes: int,
-        strategy: str,
+        location: str | Path,
+        image_sizes: Mapping[str, tuple[int, int]] | None = None,
+        num_classes: int | None = None,
+        strategy: str | None = None,
         dtype: str = "float16",
         key: str | None = None,
+        *,
+        images: Sequence[str] | None = None,
     ) -> None:
-        self.path, self.image_ids = Path(path), list(image_sizes)
-        self.group = zarr.open_group(self.path, mode="w")
-        by_size: dict[str, list[str]] = {}
-        for image_id, size in image_sizes.items():
-            by_size.setdefault(_size_key(size), []).append(image_id)
-        self._rows = {image_id: [key, row] for key, ids in by_size.items() for row, image_id in enumerate(ids)}
-        self._arrays: dict[tuple[str, str], zarr.Array] = {}
-        self._chunk_writers: dict[tuple[str, str], Callable[[int, np.ndarray], None]] = {}
-        for size_key, ids in by_size.items():
-            height, width = map(int, size_key.split("x"))
-            for kind, shape, array_dtype, compressors in (
-                ("probs", (num_classes, height, width), dtype, _COMPRESSORS),
-                ("scores", (height, width), "float32", None),
-            ):
-                array = zarr.create_array(
-                    self.group.store, name=f"{kind}/{size_key}", shape=(len(ids), *shape), chunks=(1, *shape),
-                    dtype=array_dtype, compressors=compressors, fill_value=np.nan, chunk_key_encoding=_CHUNK_KEYS,
-                )
-                self._arrays[kind, size_key] = array
-                self._chunk_writers[kind, size_key] = _chunk_writer(array)
-        self.group.attrs.update({"image_ids": self.image_ids, "rows": self._rows, "num_classes": num_classes,
-                                 "strategy": strategy, "key": key, "complete": False})
+        self.location = location
+        self._owns_store = image_sizes is not None
+        if self._owns_store:
+            create_store(location, image_sizes, num_classes, strategy, dtype, key)
+        self.group = zarr.open_group(_store_location(location), mode="r+")
+        self._rows: dict[str, list] = dict(self.group.attrs["rows"])
+        self.image_ids = list(images) if images is not None else list(self.group.attrs["image_ids"])
+        self._chunk_writers = {
+            (kind, size_key): _chunk_writer(self.group[f"{kind}/{size_key}"])
+            for kind in ("probs", "scores") for size_key in {key for key, _ in self._rows.values()}
+        }
         self._written: set[str] = set()
         self.compute_seconds = 0.0
         self.write_seconds = 0.0
-        # One thread = one writer per shard, and a bounded backlog keeps memory flat.
+        # One thread = one writer per chunk, and a bounded backlog keeps memory flat.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer")
         self._pending: list[Future] = []
 
@@ -194,6 +261,9 @@ class ProbabilityWriter:
         for image_id in image_ids:
             if image_id not in self._rows:
                 raise KeyError(f"image {image_id!r} is not in this store's pool")
+        # Raised only if a caller mixes up shards: two writers must never share a chunk.
+        if not set(image_ids) <= set(self.image_ids):
+            raise KeyError(f"images {sorted(set(image_ids) - set(self.image_ids))[:3]} belong to another shard")
         self._pending.append(self._pool.submit(self._write, image_ids, compute))
         self._written.update(image_ids)
         while len(self._pending) > 2:
@@ -230,7 +300,8 @@ class ProbabilityWriter:
             missing = set(self.image_ids) - self._written
             if missing:
                 raise RuntimeError(f"{len(missing)} images were never written, e.g. {sorted(missing)[0]!r}")
-            self.group.attrs["complete"] = True
+            if self._owns_store:
+                self.group.attrs["complete"] = True
 
 
 def _chunk_writer(array: zarr.Array) -> Callable[[int, np.ndarray], None]:
@@ -275,3 +346,13 @@ def _chunk_writer(array: zarr.Array) -> Callable[[int, np.ndarray], None]:
             file.write(encoded)
 
     return write_directly
+
+
+def _list_keys(store, prefix: str) -> list[str]:
+    """The keys of `store` under `prefix` (Zarr's stores list asynchronously)."""
+    from zarr.core.sync import sync
+
+    async def collect() -> list[str]:
+        return [prefix + key async for key in store.list_dir(prefix.rstrip("/"))]
+
+    return sync(collect())

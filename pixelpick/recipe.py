@@ -30,6 +30,7 @@ from typing import Any
 from pixelpick import steps
 from pixelpick.campaign import Campaign
 from pixelpick.digests import file_md5, tree_md5, value_digest
+from pixelpick.distributed import is_main_process
 from pixelpick.io import write_json
 from pixelpick.reporting import write_progress
 from pixelpick.steps import StepInputError
@@ -43,7 +44,7 @@ TRAIN = ("train.epochs", "train.initial_epochs", "train.batch_size", "train.opti
          "train.lr_head", "train.weight_decay", "train.momentum", "train.schedule", "train.milestones", "train.gamma",
          "train.crop_size", "train.scale_range", "train.hflip_p", "train.photometric", "train.warm_start",
          "train.superpixels", "train.superpixel_compactness", "train.superpixel_weight",
-         "train.self_training_threshold", "train.self_training_weight")
+         "train.self_training_threshold", "train.self_training_weight", "train.processes")
 ACQUIRE = ("acquire.strategy", "acquire.pixels_per_image", "acquire.top_fraction", "acquire.mc_samples",
            "acquire.class_balance", "acquire.min_distance", "acquire.exclude_void")
 
@@ -135,9 +136,17 @@ INGEST = Step(
     lambda c, r, i, o, progress: steps.ingest(c, r, batch=i["batch"], previous_snapshot=i.get("previous_snapshot"),
                                               out=o["snapshot"]),
 )
+def _train_settings(c: Campaign, r: int) -> tuple[str, ...]:
+    # Round 0 has no previous model to warm-start from or learn pseudo-labels of, and runs `initial_epochs`.
+    unread = {"train.warm_start", "train.self_training_threshold", "train.self_training_weight"} if r == 0 else set()
+    if r > 0 or c.settings.train.initial_epochs is not None:
+        unread.add("train.initial_epochs" if r > 0 else "train.epochs")
+    return tuple(key for key in (*DATA, *MODEL, *TRAIN, "campaign.seed") if key not in unread)
+
+
 TRAIN_STEP = Step(
     "train",
-    lambda c, r: (*DATA, *MODEL, *TRAIN, "campaign.seed"),
+    _train_settings,
     _train_inputs,
     lambda c, r: {"model": c.files(r).model},
     lambda c, r, i, o, progress: steps.train(c, r, snapshot=i["snapshot"], previous_model=i.get("previous_model"),
@@ -227,21 +236,37 @@ def is_fresh(campaign: Campaign, step: Step, round_id: int, key: str | None = No
     return all(path.is_file() and file_md5(path) == record["outputs"].get(name) for name, path in outputs.items())
 
 
-def run_step(campaign: Campaign, step: Step, round_id: int, *, progress: bool = False,
-             force: bool = False) -> StepResult:
-    """Run one step of one round, unless it is fresh (or `force`); record what it made."""
+def begin_step(campaign: Campaign, step: Step, round_id: int, *, force: bool = False) -> tuple[str, StepResult | None]:
+    """The step's key, and its recorded result if it is fresh (None when it must run)."""
     key = step_key(campaign, step, round_id)
-    if not force and is_fresh(campaign, step, round_id, key):
-        record = read_record(campaign, step, round_id)
-        return StepResult(step.name, round_id, True, record["outputs"], record["seconds"], record.get("details", {}))
-    inputs, outputs = step.inputs(campaign, round_id), step.outputs(campaign, round_id)
-    log.info("round %d: %s", round_id, step.name)
-    measured = step.run(campaign, round_id, inputs, outputs, progress)
-    digests = {name: file_md5(path) for name, path in outputs.items()}
+    if force or not is_fresh(campaign, step, round_id, key):
+        return key, None
+    record = read_record(campaign, step, round_id)
+    return key, StepResult(step.name, round_id, True, record["outputs"], record["seconds"], record.get("details", {}))
+
+
+def record_step(campaign: Campaign, step: Step, round_id: int, key: str, measured: dict[str, Any]) -> StepResult:
+    """After a step ran: record its key, the md5 of each output and what it measured (in a distributed training
+    run, process 0 alone writes, as it alone writes the outputs)."""
+    if not is_main_process():
+        return StepResult(step.name, round_id, False, {}, measured.get("seconds", {}), measured.get("details", {}))
+    digests = {name: file_md5(path) for name, path in step.outputs(campaign, round_id).items()}
     record = {"step": step.name, "round": round_id, "key": key, "outputs": digests,
               "seconds": measured.get("seconds", {}), "details": measured.get("details", {})}
     write_json(record, campaign.files(round_id).step_record(step.name))
     return StepResult(step.name, round_id, False, digests, record["seconds"], record["details"])
+
+
+def run_step(campaign: Campaign, step: Step, round_id: int, *, progress: bool = False,
+             force: bool = False) -> StepResult:
+    """Run one step of one round, unless it is fresh (or `force`); record what it made."""
+    key, done = begin_step(campaign, step, round_id, force=force)
+    if done is not None:
+        return done
+    log.info("round %d: %s", round_id, step.name)
+    measured = step.run(campaign, round_id, step.inputs(campaign, round_id), step.outputs(campaign, round_id),
+                        progress)
+    return record_step(campaign, step, round_id, key, measured)
 
 
 # ----------------------------------------------------------------------------------------------- the plain loop

@@ -109,6 +109,8 @@ class TrainSettings(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = Field(0, ge=0)
     eval_batch_size: int = Field(8, ge=1)
+    checkpoint_every: int = Field(5, ge=1)  # epochs between resume points, so a killed training continues
+    processes: int = Field(1, ge=1)  # > 1: data-parallel training in this many processes (torch DDP, torchrun)
 
     @model_validator(mode="before")
     @classmethod
@@ -150,6 +152,10 @@ class AcquireSettings(_Section):
 class CampaignSettings(_Section):
     name: str = Field("synthetic-margin", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     workdir: Path = Path("data/runs")  # each campaign gets the folder <workdir>/<name>
+    # Where probability stores go: None = each round's folder; a shared path or fsspec URL (s3://...) that every
+    # worker of a cluster reaches, as <store_url>/<campaign>/rNN/probs.zarr.
+    store_url: str | None = None
+    keep_stores: int | None = Field(None, ge=1)  # rounds whose store is kept (the newest); None keeps them all
     annotator: Literal["simulated", "human"] = "simulated"  # who labels: the ground truth, or people (a job file)
     initial_pixels_per_image: int = Field(10, ge=1)
     rounds: int = Field(3, ge=0)  # query rounds after the initial random one

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,15 @@ from pixelpick.annotator import simulate_annotations
 from pixelpick.campaign import Campaign, round_seed
 from pixelpick.checkpoints import label_space_record, read_checkpoint, save_checkpoint
 from pixelpick.digests import file_md5, value_digest
+from pixelpick.distributed import is_main_process, launch, rank_and_size
 from pixelpick.errors import PixelPickError
-from pixelpick.inference import InferenceTimings, infer_to_store
+from pixelpick.inference import InferenceTimings, infer_to_store, pool_batches
 from pixelpick.io import write_json, write_parquet
 from pixelpick.labels import LabelStore, read_labels
-from pixelpick.probstore import ProbabilityStore
+from pixelpick.probstore import ProbabilityStore, create_store, mark_complete, remove_store, store_bytes
 from pixelpick.superpixels import SuperpixelCache, SuperpixelParams
+from pixelpick.training import ResumePoint, fit, predict_pseudo_labels
 from pixelpick.training import evaluate as evaluate_model
-from pixelpick.training import fit, predict_pseudo_labels
 
 log = logging.getLogger(__name__)
 
@@ -50,47 +52,133 @@ class StepInputError(PixelPickError):
 # --------------------------------------------------------------------------------------------------------- query
 
 
+@dataclass(frozen=True)
+class QueryPlan:
+    """How a round's query is split: the shards (each a run of the pool's inference batches: see
+    `inference.pool_batches`), the store they write to (None when no model is needed: round 0 and random picks),
+    whether that store is already complete and current (then shards only select), and the class weights of
+    class-balanced selection, which depend on every label so far."""
+
+    round_id: int
+    shards: list[list[tuple[int, list[str]]]]
+    store: str | None = None
+    reuse: bool = False
+    model: str | None = None
+    weights: list[float] | None = None
+
+
 def query(campaign: Campaign, round_id: int, *, previous_model: Path | None, previous_snapshot: Path | None,
           out: Path) -> dict[str, Any]:
-    """Choose the round's pixels: k per image, never one already labelled (nor, in simulation, void)."""
-    acquire = campaign.settings.acquire
+    """Choose the round's pixels: k per image, never one already labelled (nor, in simulation, void). In one
+    process: the plan's single shard, then the merge (a cluster runs the same three functions, shards in
+    parallel)."""
+    plan = plan_query(campaign, round_id, previous_model, previous_snapshot)
     labels = read_labels(previous_snapshot) if previous_snapshot is not None else None
-    seconds: dict[str, float] = {}
-    store = None
-    if previous_model is not None and acquire.strategy != "random":
-        store, seconds = infer(campaign, round_id, previous_model)
-    started = time.perf_counter()
-    queries = select(campaign, round_id, campaign.pool.image_ids, labels, store)
-    seconds["selection"] = time.perf_counter() - started
-    write_parquet(queries, out)
-    return {"seconds": seconds, "queried_pixels": len(queries)}
+    frame, seconds = query_shard(campaign, plan, 0, labelled_pixels(labels, plan.shards[0]))
+    return finish_query(campaign, plan, [frame], [seconds], out)
 
 
-def infer(campaign: Campaign, round_id: int, model_path: Path) -> tuple[ProbabilityStore, dict[str, float]]:
-    """The previous model's probabilities and scores over the pool in the round's store. A complete store computed
-    from the same model and settings, with every chunk on disk, is reused; anything else is recomputed."""
-    settings, path = campaign.settings, campaign.files(round_id).probs
-    key = value_digest({"model": file_md5(model_path), "strategy": settings.acquire.strategy,
+def plan_query(campaign: Campaign, round_id: int, previous_model: Path | None, previous_snapshot: Path | None,
+               shards: int = 1) -> QueryPlan:
+    """Split the round's query into `shards` runs of whole inference batches; create (or reuse) the store."""
+    settings = campaign.settings
+    batches = pool_batches(campaign.pool, settings.train.eval_batch_size)
+    count = max(1, min(shards, len(batches)))
+    split = [batches[i * len(batches) // count:(i + 1) * len(batches) // count] for i in range(count)]
+    if previous_model is None or settings.acquire.strategy == "random":
+        return QueryPlan(round_id, split)
+    location = store_location(campaign, round_id)
+    key = value_digest({"model": file_md5(previous_model), "strategy": settings.acquire.strategy,
                         "mc_samples": settings.acquire.mc_samples,
                         "seed": round_seed(settings.campaign.seed, round_id)})
+    reuse = False
     try:
-        store = ProbabilityStore(path)
-        if store.key == key and not store.missing_images():
-            return store, {"inference": 0.0, "scoring": 0.0}
-        log.info("probability store %s is stale or has missing chunks: recomputing it", path)
+        store = ProbabilityStore(location)
+        reuse = store.key == key and not store.missing_images()
+        if not reuse:
+            log.info("probability store %s is stale or has missing chunks: recomputing it", location)
     except (FileNotFoundError, RuntimeError):
         pass
-    timings = InferenceTimings()
-    infer_to_store(campaign.load_model(model_path), campaign.pool, path, campaign.device,
-                   strategy=settings.acquire.strategy, mc_samples=settings.acquire.mc_samples,
-                   batch_size=settings.train.eval_batch_size, seed=round_seed(settings.campaign.seed, round_id),
-                   key=key, timings=timings)
-    return ProbabilityStore(path), {"inference": timings.seconds, "scoring": timings.scoring_seconds}
+    if not reuse:
+        create_store(location, campaign.image_sizes, campaign.pool.label_space.num_classes,
+                     settings.acquire.strategy, key=key)
+    weights = None
+    if settings.acquire.class_balance > 0:
+        labels = read_labels(previous_snapshot) if previous_snapshot is not None else None
+        weights = _class_weights(campaign, labels, settings.acquire.class_balance).tolist()
+    return QueryPlan(round_id, split, str(location), reuse, str(previous_model), weights)
 
 
-def select(campaign: Campaign, round_id: int, image_ids: Iterable[str], labels: pd.DataFrame | None,
-           store: ProbabilityStore | None) -> pd.DataFrame:
-    """The round's queries for `image_ids`: from the store's scores, or uniformly at random without one.
+def labelled_pixels(labels: pd.DataFrame | None, shard: list[tuple[int, list[str]]]) -> dict[str, np.ndarray]:
+    """The labelled (y, x) of a shard's images: what its selection must not ask again."""
+    if labels is None:
+        return {}
+    wanted = {image_id for _, ids in shard for image_id in ids}
+    rows = labels[labels["image_id"].isin(wanted)]
+    return {image_id: group[["y", "x"]].to_numpy() for image_id, group in rows.groupby("image_id", sort=False)}
+
+
+def query_shard(campaign: Campaign, plan: QueryPlan, index: int,
+                labelled: dict[str, np.ndarray]) -> tuple[pd.DataFrame, dict[str, float]]:
+    """One shard: its images' probabilities and scores into the store (unless reused), then their picks. It reads
+    only the dataset, the model and the store, so it can run on any machine that reaches those three."""
+    settings, shard = campaign.settings, plan.shards[index]
+    image_ids = [image_id for _, ids in shard for image_id in ids]
+    seconds = {"inference": 0.0, "scoring": 0.0}
+    store = None
+    if plan.store is not None:
+        if not plan.reuse:
+            timings = InferenceTimings()
+            infer_to_store(campaign.load_model(Path(plan.model)), campaign.pool, plan.store, campaign.device,
+                           strategy=settings.acquire.strategy, mc_samples=settings.acquire.mc_samples,
+                           seed=round_seed(settings.campaign.seed, plan.round_id), timings=timings, batches=shard)
+            seconds = {"inference": timings.seconds, "scoring": timings.scoring_seconds}
+        store = ProbabilityStore(plan.store, require_complete=False)
+    started = time.perf_counter()
+    weights = np.asarray(plan.weights) if plan.weights is not None else None
+    frame = select(campaign, plan.round_id, image_ids, labelled, store, weights)
+    seconds["selection"] = time.perf_counter() - started
+    return frame, seconds
+
+
+def finish_query(campaign: Campaign, plan: QueryPlan, frames: list[pd.DataFrame],
+                 seconds: list[dict[str, float]], out: Path) -> dict[str, Any]:
+    """Merge the shards' picks in pool order, mark the store complete, write the queries."""
+    if plan.store is not None and not plan.reuse:
+        mark_complete(plan.store)
+    position = {image_id: i for i, image_id in enumerate(campaign.pool.image_ids)}
+    queries = pd.concat(frames, ignore_index=True)
+    queries = queries.iloc[np.argsort(queries["image_id"].map(position).to_numpy(), kind="stable")]
+    write_parquet(queries.reset_index(drop=True), out)
+    total = {part: sum(s.get(part, 0.0) for s in seconds) for part in ("inference", "scoring", "selection")}
+    details = {"shards": len(frames), "queried_pixels": len(queries),
+               "store_bytes": store_bytes(plan.store) if plan.store else 0,
+               "stores_removed": remove_old_stores(campaign, plan.round_id)}
+    log.info("round %d: probability store %.1f MB", plan.round_id, details["store_bytes"] / 1e6)
+    return {"seconds": total, "details": details}
+
+
+def remove_old_stores(campaign: Campaign, round_id: int) -> list[int]:
+    """Keep the stores of the newest `campaign.keep_stores` rounds up to `round_id` (all when None): once a round
+    has selected, older rounds' stores are only a cache of their models' predictions. Returns the rounds removed."""
+    keep = campaign.settings.campaign.keep_stores
+    if keep is None:
+        return []
+    return [r for r in range(round_id - keep + 1) if remove_store(store_location(campaign, r))]
+
+
+def store_location(campaign: Campaign, round_id: int) -> str:
+    """Where round `round_id`'s probability store lives: its round folder, or under `campaign.store_url`."""
+    base = campaign.settings.campaign.store_url
+    if base is None:
+        return str(campaign.files(round_id).probs)
+    return f"{base.rstrip('/')}/{campaign.name}/{campaign.files(round_id).dir.name}/probs.zarr"
+
+
+def select(campaign: Campaign, round_id: int, image_ids: Iterable[str], labelled: dict[str, np.ndarray],
+           store: ProbabilityStore | None, weights: np.ndarray | None = None) -> pd.DataFrame:
+    """The round's queries for `image_ids`: from the store's scores (class-balanced with `weights`), or uniformly
+    at random without a store; never a pixel in `labelled` (image id -> (n, 2) labelled (y, x)).
 
     Every image draws from its own generator (seeded by the campaign, the round and the image's position in the
     pool), so any subset of images, in any order or process, picks exactly what the whole pool picks.
@@ -98,11 +186,6 @@ def select(campaign: Campaign, round_id: int, image_ids: Iterable[str], labels: 
     settings = campaign.settings
     acquire = settings.acquire
     k = settings.campaign.initial_pixels_per_image if round_id == 0 else acquire.pixels_per_image
-    labelled = {} if labels is None else {
-        image_id: rows[["y", "x"]].to_numpy() for image_id, rows in labels.groupby("image_id", sort=False)}
-    weights = None
-    if store is not None and acquire.class_balance > 0:
-        weights = _class_weights(campaign, labels, acquire.class_balance)
     position = {image_id: index for index, image_id in enumerate(campaign.pool.image_ids)}
     frames = []
     for image_id in image_ids:
@@ -114,7 +197,7 @@ def select(campaign: Campaign, round_id: int, image_ids: Iterable[str], labels: 
             scores = np.full(len(pixels), np.nan)
         else:
             score_map = store.scores(image_id)
-            if weights is not None:
+            if weights is not None and store is not None:
                 score_map = balance_scores(score_map, store.probs(image_id), weights)
             pixels = select_pixels(score_map, k=k, exclude=exclude, top_fraction=acquire.top_fraction,
                                    min_distance=acquire.min_distance, generator=generator)
@@ -195,8 +278,11 @@ def train(campaign: Campaign, round_id: int, *, snapshot: Path | None, previous_
     """Train the round's model on its snapshot: re-initialised (or, with `train.warm_start`, from the previous
     round's model) for `train.epochs` epochs (`train.initial_epochs` in round 0), with the configured
     superpixel expansion and self-training. `snapshot` None trains on every pixel's ground truth instead (the
-    fully supervised reference)."""
+    fully supervised reference). With `train.processes` > 1, as that many DDP processes (`pixelpick.distributed`).
+    """
     settings, train_settings = campaign.settings, campaign.settings.train
+    if train_settings.processes > 1 and rank_and_size()[1] == 1 and snapshot is not None:
+        return launch(campaign.layout.dir, round_id, train_settings.processes)
     seed = round_seed(settings.campaign.seed, round_id)
     torch.manual_seed(seed)
     model = campaign.new_model()
@@ -214,11 +300,18 @@ def train(campaign: Campaign, round_id: int, *, snapshot: Path | None, previous_
         pseudo = predict_pseudo_labels(teacher, campaign.pool, sorted(set(labels["image_id"])), labels,
                                        train_settings.self_training_threshold, campaign.device,
                                        train_settings.eval_batch_size)
+    # A resume point for exactly this training: the same inputs and settings, or it is ignored.
+    key = value_digest({"snapshot": file_md5(snapshot) if snapshot else None, "epochs": epochs, "seed": seed,
+                        "previous": file_md5(previous_model) if previous_model else None,
+                        "settings": {k: campaign.recorded_settings()[k] for k in ("data", "model", "train")}})
+    resume = ResumePoint(campaign.files(round_id).training_state, key, every=train_settings.checkpoint_every)
     started = time.perf_counter()
     result = fit(model, campaign.pool, labels, train_settings.model_copy(update={"epochs": epochs}), campaign.device,
-                 seed=seed, superpixels=superpixels, pseudo_labels=pseudo, progress=progress)
+                 seed=seed, superpixels=superpixels, pseudo_labels=pseudo, resume=resume, progress=progress)
     seconds = time.perf_counter() - started
     space = campaign.pool.label_space
+    if not is_main_process():
+        return {}
     save_checkpoint(out, model, arch=settings.model.arch, num_classes=space.num_classes,
                     dropout_p=settings.model.dropout_p, label_space=label_space_record(space),
                     image_size=list(settings.data.image_size) if settings.data.image_size else None,
@@ -227,7 +320,7 @@ def train(campaign: Campaign, round_id: int, *, snapshot: Path | None, previous_
                     history=result.history)
     return {"seconds": {"training": seconds},
             "details": {"epochs": epochs, "seconds_per_epoch": result.seconds_per_epoch,
-                        "device": str(campaign.device)}}
+                        "resumed_after_epoch": result.resumed_from_epoch, "device": str(campaign.device)}}
 
 
 # ------------------------------------------------------------------------------------------------------ evaluate

@@ -7,23 +7,28 @@ evaluation split (the reference code did): a round's model is its last epoch's.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from pixelpick.datasets.base import SegmentationDataset
+from pixelpick.distributed import rank_and_size
 from pixelpick.inference import predict_batches, same_size_batches
+from pixelpick.io import atomic_write
 from pixelpick.metrics import ConfusionMatrix
 from pixelpick.settings import TrainSettings
 from pixelpick.superpixels import expand_clicks
@@ -223,6 +228,33 @@ def evaluate(
 class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds_per_epoch: float = math.nan
+    resumed_from_epoch: int = 0  # epochs a resume point had already trained
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where `fit` keeps its state every `every` epochs, so that a run killed mid-training continues where it
+    stopped and ends with the same weights. `key` names what is being trained: a file saved for anything else
+    (another snapshot, other settings) is ignored."""
+
+    path: Path
+    key: str
+    every: int = 5
+
+    def load(self) -> dict | None:
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except (FileNotFoundError, RuntimeError, EOFError, OSError, ValueError):
+            return None
+        return state if isinstance(state, dict) and state.get("key") == self.key else None
+
+    def save(self, state: dict) -> None:
+        buffer = io.BytesIO()
+        torch.save({**state, "key": self.key}, buffer)
+        atomic_write(self.path, lambda f: f.write(buffer.getvalue()))
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def fit(
@@ -235,11 +267,13 @@ def fit(
     seed: int = 0,
     superpixels: Callable[[str], np.ndarray] | None = None,
     pseudo_labels: Mapping[str, np.ndarray] | None = None,
+    resume: ResumePoint | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = False,
 ) -> FitResult:
     """Train `model` on the labelled pixels in `labels` (dense masks when None) for `settings.epochs` epochs;
-    `seed` fixes the shuffling and every augmentation.
+    `seed` fixes the shuffling and every augmentation. With `resume`, training continues from the state saved
+    there, if any, and saves its state every few epochs (the result is the same as an uninterrupted run).
 
     `superpixels` (image id -> segment map) turns on superpixel expansion, weighted `settings.superpixel_weight`;
     `pseudo_labels` (image id -> class map) adds self-training targets weighted `settings.self_training_weight`.
@@ -259,10 +293,16 @@ def fit(
                                expansion_weight=settings.superpixel_weight, pseudo_labels=pseudo_labels)
     if len(train_set) == 0:
         raise ValueError("no labelled pixels to train on: the label snapshot is empty")
+    rank, processes = rank_and_size()
+    batch_size = max(1, settings.batch_size // processes)  # the global batch stays the configured one
+    # In a process group each process takes its share of one seeded permutation of the images per epoch.
+    sampler = DistributedSampler(train_set, num_replicas=processes, rank=rank, shuffle=True, seed=seed) \
+        if processes > 1 else None
     loader = DataLoader(
         train_set,
-        batch_size=settings.batch_size,
-        shuffle=True,
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
         num_workers=settings.num_workers,
         collate_fn=partial(collate_sparse, ignore_index=space.ignore_index),
         generator=torch.Generator().manual_seed(seed),
@@ -271,6 +311,7 @@ def fit(
         persistent_workers=settings.num_workers > 0,
     )
     model.to(device).to(memory_format=torch.channels_last)
+    trained = _data_parallel(model, device) if processes > 1 else model
     optimizer = build_optimizer(model, settings)
     iters_per_epoch = len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -278,10 +319,24 @@ def fit(
     )
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     result = FitResult()
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    saved = resume.load() if resume is not None else None
+    if saved is not None:
+        for name, part in parts.items():
+            part.load_state_dict(saved[name])
+        loader.generator.set_state(saved["shuffle_rng"])
+        torch.set_rng_state(saved["torch_rng"])  # dropout draws from the global generator
+        # Interned keys, as a run that was never interrupted has them: pickled checkpoints then match byte for byte.
+        result.history = [{sys.intern(key): value for key, value in epoch.items()} for epoch in saved["history"]]
+        result.resumed_from_epoch = saved["epoch"] + 1
+        log.info("training resumes after epoch %d of %d", saved["epoch"] + 1, settings.epochs)
     started = time.perf_counter()
-    for epoch in tqdm(range(settings.epochs), desc="train", disable=not progress, leave=False):
+    for epoch in tqdm(range(result.resumed_from_epoch, settings.epochs), desc="train", disable=not progress,
+                      leave=False):
         train_set.set_epoch(epoch)
-        metrics = train_one_epoch(model, loader, optimizer, scheduler, device, space.ignore_index, scaler,
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        metrics = train_one_epoch(trained, loader, optimizer, scheduler, device, space.ignore_index, scaler,
                                   weighted=train_set.weighted,
                                   pseudo_weight=settings.self_training_weight if pseudo_labels else 0.0)
         metrics["epoch"] = epoch
@@ -289,8 +344,22 @@ def fit(
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         log.debug("epoch %d: %s", epoch, metrics)
-    result.seconds_per_epoch = (time.perf_counter() - started) / settings.epochs
+        if resume is not None and rank == 0 and (epoch + 1) % resume.every == 0 and epoch + 1 < settings.epochs:
+            resume.save({**{name: part.state_dict() for name, part in parts.items()}, "epoch": epoch,
+                         "shuffle_rng": loader.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                         "history": result.history})
+    trained = settings.epochs - result.resumed_from_epoch
+    result.seconds_per_epoch = (time.perf_counter() - started) / trained if trained else math.nan
+    if resume is not None and rank == 0:
+        resume.clear()
     return result
+
+
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` under DDP, its BatchNorm synchronised across processes where torch supports it (GPUs)."""
+    if device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 @torch.no_grad()

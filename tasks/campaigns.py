@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from prefect import task
+from prefect.exceptions import TerminationSignal
 
 from pixelpick.campaign import CampaignError, open_campaign
 from pixelpick.locking import campaign_lock, holds
@@ -46,7 +47,7 @@ def hold_campaign(campaign_dir: str) -> Iterator[None]:
         track_campaign(campaign_dir)
         try:
             yield
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, TerminationSignal):  # Ctrl-C, or SIGTERM (Prefect's signal)
             finish_campaign(campaign_dir, "KILLED")
             raise
         except BaseException:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 # Set before Prefect or MLflow is imported anywhere: both read their settings at import.
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="pixelpick-tests-"))
+atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)  # tests leave nothing behind
 os.environ.setdefault("PREFECT_HOME", str(_SESSION_DIR / "prefect"))
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'mlflow.db'}"
 os.environ["DO_NOT_TRACK"] = "1"

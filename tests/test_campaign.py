@@ -28,6 +28,7 @@ def majority_class_miou(dataset) -> float:
 
 
 def new_campaign(folder, overrides=None) -> Campaign:
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "params.yaml").write_text(TINY_PARAMS)
     return open_campaign(folder / "params.yaml", overrides)
 
@@ -146,9 +147,11 @@ def test_selection_of_any_subset_of_images_picks_what_the_whole_pool_picks(finis
 
     store = ProbabilityStore(campaign.files(1).probs)
     labels = read_labels(campaign.files(0).snapshot)
+    labelled = {i: rows[["y", "x"]].to_numpy() for i, rows in labels.groupby("image_id")}
     ids = campaign.pool.image_ids
-    whole = select(campaign, 1, ids, labels, store)
-    halves = pd.concat([select(campaign, 1, ids[1::2], labels, store), select(campaign, 1, ids[::2], labels, store)])
+    whole = select(campaign, 1, ids, labelled, store)
+    halves = pd.concat([select(campaign, 1, ids[1::2], labelled, store),
+                        select(campaign, 1, ids[::2], labelled, store)])
     key = ["image_id", "y", "x"]
     pd.testing.assert_frame_equal(halves.sort_values(key).reset_index(drop=True),
                                   whole.sort_values(key).reset_index(drop=True))
@@ -230,3 +233,48 @@ def test_class_balanced_selection_weights_each_score_by_its_expected_class_weigh
     assert len(queries) == 10 * len(campaign.pool)
     record = json.loads(campaign.files(1).step_record("query").read_text())
     assert record["seconds"]["inference"] > 0 and record["seconds"]["selection"] > 0
+
+
+def test_training_killed_mid_way_resumes_from_its_last_state_and_ends_with_the_same_model(tmp_path, monkeypatch):
+    import pixelpick.training as training
+    from pixelpick import steps
+
+    reference = new_campaign(tmp_path / "a", {"train.epochs": 4, "train.checkpoint_every": 1})
+    interrupted = new_campaign(tmp_path / "b", {"train.epochs": 4, "train.checkpoint_every": 1})
+    from pixelpick.recipe import run_step
+
+    for campaign in (reference, interrupted):
+        for step in round_steps(campaign)[:3]:
+            run_step(campaign, step, 0)
+    files = reference.files(0)
+    steps.train(reference, 0, snapshot=files.snapshot, previous_model=None, out=files.model)
+
+    real_epoch, calls = training.train_one_epoch, []
+
+    def killed_in_the_third_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    files = interrupted.files(0)
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "train_one_epoch", killed_in_the_third_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            steps.train(interrupted, 0, snapshot=files.snapshot, previous_model=None, out=files.model)
+    assert files.training_state.is_file() and not files.model.exists()
+    measured = steps.train(interrupted, 0, snapshot=files.snapshot, previous_model=None, out=files.model)
+    assert measured["details"]["resumed_after_epoch"] == 2
+    assert files.model.read_bytes() == reference.files(0).model.read_bytes()
+    assert not files.training_state.exists()
+
+
+def test_retention_keeps_the_newest_stores_and_a_removed_one_is_never_needed_again(tmp_path):
+    campaign = new_campaign(tmp_path, {"campaign.rounds": 3, "campaign.keep_stores": 1, "train.epochs": 1})
+    run_campaign(campaign)
+    kept = [r for r in range(4) if campaign.files(r).probs.exists()]
+    assert kept == [3]  # rounds 1 and 2's stores went once the next round had selected (round 0 has none)
+    records = [json.loads(campaign.files(r).step_record("query").read_text())["details"] for r in (1, 2, 3)]
+    assert all(record["store_bytes"] > 0 for record in records)
+    assert [record["stores_removed"] for record in records] == [[], [1], [2]]
+    assert all(is_fresh(campaign, STEPS["query"], r) for r in range(4))  # the queries themselves stay done

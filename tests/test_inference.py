@@ -8,7 +8,14 @@ from pixelpick.campaign import Campaign
 from pixelpick.checkpoints import save_checkpoint
 from pixelpick.inference import predict_probabilities
 from pixelpick.probstore import ProbabilityStore
-from pixelpick.steps import infer
+from pixelpick.steps import query
+
+
+def infer(campaign: Campaign, round_id: int, model_path):
+    """The query step of `round_id` with `model_path`: its store, and the seconds it spent."""
+    measured = query(campaign, round_id, previous_model=model_path, previous_snapshot=None,
+                     out=campaign.files(round_id).queries)
+    return ProbabilityStore(campaign.files(round_id).probs), measured["seconds"]
 
 
 def _round_zero_model(campaign: Campaign):
@@ -26,7 +33,7 @@ def test_infer_stores_every_images_probabilities_and_scores(tiny_settings):
 
     store, seconds = infer(campaign, 1, model_path)
 
-    assert store.path == campaign.files(1).probs
+    assert store.path == campaign.files(1).probs and store.missing_images() == []
     assert store.image_ids == campaign.pool.image_ids and store.strategy == "margin"
     assert seconds["inference"] > seconds["scoring"] > 0
     model = campaign.load_model(model_path)

@@ -60,7 +60,8 @@ def test_chunks_are_the_files_zarr_itself_would_write(tmp_path):
     arrays = (("probs", probs, "float16", _COMPRESSORS), ("scores", scores, "float32", None))
     for kind, data, dtype, compressors in arrays:
         array = zarr.create_array(reference.store, name=f"{kind}/6x5", shape=data.shape, chunks=(1, *data.shape[1:]),
-                                  dtype=dtype, compressors=compressors, fill_value=np.nan, chunk_key_encoding=_CHUNK_KEYS)
+                                  dtype=dtype, compressors=compressors, fill_value=np.nan,
+                                  chunk_key_encoding=_CHUNK_KEYS)
         array[:] = data.astype(dtype)
         for row in range(3):
             key = array.metadata.encode_chunk_key((row,) + (0,) * (data.ndim - 1))

@@ -1,0 +1,95 @@
+"""Data-parallel training with torch DDP: one process per GPU (or, on CPU, per process group member with gloo).
+
+`train.processes: N` (N > 1) makes a round's training run as N processes started by torchrun on this machine;
+several machines run `torchrun --nnodes ... -m pixelpick.distributed <campaign folder> <round>` themselves. Each
+process trains on its share of the images (a DistributedSampler draws a permutation of every image per epoch, as one
+process would, and splits it), with 1/N of the batch, so every labelled pixel is seen once per epoch and the
+global batch is the configured one; gradients are averaged, so every process holds the same weights after each
+step. On GPUs BatchNorm is synchronised across processes; on CPUs (gloo) each process normalises its own share.
+Only process 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pixelpick.errors import PixelPickError
+
+
+class DistributedTrainingError(PixelPickError):
+    """A distributed training run failed; the message gives the processes' last words."""
+
+
+def rank_and_size() -> tuple[int, int]:
+    """(this process's rank, the number of processes); (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    return rank_and_size()[0] == 0
+
+
+def init_from_environment() -> torch.device:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR...); returns this process's device:
+    its GPU (NCCL) when there are GPUs, else the CPU (gloo)."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def launch(campaign_dir: Path, round_id: int, processes: int) -> dict:
+    """Train round `round_id` of the campaign in `campaign_dir` as `processes` local processes (torchrun); returns
+    what process 0 measured."""
+    report = Path(campaign_dir) / "rounds" / f"r{round_id:02d}" / "train.distributed.json"
+    report.unlink(missing_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // processes)  # processes side by side must not oversubscribe cores
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+         "-m", "pixelpick.distributed", str(campaign_dir), str(round_id), str(report)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if done.returncode != 0 or not report.is_file():
+        last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-5:]
+        raise DistributedTrainingError(f"training round {round_id} on {processes} processes failed: "
+                                       + " | ".join(line.strip() for line in last))
+    measured = json.loads(report.read_text())
+    report.unlink()
+    return measured
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One process of a distributed training run (what torchrun starts)."""
+    from pixelpick.campaign import open_recorded
+    from pixelpick.steps import train
+
+    campaign_dir, round_id, report = (argv or sys.argv[1:])[:3]
+    device = init_from_environment()
+    try:
+        campaign = open_recorded(campaign_dir)
+        campaign.device = device  # this process's GPU, or the CPU
+        round_id = int(round_id)
+        files = campaign.files(round_id)
+        previous = campaign.files(round_id - 1).model if round_id > 0 else None
+        uses_previous = campaign.settings.train.warm_start or campaign.settings.train.self_training_threshold > 0
+        measured = train(campaign, round_id, snapshot=files.snapshot, out=files.model,
+                         previous_model=previous if uses_previous else None)
+        if is_main_process():
+            Path(report).write_text(json.dumps(measured))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

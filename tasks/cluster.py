@@ -1,0 +1,94 @@
+"""A round's query on a Dask cluster: the pool split into shards, one task per shard, merged into the same queries.
+
+The recipe's query step is three library functions (`pixelpick.steps`): `plan_query` splits the pool into shards of
+whole inference batches and creates the round's probability store; `query_shard` runs the previous model over one
+shard's images, writes their chunks (one chunk per image, so no two shards share one) and picks their pixels;
+`finish_query` merges the picks in pool order and marks the store complete. In one process they run one after the
+other (`steps.query`); here each shard is a Prefect task that `prefect-dask`'s task runner sends to a worker.
+
+A shard task is given everything it needs as values: the settings, the plan, its images' labelled pixels. It reads
+the dataset, the model checkpoint and the store, so workers need those three (a shared filesystem, and for the store
+any fsspec URL: `campaign.store_url`), never the flow's working directory. Every image picks from its own
+seeded generator and every batch draws its MC-dropout masks from its own seed, so the queries are exactly those of
+a single-process round. Dask re-runs the shard of a worker that dies, and a shard's writes are idempotent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from pixelpick.campaign import Campaign
+from pixelpick.labels import read_labels
+from pixelpick.recipe import STEPS, begin_step, record_step
+from pixelpick.settings import Settings
+from pixelpick.steps import QueryPlan, finish_query, labelled_pixels, plan_query, query_shard
+from tasks.steps import open_for_task
+
+
+def dask_task_runner(workers: int = 0, address: str | None = None):
+    """prefect-dask's task runner: a local cluster of `workers` single-threaded worker processes, or the cluster
+    at `address` (tcp://scheduler:8786); None for neither (the default: everything in the flow's process)."""
+    if not workers and not address:
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+
+
+@task(cache_policy=NO_CACHE, task_run_name="plan-query-r{round_id:02d}")
+def plan_shards(campaign_dir: str, round_id: int, shards: int) -> dict[str, Any] | None:
+    """The query's plan, or None when the step is fresh (nothing to do). Inputs go to workers as values."""
+    campaign = open_for_task(campaign_dir)
+    step = STEPS["query"]
+    key, done = begin_step(campaign, step, round_id)
+    if done is not None:
+        return None
+    inputs = step.inputs(campaign, round_id)
+    previous_snapshot = inputs.get("previous_snapshot")
+    plan = plan_query(campaign, round_id, inputs.get("previous_model"), previous_snapshot, shards)
+    labels = read_labels(previous_snapshot) if previous_snapshot is not None else None
+    return {"key": key, "plan": asdict(plan), "settings": campaign.settings.model_dump_json(),
+            "labelled": [labelled_pixels(labels, shard) for shard in plan.shards]}
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1, task_run_name="query-shard-{index}")
+def run_shard(settings_json: str, plan: dict[str, Any], index: int, labelled: dict) -> dict[str, Any]:
+    """One shard's inference, chunk writes and picks, on whichever worker runs it."""
+    campaign = Campaign(Settings.model_validate_json(settings_json))
+    frame, seconds = query_shard(campaign, _plan(plan), index, labelled)
+    return {"queries": frame.to_dict(orient="list"), "seconds": seconds,
+            "images": [image_id for _, ids in plan["shards"][index] for image_id in ids]}
+
+
+@task(cache_policy=NO_CACHE, task_run_name="finish-query-r{round_id:02d}")
+def finish_shards(campaign_dir: str, round_id: int, prepared: dict[str, Any], results: list[dict]) -> dict:
+    """Merge the shards' picks into the round's queries and record the step as done."""
+    import pandas as pd
+
+    campaign = open_for_task(campaign_dir)
+    step = STEPS["query"]
+    frames = [pd.DataFrame(result["queries"]).astype({"y": "int32", "x": "int32", "score": "float32",
+                                                       "round": "int32"}) for result in results]
+    measured = finish_query(campaign, _plan(prepared["plan"]), frames, [r["seconds"] for r in results],
+                            step.outputs(campaign, round_id)["queries"])
+    return asdict(record_step(campaign, step, round_id, prepared["key"], measured))
+
+
+def _plan(plan: dict[str, Any]) -> QueryPlan:
+    return QueryPlan(**{**plan, "shards": [[(index, list(ids)) for index, ids in shard] for shard in plan["shards"]]})
+
+
+def query_on_cluster(campaign_dir: str, round_id: int, shards: int) -> dict | None:
+    """The round's query step with its shards submitted to the flow's task runner (a Dask cluster)."""
+    prepared = plan_shards(campaign_dir, round_id, shards)
+    if prepared is None:
+        return None
+    futures = [run_shard.submit(prepared["settings"], prepared["plan"], index, labelled)
+               for index, labelled in enumerate(prepared["labelled"])]
+    return finish_shards(campaign_dir, round_id, prepared, [future.result() for future in futures])

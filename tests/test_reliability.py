@@ -1,0 +1,150 @@
+"""A campaign under crashes, concurrency and signals, through the real command line: killed at any point it
+re-runs to the same result; a second run of the same campaign is refused at once; SIGTERM stops a run within
+seconds, cleanly; a killed run's temporary Prefect server does not outlive the next run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_flows import scratch_repo
+
+pytestmark = pytest.mark.slow
+
+# Enough epochs that training takes a few seconds, with a resume point after each epoch.
+LONGER = ("--set", "train.epochs=6", "--set", "train.checkpoint_every=1")
+
+
+def start(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+    return subprocess.Popen(["pixelpick", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for(condition, timeout: float = 120.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def round_files(repo: Path) -> dict[str, bytes]:
+    rounds = repo / "data/runs/tiny/rounds"
+    return {str(p.relative_to(rounds)): p.read_bytes() for p in sorted(rounds.glob("r*/*"))
+            if p.name in ("queries.parquet", "annotations.parquet", "labels.parquet", "model.pt")}
+
+
+def test_killed_at_any_step_a_campaign_reruns_to_the_same_files(tmp_path):
+    reference = scratch_repo(tmp_path / "reference")
+    assert finish(start("campaign", "--plain", *LONGER, cwd=reference))[0] == 0
+    expected = round_files(reference)
+
+    repo = scratch_repo(tmp_path / "repo")
+    rounds = repo / "data/runs/tiny/rounds"
+    # kill -9 while round 0 trains (after its first resume point), while round 1 infers into Zarr, right after
+    # round 1's snapshot is written, and while round 1 trains.
+    kill_points = [rounds / "r00/train.resume.pt", rounds / "r01/probs.zarr", rounds / "r01/labels.parquet",
+                   rounds / "r01/train.resume.pt"]
+    for trigger in kill_points:
+        process = start("campaign", "--plain", *LONGER, cwd=repo)
+        wait_for(lambda t=trigger, p=process: t.exists() or p.poll() is not None, what=str(trigger))
+        process.kill()
+        process.wait()
+    assert finish(start("campaign", "--plain", *LONGER, cwd=repo))[0] == 0
+    assert round_files(repo) == expected
+    record = json.loads((rounds / "r01/steps/train.json").read_text())
+    assert record["details"]["resumed_after_epoch"] >= 1  # the last kill's training continued, it did not restart
+
+
+def test_a_second_run_of_a_campaign_is_refused_and_sigterm_stops_the_first_within_seconds(tmp_path):
+    repo = scratch_repo(tmp_path / "repo")
+    first = start("campaign", "--plain", *LONGER, cwd=repo)
+    lock = repo / "data/runs/tiny/.lock"
+    wait_for(lambda: lock.exists() and lock.read_text(), what="the campaign lock")
+
+    second = finish(start("campaign", "--plain", *LONGER, cwd=repo), timeout=120)
+    assert second[0] == 1
+    assert f"already being run by pid {first.pid}" in second[2] and "Traceback" not in second[2]
+
+    rounds = repo / "data/runs/tiny/rounds"
+    wait_for(lambda: any(rounds.glob("r*/train.resume.pt")) or first.poll() is not None, what="training")
+    assert first.poll() is None, first.communicate()
+    training = next(rounds.glob("r*/train.resume.pt")).parent  # the round being trained
+    stopped_at = time.monotonic()
+    first.send_signal(signal.SIGTERM)
+    code, _, err = finish(first, timeout=60)
+    assert time.monotonic() - stopped_at < 15
+    assert code == 130 and "stopped (SIGTERM)" in err and "Traceback" not in err
+
+    # The lock went with the process: the campaign runs again, continuing its training.
+    assert finish(start("campaign", "--plain", *LONGER, cwd=repo))[0] == 0
+    record = json.loads((training / "steps/train.json").read_text())
+    assert record["details"]["resumed_after_epoch"] >= 1
+
+
+def _servers(prefect_home: str) -> list[int]:
+    from tasks.servers import orphaned_servers
+
+    wanted = {b"PREFECT__SERVER_EPHEMERAL=1", f"PREFECT_HOME={prefect_home}".encode()}
+    alive = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and wanted <= set((entry / "environ").read_bytes().split(b"\0")):
+                alive.append(int(entry.name))
+        except OSError:
+            continue
+    assert set(orphaned_servers(prefect_home)) <= set(alive)
+    return alive
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_a_stopped_or_killed_flow_leaves_no_prefect_server_running(tmp_path):
+    from mlflow import MlflowClient
+
+    repo = scratch_repo(tmp_path / "repo")
+    home = str(tmp_path / "prefect-home")
+    # Prefect's own temporary server (no PREFECT_API_URL), in a home of this test's.
+    environment = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, "PREFECT_HOME": home,
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def run_until_training() -> subprocess.Popen:
+        process = subprocess.Popen(["pixelpick", "campaign", *LONGER], cwd=repo, text=True, env=environment,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for(lambda: (repo / "data/runs/tiny/rounds/r00/train.resume.pt").exists() or process.poll() is not None,
+                 what="training under Prefect")
+        return process
+
+    # SIGTERM: the flow stops within seconds, its server with it, and MLflow says the campaign was killed.
+    process = run_until_training()
+    stopped_at = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    code, _, err = finish(process, timeout=60)
+    assert code == 130 and time.monotonic() - stopped_at < 20, err
+    wait_for(lambda: not _servers(home), timeout=20, what="the temporary server to stop")
+    experiment = MlflowClient().get_experiment_by_name("tiny")
+    parent = MlflowClient().search_runs([experiment.experiment_id], "tags.`pixelpick.kind` = 'campaign'")
+    assert [run.info.status for run in parent] == ["KILLED"]
+
+    # SIGKILL: the server is orphaned, and the next run stops it.
+    process = subprocess.Popen(["pixelpick", "campaign", *LONGER], cwd=repo, text=True, env=environment,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: _servers(home) or process.poll() is not None, what="the temporary server")
+    process.kill()
+    process.wait()
+    orphans = _servers(home)
+    assert orphans
+    subprocess.run(["pixelpick", "pipeline", *LONGER], cwd=repo, env=environment, check=True, capture_output=True)
+    wait_for(lambda: not set(orphans) & set(_servers(home)), timeout=20, what="the orphan to stop")
