@@ -80,11 +80,12 @@ def bench_overhead(workdir: Path, repeats: int = 2) -> None:
 
 
 def bench_inference(workdir: Path, arch: str, dataset_overrides: dict, limit: int | None) -> None:
-    from pixelpick.campaign import Campaign
+    from pixelpick.campaign import Campaign, prepare_data
     from pixelpick.inference import InferenceTimings, infer_to_store, predict_probabilities
     from pixelpick.settings import load_settings
 
     settings = load_settings(REPO / "params.yaml", {"model.arch": arch, **dataset_overrides})
+    prepare_data(settings)
     campaign = Campaign(settings)
     pool = campaign.pool
     if limit:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pixelpick import steps
-from pixelpick.campaign import Campaign, recipe_differences, write_record
+from pixelpick.campaign import Campaign, prepare_data, recipe_differences, write_record
 from pixelpick.errors import BenchmarkError
 from pixelpick.io import write_json
 from pixelpick.recipe import DATA, MODEL, TRAIN, Step, round_steps, run_step
@@ -89,17 +89,17 @@ PRESETS: dict[str, BenchmarkPreset] = {
         overrides={"data.dataset": "camvid", "data.image_size": None, "model.arch": "deeplabv3plus_mobilenetv2",
                    "train.preset": "paper-camvid", "train.epochs": 4, "train.initial_epochs": 10,
                    "train.schedule": "poly", "train.batch_size": 8, "train.eval_batch_size": 16,
-                   "acquire.top_fraction": 0.05},
+                   "train.num_workers": 8, "acquire.top_fraction": 0.05},
         step=20, rounds=5, strategies=("margin", "random"), seeds=(0,), warm_start=True,
     ),
     "cpu": BenchmarkPreset(
         name="cpu",
         description="a 2-core CPU recipe: CamVid at 120x160, LR-ASPP MobileNetV3 from random initialisation, "
         "clicks spread over their SLIC superpixels (about 300 per image); round 0 trains 50 epochs, each later round "
-        "fine-tunes the previous round's model for 10; 20 px/img per round up to 100, 2 seeds.",
+        "fine-tunes the previous round's model for 5; 20 px/img per round up to 100, 2 seeds.",
         overrides={"data.dataset": "camvid", "data.image_size": [120, 160], "model.arch": "lraspp_mobilenetv3",
-                   "train.preset": "cpu-camvid", "train.initial_epochs": 50, "train.superpixels": 300,
-                   "acquire.top_fraction": 0.05},
+                   "train.preset": "cpu-camvid", "train.initial_epochs": 50, "train.epochs": 5,
+                   "train.superpixels": 300, "acquire.top_fraction": 0.05},
         step=20, rounds=5, strategies=("margin", "random"), seeds=(0, 1), warm_start=True,
     ),
 }
@@ -238,6 +238,7 @@ DENSE_EVALUATE = Step(
 def run_benchmark_run(base: Settings, preset: BenchmarkPreset, spec: RunSpec, progress: bool = False) -> Path:
     """Run (or resume) one run of the plan; returns its `result.json`: one row per budget."""
     settings = run_settings(base, preset, spec)
+    prepare_data(settings)
     campaign = Campaign(settings)
     result_path = campaign.layout.dir / "result.json"
     _check_recipe(campaign)

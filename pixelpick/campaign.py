@@ -24,7 +24,7 @@ from pixelpick.checkpoints import model_from_checkpoint, read_checkpoint
 from pixelpick.datasets import get_dataset
 from pixelpick.datasets.base import SegmentationDataset
 from pixelpick.datasets.synthetic import generate_synthetic
-from pixelpick.errors import DatasetError, PixelPickError
+from pixelpick.errors import CampaignError, DatasetError
 from pixelpick.io import atomic_write
 from pixelpick.labels import LABEL_SCHEMA, LabelStore, read_labels
 from pixelpick.layout import CampaignLayout, RoundFiles
@@ -38,9 +38,6 @@ log = logging.getLogger(__name__)
 RUNTIME_KEYS = ("train.device", "train.num_workers", "train.eval_batch_size", "train.checkpoint_every")
 _PATH_KEYS = ("data.root", "data.classes_file", "data.cache_dir", "model.pretrained_path", "campaign.workdir")
 
-
-class CampaignError(PixelPickError):
-    """A campaign that cannot be opened as asked (other settings than its record, data that cannot hold it)."""
 
 
 def round_seed(seed: int, round_id: int) -> int:
@@ -132,7 +129,7 @@ def open_campaign(
         return _reopen(settings, layout)
     if not create:
         raise CampaignError(f"campaign {settings.campaign.name!r} has not started: no {layout.params}")
-    _prepare_data(settings)
+    prepare_data(settings)
     campaign = Campaign(settings)
     check_against_data(campaign)
     write_record(settings, layout)
@@ -196,7 +193,7 @@ def write_record(settings: Settings, layout: CampaignLayout) -> Path:
     return atomic_write(layout.params, lambda f: f.write(text.encode()))
 
 
-def _prepare_data(settings: Settings) -> None:
+def prepare_data(settings: Settings) -> None:
     """Generate the bundled synthetic dataset where a new campaign's settings ask for it, saying so."""
     data = settings.data
     if data.dataset != "synthetic" or (data.root / "synthetic.json").is_file():

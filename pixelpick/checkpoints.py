@@ -24,13 +24,9 @@ import torch
 from torch import nn
 
 from pixelpick.datasets.base import ClassInfo, LabelSpace
-from pixelpick.errors import PixelPickError
+from pixelpick.errors import CheckpointError
 from pixelpick.io import atomic_write
 from pixelpick.models import build_model
-
-
-class CheckpointError(PixelPickError):
-    """A model file that is missing, unreadable or not a PixelPick checkpoint; the message names the file."""
 
 
 def save_checkpoint(path: Path, model: nn.Module, **meta: Any) -> Path:

@@ -20,11 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pixelpick.errors import PixelPickError
-
-
-class DistributedTrainingError(PixelPickError):
-    """A distributed training run failed; the message gives the processes' last words."""
+from pixelpick.errors import DistributedTrainingError
 
 
 def rank_and_size() -> tuple[int, int]:

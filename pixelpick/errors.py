@@ -102,3 +102,27 @@ class JobClosedError(PixelConflictError):
         super().__init__(message)
         self.closed_at = closed_at  # when the job was closed (a UTC datetime)
         self.note = note  # why, as given to ProgressStore.close
+
+
+class CampaignError(PixelPickError):
+    """A campaign that cannot be opened as asked (other settings than its record, data that cannot hold it)."""
+
+
+class CheckpointError(PixelPickError):
+    """A model file that is missing, unreadable or not a PixelPick checkpoint; the message names the file."""
+
+
+class CampaignLockedError(PixelPickError):
+    """Another process is running this campaign's rounds; the message names it."""
+
+
+class StepInputError(PixelPickError):
+    """A step was given input it cannot use (an empty label batch, say); the message names the file."""
+
+
+class DistributedTrainingError(PixelPickError):
+    """A distributed training run failed; the message gives the processes' last words."""
+
+
+class PredictionInputError(PixelPickError):
+    """Images that cannot be predicted on (wrong shape or type); the message says what was expected."""

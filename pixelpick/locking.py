@@ -19,12 +19,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pixelpick.errors import PixelPickError
-
-
-class CampaignLockedError(PixelPickError):
-    """Another process is running this campaign's rounds; the message names it."""
-
+from pixelpick.errors import CampaignLockedError
 
 _held: dict[Path, tuple[int, int]] = {}  # lock path -> (file descriptor, depth), for this process
 _guard = threading.Lock()

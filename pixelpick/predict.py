@@ -15,12 +15,8 @@ from PIL import Image
 from torch.nn import functional as F
 
 from pixelpick.checkpoints import label_space_from_record, model_from_checkpoint, read_checkpoint
-from pixelpick.errors import PixelPickError
+from pixelpick.errors import PredictionInputError
 from pixelpick.transforms import EvalTransform
-
-
-class PredictionInputError(PixelPickError):
-    """Images that cannot be predicted on (wrong shape or type); the message says what was expected."""
 
 
 class Predictor:

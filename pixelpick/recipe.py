@@ -31,9 +31,9 @@ from pixelpick import steps
 from pixelpick.campaign import Campaign
 from pixelpick.digests import file_md5, tree_md5, value_digest
 from pixelpick.distributed import is_main_process
+from pixelpick.errors import StepInputError
 from pixelpick.io import write_json
 from pixelpick.reporting import write_progress
-from pixelpick.steps import StepInputError
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from pixelpick.campaign import Campaign, round_seed
 from pixelpick.checkpoints import label_space_record, read_checkpoint, save_checkpoint
 from pixelpick.digests import file_md5, value_digest
 from pixelpick.distributed import is_main_process, launch, rank_and_size
-from pixelpick.errors import PixelPickError
+from pixelpick.errors import StepInputError
 from pixelpick.inference import InferenceTimings, infer_to_store, pool_batches
 from pixelpick.io import write_json, write_parquet
 from pixelpick.labels import LabelStore, read_labels
@@ -44,9 +44,6 @@ log = logging.getLogger(__name__)
 
 QUERY_COLUMNS = ["image_id", "y", "x", "score", "round"]
 
-
-class StepInputError(PixelPickError):
-    """A step was given input it cannot use (an empty label batch, say); the message names the file."""
 
 
 # --------------------------------------------------------------------------------------------------------- query

@@ -10,7 +10,8 @@ from typing import Any
 from prefect import task
 from prefect.exceptions import TerminationSignal
 
-from pixelpick.campaign import CampaignError, open_campaign
+from pixelpick.campaign import open_campaign
+from pixelpick.errors import CampaignError
 from pixelpick.locking import campaign_lock, holds
 from pixelpick.recipe import round_steps
 from pixelpick.reporting import write_progress

@@ -41,12 +41,15 @@ def prefect_server():
 
 @pytest.fixture
 def tiny_settings(tmp_path):
-    """A campaign small enough for a test: a few tiny synthetic scenes, two short rounds."""
+    """A campaign small enough for a test: a few tiny synthetic scenes (generated), two short rounds."""
+    from pixelpick.campaign import prepare_data
     from pixelpick.settings import load_settings
 
     params = tmp_path / "params.yaml"
     params.write_text(TINY_PARAMS)
-    return load_settings(params)
+    settings = load_settings(params)
+    prepare_data(settings)
+    return settings
 
 
 TINY_PARAMS = """

@@ -147,20 +147,24 @@ def test_each_budget_is_compared_with_full_supervision_trained_as_long():
 
 
 def test_report_states_the_bar_plainly(tmp_path):
-    rows = (_rows("margin", {20: 0.45, 40: 0.52}) + _rows("random", {20: 0.47, 40: 0.50})
+    rows = (_rows("margin", {20: 0.45, 40: 0.52, 60: 0.53}) + _rows("random", {20: 0.45, 40: 0.50, 60: 0.54})
+            + _rows("margin+sp0", {20: 0.40, 40: 0.47, 60: 0.48}) + _rows("random+sp0", {20: 0.40, 40: 0.46, 60: 0.47})
             + _rows(FULL, {10_000.0: 0.55}))
-    paths = write_report(results_frame(rows), tmp_path / "report", "camvid-cpu", command="python -m flows.benchmark")
+    paths = write_report(results_frame(rows), tmp_path / "report", "camvid-cpu", command="pixelpick benchmark")
     text = paths["markdown"].read_text()
-    assert "margin beats random at 1 of 2 budgets" in text
-    assert "20: -2.0" in text and "40: +2.0" in text
+    # The first budget is a shared draw; selection is judged from the second on, against random trained alike.
+    assert "the same random draw for both" in text
+    assert "margin beats random at 1 of 2 budgets from 40 px/img (mIoU points: 40: +2.0, 60: -1.0)" in text
+    assert "margin+sp0 beats random+sp0 at 2 of 2 budgets from 40 px/img" in text
     # 45 / 55 = 82% falls short of the paper's 87% at 20 px/img; 52 / 55 = 95% beats its 93% at 40.
-    assert "At 20 px/img margin reaches 82% of full supervision, which falls short of the paper's 87%" in text
-    assert "At 40 px/img margin reaches 95% of full supervision, which matches or beats the paper's 93%" in text
+    assert "margin reaches 82% at 20, 95% at 40, 96% at 60 px/img of the longest-trained full supervision: the " \
+           "paper's share or more at 2 of 3 budgets" in text
+    assert "## IoU (%) per class at the smallest budget (20 px/img)" in text
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     csv = pd.read_csv(paths["csv"])
     for column in ("dataset", "preset", "strategy", "pixels_per_image", "seed", "miou", *(f"{s}_s" for s in STAGES)):
         assert column in csv
-    assert len(csv) == 5
+    assert len(csv) == 13
 
 
 def test_report_refuses_an_empty_benchmark():
@@ -198,3 +202,14 @@ def test_benchmark_flow_logs_every_run_and_writes_the_report(prefect_server, tin
     benchmark_flow(choice.model_copy(update={"report_only": True}))
     runs = client.search_runs([experiment.experiment_id], "tags.`pixelpick.kind` = 'benchmark-run'")
     assert len(runs) == 2
+
+
+def test_the_gpu_preset_is_the_papers_model_and_size_in_a_short_plan(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(TINY_PARAMS)
+    preset = PRESETS["gpu-quick"]
+    settings = benchmark_settings(params, preset, tmp_path / "bench", {"data.root": str(tmp_path / "camvid")})
+    assert settings.model.arch == "deeplabv3plus_mobilenetv2" and settings.data.image_size is None
+    assert settings.train.initial_epochs == 10 and settings.train.epochs == 4 and settings.train.warm_start
+    assert [s.name for s in plan_runs(preset)] == ["margin-s0", "random-s0", "full-s0"]
+    assert preset.budgets == [20, 40, 60, 80, 100]

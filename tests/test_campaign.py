@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pixelpick.campaign import Campaign, CampaignError, open_campaign, open_recorded
+from pixelpick.campaign import Campaign, open_campaign, open_recorded
+from pixelpick.errors import CampaignError
 from pixelpick.labels import read_labels
 from pixelpick.metrics import ConfusionMatrix
 from pixelpick.recipe import STEPS, is_fresh, round_steps, run_campaign, run_round, step_key
@@ -278,3 +279,17 @@ def test_retention_keeps_the_newest_stores_and_a_removed_one_is_never_needed_aga
     assert all(record["store_bytes"] > 0 for record in records)
     assert [record["stores_removed"] for record in records] == [[], [1], [2]]
     assert all(is_fresh(campaign, STEPS["query"], r) for r in range(4))  # the queries themselves stay done
+
+
+def test_the_generated_dataset_is_made_only_for_a_new_campaign_and_announced(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="pixelpick")
+    new_campaign(tmp_path, {"data.root": str(tmp_path / "typo" / "synthetc")})
+    assert f"generating the bundled synthetic dataset at {tmp_path / 'typo' / 'synthetc'}" in caplog.text
+    # An existing campaign's steps never generate one: its dataset must be where its record says.
+    from pixelpick.errors import DatasetError
+
+    shutil.rmtree(tmp_path / "typo")
+    with pytest.raises(DatasetError, match="no generated dataset at .*typo/synthetc"):
+        open_recorded(tmp_path / "data" / "runs" / "tiny").pool

@@ -406,8 +406,11 @@ def data_settings(dataset: str, root: Path, **overrides) -> SimpleNamespace:
 
 def test_registry_opens_every_dataset(camvid: Path, cityscapes: Path, voc: Path, folder: Path,
                                       tmp_path: Path) -> None:
+    from pixelpick.datasets import generate_synthetic
+
     roots = {"camvid": camvid, "cityscapes": cityscapes, "voc": voc, "folder": folder,
-             "synthetic": tmp_path / "synthetic"}
+             "synthetic": generate_synthetic(tmp_path / "synthetic", num_train=3, num_val=2, height=32, width=48,
+                                             seed=5)}
     assert set(DATASETS) == set(roots)
     expected = {"camvid": CamVidDataset, "cityscapes": CityscapesDataset, "voc": VOCDataset,
                 "folder": FolderDataset, "synthetic": CamVidDataset}
@@ -432,11 +435,15 @@ def test_registry_rejects_unknown_names(tmp_path: Path) -> None:
         get_dataset(data_settings("kitti", tmp_path), "train")
 
 
-def test_registry_accepts_the_settings_model(tmp_path: Path) -> None:
-    from pixelpick.settings import DataSettings, SyntheticSettings
+def test_registry_accepts_the_settings_model_and_never_generates(tmp_path: Path) -> None:
+    from pixelpick.campaign import prepare_data
+    from pixelpick.settings import DataSettings, Settings, SyntheticSettings
 
     settings = DataSettings(dataset="synthetic", root=tmp_path / "synthetic",
                             synthetic=SyntheticSettings(num_train=2, num_val=1, height=32, width=40, seed=1))
+    with pytest.raises(DatasetError, match="generated when a new campaign starts"):
+        get_dataset(settings, "train")
+    prepare_data(Settings(data=settings))
     dataset = get_dataset(settings, "train")
     assert dataset.image_ids == ["train/scene_0000.png", "train/scene_0001.png"]
     assert dataset.image_size(dataset.image_ids[0]) == (32, 40)

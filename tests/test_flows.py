@@ -35,7 +35,7 @@ def scratch_repo(folder: Path, params: str = TINY_PARAMS) -> Path:
     """A git + DVC repository holding a params.yaml, as a project using PixelPick would."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "params.yaml").write_text(params)
-    (folder / ".gitignore").write_text("/data/synthetic/\n/data/cache/\n/data/runs/*/rounds/\n/data/runs/*/.*\n")
+    (folder / ".gitignore").write_text("/data/synthetic/\n/data/cache/\n")  # each campaign ignores its own rounds
     run("git", "init", "-q", cwd=folder)
     run("git", "config", "user.email", "test@example.com", cwd=folder)
     run("git", "config", "user.name", "test", cwd=folder)

@@ -1,8 +1,8 @@
 """Label a round's queried pixels by hand, keyboard only.
 
-    python -m pixelpick.annotation serve --job rounds/r01/job.json --dataset-root data/synthetic --annotator ana
-    python -m pixelpick.annotation export-labels --job rounds/r01/job.json --out rounds/r01/human.parquet
-    python -m pixelpick.annotation split-job --job rounds/r01/job.json --batches 3 --out-dir rounds/r01/batches
+    pixelpick annotate serve --job rounds/r01/job.json --dataset-root data/synthetic --annotator ana
+    pixelpick annotate export-labels --job rounds/r01/job.json --out rounds/r01/human.parquet
+    pixelpick annotate split-job --job rounds/r01/job.json --batches 3 --out-dir rounds/r01/batches
 
 Progress is stored beside the job (`job.progress.sqlite`) after every key press; see docs/annotation.md.
 """
@@ -31,7 +31,7 @@ from pixelpick.errors import PixelPickError
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pixelpick.annotation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="pixelpick annotate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
 

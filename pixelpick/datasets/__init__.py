@@ -9,7 +9,7 @@ from pixelpick.datasets.base import ClassInfo, LabelSpace, SegmentationDataset
 from pixelpick.datasets.camvid import CAMVID_CLASSES, CAMVID_LABEL_SPACE, CamVidDataset
 from pixelpick.datasets.cityscapes import CITYSCAPES_LABEL_SPACE, CityscapesDataset
 from pixelpick.datasets.folder import FolderDataset, load_classes_file
-from pixelpick.datasets.synthetic import generate_synthetic
+from pixelpick.datasets.synthetic import generate_synthetic  # noqa: F401  (part of the package's interface)
 from pixelpick.datasets.voc import VOC_LABEL_SPACE, VOCDataset
 from pixelpick.errors import DatasetError
 
@@ -21,13 +21,12 @@ __all__ = [
 
 
 def _open_synthetic(data: Any, split: str) -> SegmentationDataset:
-    # The synthetic set is generated once (idempotently) in CamVid's layout, then read as CamVid.
-    params = data.synthetic
-    root = generate_synthetic(
-        data.root, num_train=params.num_train, num_val=params.num_val,
-        height=params.height, width=params.width, seed=params.seed,
-    )
-    return CamVidDataset(root, split, image_size=data.image_size)
+    # The synthetic set is written in CamVid's layout and read as CamVid. It is generated where a new campaign's
+    # settings put it (`pixelpick.campaign.prepare_data`), never here: a mistyped root must not become a new dataset.
+    if not (data.root / "synthetic.json").is_file():
+        raise DatasetError(f"no generated dataset at {data.root} (data.root): the bundled synthetic dataset is "
+                           "generated when a new campaign starts")
+    return CamVidDataset(data.root, split, image_size=data.image_size)
 
 
 def _open_camvid(data: Any, split: str) -> SegmentationDataset:
