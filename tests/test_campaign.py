@@ -292,4 +292,4 @@ def test_the_generated_dataset_is_made_only_for_a_new_campaign_and_announced(tmp
 
     shutil.rmtree(tmp_path / "typo")
     with pytest.raises(DatasetError, match="no generated dataset at .*typo/synthetc"):
-        open_recorded(tmp_path / "data" / "runs" / "tiny").pool
+        open_recorded(tmp_path / "data" / "runs" / "tiny").pool  # noqa: B018  (opening it is the check)
