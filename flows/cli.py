@@ -135,6 +135,7 @@ def _choice(args: argparse.Namespace, round_id: int | None = None):
     campaign = open_campaign(args.params, _overrides(args), create=round_id in (None, 0))
     if round_id:
         step_key(campaign, round_steps(campaign)[0], round_id)  # StepInputError: run the previous round first
+    args.campaign = campaign.name
     return CampaignChoice(params=str(Path(args.params).resolve()), overrides=_overrides(args))
 
 
@@ -164,8 +165,7 @@ def run_campaign(args: argparse.Namespace) -> None:
 
     choice = _choice(args)
     if args.serve:
-        name = args.campaign or choice.overrides.get("campaign.name") or "default"
-        _serve(campaign_flow, f"campaign-{name}", {"campaign": choice.model_dump(),
+        _serve(campaign_flow, f"campaign-{args.campaign}", {"campaign": choice.model_dump(),
                                                    "cluster": _cluster(args).model_dump()}, args)
     else:
         campaign_flow(choice, _cluster(args))
@@ -192,8 +192,8 @@ def run_human(args: argparse.Namespace) -> None:
 
         job_progress(open_campaign(args.params, _overrides(args), create=False), args.round)  # the job must exist
     if args.serve:
-        name = f"{args.stage}-{args.campaign or 'default'}-r{args.round:02d}"
-        _serve(chosen, name, {"campaign": choice.model_dump(), "round_id": args.round}, args)
+        parameters = {"campaign": choice.model_dump(), "round_id": args.round}
+        _serve(chosen, f"{args.stage}-{args.campaign}-r{args.round:02d}", parameters, args)
     else:
         chosen(choice, args.round)
 

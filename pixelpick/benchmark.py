@@ -122,7 +122,8 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.label}-s{self.seed}"
+        """The run's folder and campaign name: `margin_cb1_sp300-s0` (a campaign name has no `+`)."""
+        return f"{self.label.replace('+', '_')}-s{self.seed}"
 
     @property
     def overrides(self) -> dict[str, Any]:

@@ -18,6 +18,9 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+import dask
+import torch
+from distributed import get_worker
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -38,7 +41,14 @@ def dask_task_runner(workers: int = 0, address: str | None = None):
 
     if address:
         return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+    # Dask's nanny sets the workers' thread limits in its own process's environment before spawning them, which
+    # would leave this flow's later subprocesses (DVC stages, torchrun) with one thread: they go to the workers only.
+    spawn_environment = dask.config.get("distributed.nanny.pre-spawn-environ")
+    dask.config.set({"distributed.nanny.pre-spawn-environ": {
+        key: value for key, value in spawn_environment.items() if not key.endswith("_NUM_THREADS")}})
+    limits = {key: "1" for key in spawn_environment if key.endswith("_NUM_THREADS")}
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "env": limits})
 
 
 @task(cache_policy=NO_CACHE, task_run_name="plan-query-r{round_id:02d}")
@@ -60,6 +70,7 @@ def plan_shards(campaign_dir: str, round_id: int, shards: int) -> dict[str, Any]
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1, task_run_name="query-shard-{index}")
 def run_shard(settings_json: str, plan: dict[str, Any], index: int, labelled: dict) -> dict[str, Any]:
     """One shard's inference, chunk writes and picks, on whichever worker runs it."""
+    torch.set_num_threads(get_worker().state.nthreads)  # torch sized its pool before the worker's limits applied
     campaign = Campaign(Settings.model_validate_json(settings_json))
     frame, seconds = query_shard(campaign, _plan(plan), index, labelled)
     return {"queries": frame.to_dict(orient="list"), "seconds": seconds,

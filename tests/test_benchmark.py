@@ -20,6 +20,7 @@ from pixelpick.benchmark import (
     plan_runs,
     read_rows,
     run_benchmark,
+    run_settings,
 )
 from pixelpick.benchmark_report import results_frame, summarise, write_report
 from pixelpick.datasets import get_dataset
@@ -44,12 +45,18 @@ def test_plan_keeps_each_seed_together():
     plan = plan_runs(PRESETS["cpu"], seeds=(0, 1))
     assert [s.name for s in plan] == ["margin-s0", "random-s0", "full-s0", "margin-s1", "random-s1", "full-s1"]
     mc = plan_runs(PRESETS["cpu"], strategies=("margin", "random"), seeds=(3,), variants=(parse_variant("mc4"),))
-    assert [s.name for s in mc] == ["margin-s3", "random-s3", "margin+mc4-s3", "bald-s3", "full-s3"]
+    assert [s.name for s in mc] == ["margin-s3", "random-s3", "margin_mc4-s3", "bald-s3", "full-s3"]
     # Selection variants mean nothing to random picks; training variants apply to every strategy.
     plan = plan_runs(PRESETS["cpu"], seeds=(0,), variants=(parse_variant("cb1"), parse_variant("sp300+st0.9")))
-    assert [s.name for s in plan] == ["margin-s0", "random-s0", "margin+cb1-s0", "margin+sp300+st0.9-s0",
-                                      "random+sp300+st0.9-s0", "full-s0"]
+    assert [s.name for s in plan] == ["margin-s0", "random-s0", "margin_cb1-s0", "margin_sp300_st0.9-s0",
+                                      "random_sp300_st0.9-s0", "full-s0"]
     assert plan[3].overrides == {"train.superpixels": 300, "train.self_training_threshold": 0.9}
+
+
+def test_every_planned_run_is_a_valid_campaign(tiny_base):
+    variants = tuple(parse_variant(v) for v in ("cb1", "sp0", "sp300+st0.9", "mc4"))
+    for spec in plan_runs(PRESETS["cpu"], strategies=("margin", "random"), seeds=(0,), variants=variants):
+        assert run_settings(tiny_base, PRESETS["cpu"], spec).campaign.name == spec.name
 
 
 def test_a_variant_names_known_settings_only():

@@ -9,6 +9,7 @@ import threading
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from flows.parameters import CampaignChoice, ClusterChoice
@@ -42,11 +43,16 @@ def reference(tmp_path_factory):
 
 
 def assert_same_query(campaign, reference):
-    assert campaign.files(1).queries.read_bytes() == reference.files(1).queries.read_bytes()
+    """The same pixels in the same order. Scores and probabilities agree to float rounding only: a worker runs
+    torch on one thread, and the convolutions' summation order depends on the thread count."""
+    ours, theirs = pd.read_parquet(campaign.files(1).queries), pd.read_parquet(reference.files(1).queries)
+    pd.testing.assert_frame_equal(ours.drop(columns="score"), theirs.drop(columns="score"))
+    np.testing.assert_allclose(ours["score"], theirs["score"], rtol=1e-4, atol=1e-5)
     ours, theirs = ProbabilityStore(campaign.files(1).probs), ProbabilityStore(reference.files(1).probs)
+    assert ours.image_ids == theirs.image_ids
     for image_id in theirs.image_ids:
-        np.testing.assert_array_equal(ours.scores(image_id), theirs.scores(image_id))
-        np.testing.assert_array_equal(ours.probs(image_id), theirs.probs(image_id))
+        np.testing.assert_allclose(ours.scores(image_id), theirs.scores(image_id), rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(ours.probs(image_id), theirs.probs(image_id), rtol=1e-3, atol=1e-3)
 
 
 def test_shards_are_whole_batches_and_never_share_a_chunk(reference):
@@ -65,8 +71,13 @@ def test_two_worker_processes_query_exactly_what_one_process_does(prefect_server
     campaign = started_campaign(tmp_path, "sharded")
     cluster = ClusterChoice(workers=2, shards=4)
     choice = CampaignChoice(params=str(tmp_path / "params.yaml"), overrides={"campaign.name": "sharded"})
+    environment = dict(os.environ)
     on_cluster(cluster)(choice, 1, cluster)
     assert_same_query(campaign, reference)
+    # The workers' thread limits stay theirs: the flow's later subprocesses (DVC stages, torchrun) keep all cores.
+    assert {key: os.environ.get(key) for key in environment if key.endswith("_NUM_THREADS")} == \
+        {key: value for key, value in environment.items() if key.endswith("_NUM_THREADS")}
+    assert not {key for key in os.environ if key.endswith("_NUM_THREADS")} - set(environment)
 
 
 def test_a_worker_killed_mid_round_is_replaced_and_the_round_ends_the_same(prefect_server, tmp_path, reference):
