@@ -126,7 +126,9 @@ def open_campaign(
     settings = load_settings(params, overrides)
     layout = CampaignLayout(settings.campaign.run_dir)
     if layout.params.is_file():
-        return _reopen(settings, layout)
+        campaign = _reopen(settings, layout)
+        prepare_data(campaign.settings)  # a recorded campaign in a fresh clone: its generated data at its own root
+        return campaign
     if not create:
         raise CampaignError(f"campaign {settings.campaign.name!r} has not started: no {layout.params}")
     prepare_data(settings)
@@ -142,7 +144,9 @@ def open_recorded(campaign_dir: str | Path) -> Campaign:
     layout = CampaignLayout(Path(campaign_dir).resolve())
     if not layout.params.is_file():
         raise CampaignError(f"{layout.dir} is not a campaign folder: it has no params.yaml")
-    return Campaign(load_settings(layout.params))
+    recorded = load_settings(layout.params)
+    prepare_data(recorded)
+    return Campaign(recorded)
 
 
 def _reopen(settings: Settings, layout: CampaignLayout) -> Campaign:
@@ -194,7 +198,10 @@ def write_record(settings: Settings, layout: CampaignLayout) -> Path:
 
 
 def prepare_data(settings: Settings) -> None:
-    """Generate the bundled synthetic dataset where a new campaign's settings ask for it, saying so."""
+    """Generate the bundled synthetic dataset where a campaign's settings ask for it and it is missing, saying so.
+
+    Only a new campaign's settings or a recorded campaign's record reach here: a recorded campaign refuses another
+    `data.root`, so a mistyped root is generated only for a campaign that has just been named, and announced."""
     data = settings.data
     if data.dataset != "synthetic" or (data.root / "synthetic.json").is_file():
         return

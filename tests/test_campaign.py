@@ -281,15 +281,23 @@ def test_retention_keeps_the_newest_stores_and_a_removed_one_is_never_needed_aga
     assert all(is_fresh(campaign, STEPS["query"], r) for r in range(4))  # the queries themselves stay done
 
 
-def test_the_generated_dataset_is_made_only_for_a_new_campaign_and_announced(tmp_path, caplog):
+def test_the_generated_dataset_is_made_where_the_settings_say_and_announced(tmp_path, caplog):
     import logging
 
-    caplog.set_level(logging.WARNING, logger="pixelpick")
-    new_campaign(tmp_path, {"data.root": str(tmp_path / "typo" / "synthetc")})
-    assert f"generating the bundled synthetic dataset at {tmp_path / 'typo' / 'synthetc'}" in caplog.text
-    # An existing campaign's steps never generate one: its dataset must be where its record says.
-    from pixelpick.errors import DatasetError
+    from pixelpick.digests import tree_md5
 
+    caplog.set_level(logging.WARNING, logger="pixelpick")
+    root = tmp_path / "typo" / "synthetc"
+    new_campaign(tmp_path, {"data.root": str(root)})
+    assert f"generating the bundled synthetic dataset at {root}" in caplog.text
+    generated = tree_md5(root)
+    # A recorded campaign in a fresh clone (its records committed, its data not): the same data, at its own root.
     shutil.rmtree(tmp_path / "typo")
-    with pytest.raises(DatasetError, match="no generated dataset at .*typo/synthetc"):
-        open_recorded(tmp_path / "data" / "runs" / "tiny").pool  # noqa: B018  (opening it is the check)
+    caplog.clear()
+    open_recorded(tmp_path / "data" / "runs" / "tiny")
+    assert f"generating the bundled synthetic dataset at {root}" in caplog.text
+    assert tree_md5(root) == generated
+    # Another root for a recorded campaign is refused, never generated.
+    with pytest.raises(CampaignError, match="data.root"):
+        open_campaign(tmp_path / "params.yaml", {"data.root": str(tmp_path / "elsewhere")})
+    assert not (tmp_path / "elsewhere").exists()
