@@ -121,12 +121,17 @@ def open_campaign(
     """The campaign that `params` plus `overrides` name, created (recorded) on first use when `create`.
 
     An existing campaign is opened from its record; CampaignError names the keys if the settings given differ from
-    it. A larger `campaign.rounds` extends the record. A new campaign's data is checked before anything is written.
+    it. The settings given are the whole of `params` when that file names the campaign, else only the `overrides`:
+    the file is then just the template other campaigns were started from (`--campaign my-photos` reopens that
+    campaign whatever the file holds). A larger `campaign.rounds` extends the record. A new campaign's data is
+    checked before anything is written.
     """
     settings = load_settings(params, overrides)
     layout = CampaignLayout(settings.campaign.run_dir)
     if layout.params.is_file():
-        campaign = _reopen(settings, layout)
+        named_by_file = load_settings(params).campaign.name == settings.campaign.name
+        given = None if named_by_file else set(overrides or {}) - {"campaign.name"}
+        campaign = _reopen(settings, layout, given)
         prepare_data(campaign.settings)  # a recorded campaign in a fresh clone: its generated data at its own root
         return campaign
     if not create:
@@ -149,9 +154,16 @@ def open_recorded(campaign_dir: str | Path) -> Campaign:
     return Campaign(recorded)
 
 
-def _reopen(settings: Settings, layout: CampaignLayout) -> Campaign:
+def _reopen(settings: Settings, layout: CampaignLayout, given: set[str] | None) -> Campaign:
+    """The recorded campaign, checked against the settings given: every key, or only the dotted keys in `given`."""
     recorded = load_settings(layout.params)
-    differences = recipe_differences(recorded, settings)
+    sections = {key.split(".")[0] for key in given or () if key == "train.preset" or "." not in key}
+
+    def was_given(key: str) -> bool:
+        return given is None or key.split(".")[0] in sections or any(
+            key == g or key.startswith(g + ".") for g in given)
+
+    differences = {key: values for key, values in recipe_differences(recorded, settings).items() if was_given(key)}
     if differences:
         listed = "; ".join(f"{key}: {old!r} recorded, {new!r} given" for key, (old, new) in differences.items())
         raise CampaignError(
@@ -159,8 +171,9 @@ def _reopen(settings: Settings, layout: CampaignLayout) -> Campaign:
             f"another name (--set campaign.name=...), or edit {layout.params} and run `dvc repro` in that folder "
             "to redo what the change affects")
     # The number of rounds, where stores go and the runtime keys may change: no step's output depends on them.
-    runtime = {key.split(".")[1]: getattr(settings.train, key.split(".")[1]) for key in RUNTIME_KEYS}
-    changeable = {key: getattr(settings.campaign, key) for key in ("rounds", "store_url", "keep_stores")}
+    runtime = {key.split(".")[1]: getattr(settings.train, key.split(".")[1]) for key in RUNTIME_KEYS if was_given(key)}
+    changeable = {key: getattr(settings.campaign, key) for key in ("rounds", "store_url", "keep_stores")
+                  if was_given(f"campaign.{key}")}
     updated = recorded.model_copy(update={
         "campaign": recorded.campaign.model_copy(update=changeable),
         "train": recorded.train.model_copy(update=runtime)})

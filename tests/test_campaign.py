@@ -301,3 +301,19 @@ def test_the_generated_dataset_is_made_where_the_settings_say_and_announced(tmp_
     with pytest.raises(CampaignError, match="data.root"):
         open_campaign(tmp_path / "params.yaml", {"data.root": str(tmp_path / "elsewhere")})
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_campaign_named_on_the_command_line_is_reopened_from_its_record(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(TINY_PARAMS)
+    open_campaign(params, {"campaign.name": "people", "campaign.annotator": "human", "train.epochs": 1})
+    # `--campaign people` alone: params.yaml is only the template it was started from, not its settings.
+    reopened = open_campaign(params, {"campaign.name": "people"})
+    assert reopened.settings.campaign.annotator == "human" and reopened.settings.train.epochs == 1
+    with pytest.raises(CampaignError, match="train.epochs: '1' recorded, '3' given"):
+        open_campaign(params, {"campaign.name": "people", "train.epochs": 3})
+    # The campaign that params.yaml itself names is checked against the whole file.
+    open_campaign(params)
+    params.write_text(TINY_PARAMS.replace("epochs: 2", "epochs: 4"))
+    with pytest.raises(CampaignError, match="train.epochs: '2' recorded, '4' given"):
+        open_campaign(params)
