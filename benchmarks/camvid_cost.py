@@ -1,4 +1,4 @@
-"""CPU cost of one training epoch and one inference pass over real CamVid train (issue 2). Prints figures.
+"""CPU cost of one training epoch and one inference pass over real CamVid train. Prints figures.
 
     python benchmarks/camvid_cost.py --camvid-root ../shared/datasets/camvid [--images 48]
 

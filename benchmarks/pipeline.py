@@ -1,4 +1,4 @@
-"""Performance of the round pipeline (issue 3). Prints figures; asserts nothing.
+"""Performance of the round pipeline. Prints figures; asserts nothing.
 
     python benchmarks/pipeline.py                      # all four measurements
     python benchmarks/pipeline.py --only select,memory

@@ -201,7 +201,7 @@ def _per_class_table(frame: pd.DataFrame, budget: int) -> str:
     chosen = al[al["pixels_per_image"].round() == budget]
     full = frame[frame["strategy"] == FULL]
     if "round" in full and full["round"].notna().any():
-        full = full[full["round"] == full["round"].max()]
+        full = full[full["round"] == full["round"].max()].assign(strategy=f"{FULL} (longest-trained)")
     table = pd.concat([chosen, full]).groupby("strategy")[iou_columns].mean().mul(100)
     table.columns = [c.removeprefix("iou_") for c in iou_columns]
     return table.round(1).to_markdown()
