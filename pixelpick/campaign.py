@@ -157,11 +157,10 @@ def open_recorded(campaign_dir: str | Path) -> Campaign:
 def _reopen(settings: Settings, layout: CampaignLayout, given: set[str] | None) -> Campaign:
     """The recorded campaign, checked against the settings given: every key, or only the dotted keys in `given`."""
     recorded = load_settings(layout.params)
-    sections = {key.split(".")[0] for key in given or () if key == "train.preset" or "." not in key}
+    prefixes = {"train" if key == "train.preset" else key for key in given or ()}  # a preset sets the section
 
     def was_given(key: str) -> bool:
-        return given is None or key.split(".")[0] in sections or any(
-            key == g or key.startswith(g + ".") for g in given)
+        return given is None or any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
 
     differences = {key: values for key, values in recipe_differences(recorded, settings).items() if was_given(key)}
     if differences:

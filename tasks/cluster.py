@@ -45,10 +45,12 @@ def dask_task_runner(workers: int = 0, address: str | None = None):
     # would leave this flow's later subprocesses (DVC stages, torchrun) with one thread: they go to the workers only.
     spawn_environment = dask.config.get("distributed.nanny.pre-spawn-environ")
     dask.config.set({"distributed.nanny.pre-spawn-environ": {
-        key: value for key, value in spawn_environment.items() if not key.endswith("_NUM_THREADS")}})
-    limits = {key: "1" for key in spawn_environment if key.endswith("_NUM_THREADS")}
+        key: value for key, value in spawn_environment.items() if key not in _THREAD_LIMITS}})
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                          "env": limits})
+                                          "env": dict.fromkeys(_THREAD_LIMITS, "1")})
+
+
+_THREAD_LIMITS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")  # Dask's defaults for its workers
 
 
 @task(cache_policy=NO_CACHE, task_run_name="plan-query-r{round_id:02d}")
