@@ -10,8 +10,6 @@ An interrupted benchmark resumes where it stopped when started again with the sa
 their cost are in docs/benchmarks/README.md.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Any
 

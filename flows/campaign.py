@@ -5,8 +5,6 @@
     pixelpick campaign --serve --cron "0 2 * * *"        # a scheduled deployment (needs `prefect server start`)
 """
 
-from __future__ import annotations
-
 from prefect import flow
 
 from flows.parameters import CampaignChoice, ClusterChoice

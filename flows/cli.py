@@ -143,8 +143,9 @@ def _serve(flow_function, name: str, parameters: dict, args: argparse.Namespace)
     if not os.environ.get("PREFECT_API_URL"):
         raise SystemExit("error: --serve needs a Prefect server: start `prefect server start` and set "
                          "PREFECT_API_URL=http://127.0.0.1:4200/api")
-    # Stopping the server pauses the schedule, so scheduled runs do not pile up while nothing serves them.
-    flow_function.serve(name=name, parameters=parameters, cron=args.cron, interval=args.interval,
+    # One run at a time: a campaign's runs would refuse each other at its lock, so a run that falls due while
+    # another works waits its turn. Stopping the server pauses the schedule, so runs do not pile up meanwhile.
+    flow_function.serve(name=name, parameters=parameters, cron=args.cron, interval=args.interval, limit=1,
                         pause_on_shutdown=True)
 
 

@@ -7,8 +7,6 @@ the job is complete. Labelling takes hours, so no flow run sits paused waiting f
     pixelpick human train 1 --campaign my-photos --serve --interval 600   # the same, every 10 minutes
 """
 
-from __future__ import annotations
-
 from prefect import flow
 
 from flows.parameters import CampaignChoice

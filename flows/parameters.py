@@ -1,7 +1,5 @@
 """The typed parameters of the flows: what the Prefect UI shows as a form for a manual or scheduled run."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Any
 

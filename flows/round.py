@@ -3,8 +3,6 @@
     pixelpick round 1                         # round 1 of the campaign in params.yaml (earlier rounds must exist)
 """
 
-from __future__ import annotations
-
 from prefect import flow
 
 from flows.parameters import CampaignChoice, ClusterChoice
