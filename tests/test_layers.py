@@ -113,3 +113,18 @@ def test_every_module_imports():
     for module in sorted(module_graph("pixelpick", "tasks", "flows")):
         if not module.endswith("__main__"):
             importlib.import_module(module)
+
+
+def test_the_architecture_notes_list_every_module():
+    text = (REPO / "docs" / "architecture.md").read_text()
+    tree = text[text.index("```\npixelpick/\n"):]
+    tree = tree[:tree.index("\n```")]
+    sections = dict.fromkeys(("pixelpick", "tasks", "flows", "benchmarks"), "")
+    current = "pixelpick"
+    for line in tree.splitlines()[1:]:
+        if line and not line.startswith(" "):  # a top-level folder: the lines below it are its modules
+            current = line.split()[0].rstrip("/")
+        sections[current] += line + "\n"
+    missing = [str(path.relative_to(REPO)) for name in sections for path in sorted((REPO / name).rglob("*.py"))
+               if f" {path.name}" not in sections[name] and f"{path.name}," not in sections[name]]
+    assert missing == []
