@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import tasks  # noqa: F401  (sets the store locations before Prefect and MLflow are imported)
+from pixelpick.annotation import cli as annotation_cli
 from pixelpick.errors import PixelPickError
 from pixelpick.settings import parse_override
 
@@ -77,15 +78,19 @@ def get_parser() -> argparse.ArgumentParser:
     _campaign_options(round_)
     _cluster_options(round_)
 
-    human = commands.add_parser("human", help="a round labelled by people")
-    human.add_argument("stage", choices=["query", "train"])
-    human.add_argument("round", type=int)
-    _campaign_options(human)
-    _serve_options(human, default_interval=600)
+    human = commands.add_parser("human", help="a round labelled by people: query, then train")
+    stages = human.add_subparsers(dest="stage", required=True)
+    for stage, about in (("query", "pick round N's pixels and export them as an annotation job"),
+                         ("train", "collect round N's labels, version them and train (waits until the job is done)")):
+        stage_parser = stages.add_parser(stage, help=about, description=about)
+        stage_parser.add_argument("round", type=int, help="the round, N")
+        _campaign_options(stage_parser)
+        _serve_options(stage_parser, default_interval=600)
 
     annotate = commands.add_parser("annotate", help="the web annotator: serve, export-labels, split-job",
-                                   add_help=False)
-    annotate.add_argument("arguments", nargs=argparse.REMAINDER)
+                                   description=annotation_cli.__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    annotation_cli.add_commands(annotate)
 
     benchmark = commands.add_parser("benchmark", help="the label-efficiency benchmark")
     benchmark.add_argument("--preset", default="cpu")
@@ -200,9 +205,7 @@ def run_human(args: argparse.Namespace) -> None:
 
 
 def run_annotate(args: argparse.Namespace) -> None:
-    from pixelpick.annotation.__main__ import main as annotation_main
-
-    annotation_main(args.arguments)
+    annotation_cli.run(args)
 
 
 def run_benchmark(args: argparse.Namespace) -> None:

@@ -16,7 +16,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 import yaml
 
@@ -26,7 +25,7 @@ from pixelpick.datasets.base import SegmentationDataset
 from pixelpick.datasets.synthetic import generate_synthetic
 from pixelpick.errors import CampaignError, DatasetError
 from pixelpick.io import atomic_write
-from pixelpick.labels import LABEL_SCHEMA, LabelStore, read_labels
+from pixelpick.labels import LabelStore
 from pixelpick.layout import CampaignLayout, RoundFiles
 from pixelpick.models import build_model
 from pixelpick.settings import Settings, flatten, load_settings
@@ -85,12 +84,6 @@ class Campaign:
         space = self.pool.label_space
         return LabelStore(self.files(round_id).snapshot, image_sizes=self.image_sizes,
                           num_classes=space.num_classes, ignore_index=space.ignore_index)
-
-    def labels_before(self, round_id: int) -> pd.DataFrame:
-        """Every label made before `round_id` (empty for round 0)."""
-        if round_id == 0:
-            return LABEL_SCHEMA.empty_table().to_pandas()
-        return read_labels(self.files(round_id - 1).snapshot)
 
     # ---------------------------------------------------------------- models
 

@@ -1,7 +1,8 @@
 """Data-parallel training with torch DDP: one process per GPU (or, on CPU, per process group member with gloo).
 
-`train.processes: N` (N > 1) makes a round's training run as N processes started by torchrun on this machine;
-several machines run `torchrun --nnodes ... -m pixelpick.distributed <campaign folder> <round>` themselves. Each
+`train.processes: N` (N > 1) makes a round's training run as N processes started by torchrun on this machine
+(`launch`, each process running `pixelpick.ddp_worker`); several machines run the round's train step under
+torchrun themselves (`torchrun --nnodes ... -m flows.cli step train --round N --campaign-dir DIR`). Each
 process trains on its share of the images (a DistributedSampler draws a permutation of every image per epoch, as one
 process would, and splits it), with 1/N of the batch, so every labelled pixel is seen once per epoch and the
 global batch is the configured one; gradients are averaged, so every process holds the same weights after each
@@ -54,7 +55,7 @@ def launch(campaign_dir: Path, round_id: int, processes: int) -> dict:
     threads = max(1, (os.cpu_count() or 1) // processes)  # processes side by side must not oversubscribe cores
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-         "-m", "pixelpick.distributed", str(campaign_dir), str(round_id), str(report)],
+         "-m", "pixelpick.ddp_worker", str(campaign_dir), str(round_id), str(report)],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if done.returncode != 0 or not report.is_file():
         last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-5:]
@@ -63,29 +64,3 @@ def launch(campaign_dir: Path, round_id: int, processes: int) -> dict:
     measured = json.loads(report.read_text())
     report.unlink()
     return measured
-
-
-def main(argv: list[str] | None = None) -> None:
-    """One process of a distributed training run (what torchrun starts)."""
-    from pixelpick.campaign import open_recorded
-    from pixelpick.steps import train
-
-    campaign_dir, round_id, report = (argv or sys.argv[1:])[:3]
-    device = init_from_environment()
-    try:
-        campaign = open_recorded(campaign_dir)
-        campaign.device = device  # this process's GPU, or the CPU
-        round_id = int(round_id)
-        files = campaign.files(round_id)
-        previous = campaign.files(round_id - 1).model if round_id > 0 else None
-        uses_previous = campaign.settings.train.warm_start or campaign.settings.train.self_training_threshold > 0
-        measured = train(campaign, round_id, snapshot=files.snapshot, out=files.model,
-                         previous_model=previous if uses_previous else None)
-        if is_main_process():
-            Path(report).write_text(json.dumps(measured))
-    finally:
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

@@ -33,10 +33,6 @@ class JobProgress:
     total: int
     closed: bool
 
-    @property
-    def complete(self) -> bool:
-        return self.done >= self.total
-
 
 def export_job(campaign: Campaign, round_id: int) -> Path:
     """Write the round's annotation job from its queries (the same queries give the same pixels)."""

@@ -138,13 +138,6 @@ class LabelStore:
                 _write_atomic(pd.concat([stored, new_rows], ignore_index=True), self.path)
         return AppendResult(added=len(new_rows), duplicates=int(is_duplicate.sum()))
 
-    def write_snapshot(self, round_id: int, path: str | os.PathLike) -> Path:
-        """Write the labels of rounds <= round_id to `path` (atomically) and return that path."""
-        labels = self.read()
-        path = Path(path)
-        _write_atomic(labels[labels["round"] <= round_id], path)
-        return path
-
     def labelled_pixels(self, image_id: str, *, include_void: bool = True) -> np.ndarray:
         """The (n, 2) int64 (y, x) pixels of `image_id` that have a label, in append order."""
         if image_id not in self.image_sizes:
@@ -154,11 +147,6 @@ class LabelStore:
         if not include_void:
             keep &= labels["class_id"] != self.ignore_index
         return labels.loc[keep, ["y", "x"]].to_numpy(dtype=np.int64)
-
-    def labels_for_training(self) -> pd.DataFrame:
-        """Every stored label except void ("unsure") answers, which are never trained on."""
-        labels = self.read()
-        return labels[labels["class_id"] != self.ignore_index].reset_index(drop=True)
 
     def _validate(self, batch: pd.DataFrame, stored: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
         """Return the batch in the store's dtypes and which of its rows are exact duplicates; raise if any is bad."""

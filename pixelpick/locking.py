@@ -1,14 +1,14 @@
 """One process at a time per campaign: an exclusive lock on the campaign's `.lock` file.
 
-The lock is an OS file lock (`flock`), so the kernel releases it when its holder dies however it dies: a lock left
-by a killed process is simply free, and the next run takes it over. The file also says who holds the lock (pid,
-host, start time, command), so a second run is refused at once with a message naming the holder. The lock is
-re-entrant within a process: a flow that holds it can run steps that ask for it again.
+The lock is filelock's OS file lock (`flock`), so the kernel releases it when its holder dies however it dies: a
+lock left by a killed process is simply free, and the next run takes it over. The file also says who holds the lock
+(pid, host, start time, command), so a second run is refused at once with a message naming the holder. The lock is
+re-entrant within a process, across threads: a flow that holds it can run steps (in Prefect's worker threads) that
+ask for it again.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -19,9 +19,11 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from pixelpick.errors import CampaignLockedError
 
-_held: dict[Path, tuple[int, int]] = {}  # lock path -> (file descriptor, depth), for this process
+_locks: dict[Path, FileLock] = {}  # one per lock path in this process, so its hold count is shared
 _guard = threading.Lock()
 
 
@@ -30,49 +32,46 @@ def campaign_lock(path: Path, campaign: str) -> Iterator[None]:
     """Hold the lock at `path` for the duration of the block; CampaignLockedError if another process holds it."""
     path = Path(path).resolve()
     with _guard:
-        if path in _held:
-            descriptor, depth = _held[path]
-            _held[path] = (descriptor, depth + 1)
-        else:
-            _held[path] = (_acquire(path, campaign), 1)
+        # thread_local=False: a hold taken by the flow's thread counts in the task threads too.
+        lock = _locks.setdefault(path, FileLock(path, timeout=0, thread_local=False))
+        first = not lock.is_locked
+        try:
+            lock.acquire()
+        except Timeout:
+            raise CampaignLockedError(f"campaign {campaign!r} is already being run by {_describe_holder(path)}; wait "
+                                      f"for it to finish or stop it (a killed process releases the lock)") from None
+        if first:
+            _write_holder(path)
     try:
         yield
     finally:
         with _guard:
-            descriptor, depth = _held[path]
-            if depth > 1:
-                _held[path] = (descriptor, depth - 1)
-            else:
-                del _held[path]
-                os.close(descriptor)  # closing releases the flock
+            lock.release()
 
 
 def holds(path: Path) -> bool:
     """Whether this process holds the lock at `path` already."""
     with _guard:
-        return Path(path).resolve() in _held
+        lock = _locks.get(Path(path).resolve())
+        return lock is not None and lock.is_locked
 
 
-def _acquire(path: Path, campaign: str) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def _write_holder(path: Path) -> None:
+    holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "started": datetime.now(UTC).isoformat(timespec="seconds"),
+                         "command": " ".join(sys.argv)[:300]}).encode()
+    # Written in place, then cut to length: a contender reading it never finds it empty, and the locked inode stays.
+    descriptor = os.open(path, os.O_WRONLY)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _describe_holder(descriptor)
+        os.pwrite(descriptor, holder, 0)
+        os.ftruncate(descriptor, len(holder))
+    finally:
         os.close(descriptor)
-        raise CampaignLockedError(f"campaign {campaign!r} is already being run by {holder}; wait for it to finish "
-                                  f"or stop it (a killed process releases the lock)") from None
-    holder = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv)[:300]}
-    os.ftruncate(descriptor, 0)
-    os.pwrite(descriptor, json.dumps(holder).encode(), 0)
-    return descriptor
 
 
-def _describe_holder(descriptor: int) -> str:
+def _describe_holder(path: Path) -> str:
     try:
-        holder = json.loads(os.pread(descriptor, 4096, 0) or b"{}")
+        holder = json.loads(path.read_bytes() or b"{}")
         return f"pid {holder['pid']} on {holder['host']} since {holder['started']} ({holder['command']})"
     except (ValueError, KeyError, OSError):
         return "another process"

@@ -238,15 +238,6 @@ class ProbabilityWriter:
         """Queue one image's (C, H, W) probabilities and (H, W) scores for writing."""
         self.write_batch([image_id], np.asarray(probs)[None], np.asarray(scores)[None])
 
-    def write_computed(self, image_id: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
-        """Queue `compute() -> (probs, scores)` of one image and its write (see `write_computed_batch`)."""
-
-        def batch() -> tuple[np.ndarray, np.ndarray]:
-            probs, scores = compute()
-            return np.asarray(probs)[None], np.asarray(scores)[None]
-
-        self.write_computed_batch([image_id], batch)
-
     def write_batch(self, image_ids: Sequence[str], probs: np.ndarray, scores: np.ndarray) -> None:
         """Queue a batch's (N, C, H, W) probabilities and (N, H, W) scores, row i for `image_ids[i]`."""
         self.write_computed_batch(image_ids, lambda: (probs, scores))

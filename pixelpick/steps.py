@@ -275,7 +275,7 @@ def train(campaign: Campaign, round_id: int, *, snapshot: Path | None, previous_
     """Train the round's model on its snapshot: re-initialised (or, with `train.warm_start`, from the previous
     round's model) for `train.epochs` epochs (`train.initial_epochs` in round 0), with the configured
     superpixel expansion and self-training. `snapshot` None trains on every pixel's ground truth instead (the
-    fully supervised reference). With `train.processes` > 1, as that many DDP processes (`pixelpick.distributed`).
+    fully supervised reference). With `train.processes` > 1, as that many DDP processes (`distributed.launch`).
     """
     settings, train_settings = campaign.settings, campaign.settings.train
     if train_settings.processes > 1 and rank_and_size()[1] == 1 and snapshot is not None:

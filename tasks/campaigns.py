@@ -16,7 +16,7 @@ from pixelpick.locking import campaign_lock, holds
 from pixelpick.recipe import round_steps
 from pixelpick.reporting import write_progress
 from tasks.steps import open_for_task
-from tasks.tracking import campaign_run, end_campaign_run, log_round, with_retries
+from tasks.tracking import campaign_run, end_campaign_run, log_round
 from tasks.versioning import write_pipeline
 
 
@@ -60,13 +60,13 @@ def hold_campaign(campaign_dir: str) -> Iterator[None]:
 @task(retries=2, retry_delay_seconds=5, task_run_name="mlflow-campaign-run")
 def track_campaign(campaign_dir: str) -> str:
     """The campaign's MLflow parent run, marked RUNNING."""
-    return with_retries(lambda: campaign_run(open_for_task(campaign_dir)))
+    return campaign_run(open_for_task(campaign_dir))
 
 
 @task(retries=2, retry_delay_seconds=5, task_run_name="mlflow-campaign-{status}")
 def finish_campaign(campaign_dir: str, status: str) -> None:
     """Mark the campaign's MLflow parent run FINISHED, FAILED or KILLED."""
-    with_retries(lambda: end_campaign_run(open_for_task(campaign_dir), status))
+    end_campaign_run(open_for_task(campaign_dir), status)
 
 
 @task(task_run_name="progress")
@@ -76,7 +76,7 @@ def update_progress(campaign_dir: str) -> str:
     return str(table)
 
 
-@task(task_run_name="summary-r{round_id:02d}")
+@task(retries=2, retry_delay_seconds=5, task_run_name="summary-r{round_id:02d}")  # logging is idempotent
 def round_summary(campaign_dir: str, round_id: int) -> dict[str, Any]:
     """The round's labelled pixels, mIoU (or why it was not measured) and registered model version."""
     campaign = open_for_task(campaign_dir)

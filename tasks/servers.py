@@ -10,32 +10,28 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from pathlib import Path
+
+import psutil
 
 log = logging.getLogger(__name__)
 
 
 def orphaned_servers(prefect_home: str) -> list[int]:
     """Pids of temporary Prefect servers for `prefect_home` that outlived the process that started them."""
-    wanted = {b"PREFECT__SERVER_EPHEMERAL=1", f"PREFECT_HOME={prefect_home}".encode()}
+    wanted = {"PREFECT__SERVER_EPHEMERAL": "1", "PREFECT_HOME": prefect_home}
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environment = set((entry / "environ").read_bytes().split(b"\0"))
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile, or not ours to read
-        if wanted <= environment and parent == 1:  # re-parented to init: its starter died
-            found.append(int(entry.name))
+    # ad_value: a process gone meanwhile, or not ours to read, gives None instead of an error.
+    for process in psutil.process_iter(["environ", "ppid"], ad_value=None):
+        environment, parent = process.info["environ"] or {}, process.info["ppid"]
+        if wanted.items() <= environment.items() and parent == 1:  # re-parented to init: its starter died
+            found.append(process.pid)
     return found
 
 
 def stop_orphaned_servers() -> list[int]:
     """Stop the temporary servers earlier runs of this project left behind; returns their pids."""
     home = os.environ.get("PREFECT_HOME")
-    if not home or os.environ.get("PREFECT_API_URL") or not Path("/proc").is_dir():
+    if not home or os.environ.get("PREFECT_API_URL"):
         return []
     stopped = []
     for pid in orphaned_servers(home):

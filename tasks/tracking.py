@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import mlflow
 import numpy as np
@@ -34,7 +31,6 @@ from pixelpick.settings import flatten
 REPO = Path(__file__).resolve().parents[1]
 SERVING_CODE = Path(__file__).with_name("serving.py")
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI opens it on runs, not GenAI traces
-T = TypeVar("T")
 
 
 def registered_model_name(campaign_name: str) -> str:
@@ -47,18 +43,6 @@ def git_commit() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def with_retries(call: Callable[[], T], attempts: int = 3, delay: float = 2.0) -> T:
-    """MLflow calls can fail transiently (a busy SQLite file, a restarting server): try again a few times."""
-    for attempt in range(attempts):
-        try:
-            return call()
-        except (MlflowException, ConnectionError, OSError):
-            if attempt == attempts - 1:
-                raise
-            time.sleep(delay * (attempt + 1))
-    raise AssertionError("unreachable")
 
 
 def experiment_id_for(client: MlflowClient, name: str) -> str:
@@ -120,11 +104,8 @@ def end_campaign_run(campaign: Campaign, status: str) -> None:
 
 def log_round(campaign: Campaign, round_id: int) -> str:
     """Log the round (params, per-epoch curves, mIoU, per-class IoU, query statistics), register its model as a
-    pyfunc with lineage tags, and move the `round-NN` and `best` aliases. Returns the registered version."""
-    return with_retries(lambda: _log_round(campaign, round_id))
-
-
-def _log_round(campaign: Campaign, round_id: int) -> str:
+    pyfunc with lineage tags, and move the `round-NN` and `best` aliases. Returns the registered version.
+    A transient failure (a busy SQLite file, a restarting server) is retried by the calling task's Prefect retries."""
     files = campaign.files(round_id)
     client = MlflowClient()
     parent_id = campaign_run(campaign)

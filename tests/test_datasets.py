@@ -83,13 +83,6 @@ def test_camvid_class_keys_are_the_protocol_mnemonics() -> None:
     assert [info.name for info in CAMVID_CLASSES][:4] == ["sky", "building", "pole", "road"]
 
 
-def test_label_space_maps_keys_case_insensitively(camvid: Path) -> None:
-    space = CamVidDataset(camvid, "train").label_space
-    assert space.class_id_for_key("V") == 4  # pavement
-    with pytest.raises(KeyError):
-        space.class_id_for_key("z")
-
-
 def test_unknown_image_id_is_named(camvid: Path) -> None:
     dataset = CamVidDataset(camvid, "train")
     for call in (dataset.image_path, dataset.load_image, dataset.load_mask, dataset.image_size):
@@ -359,7 +352,7 @@ def test_classes_file_json_with_statistics(tmp_path: Path) -> None:
     space = load_classes_file(path)
     assert space.num_classes == 2 and space.ignore_index == 9
     assert space.classes[0].colour == (1, 2, 3) and space.mean == (0.5, 0.5, 0.5)
-    assert space.class_id_for_key("a") == 0 and space.class_id_for_key("1") == 1
+    assert [info.key for info in space.classes] == ["A", "1"]
 
 
 CLASS_A = "{name: a, colour: [1, 2, 3], key: a}"

@@ -273,16 +273,6 @@ def test_remove_stale_temporaries_keeps_files_that_only_look_alike(tmp_path):
     assert remove_stale_temporaries(tmp_path / "missing" / "labels.parquet") == []
 
 
-def test_snapshot_holds_rounds_up_to_the_given_one(filled, tmp_path):
-    filled.append(batch(("train/a.png", 2, 2, 2), round_id=1))
-    filled.append(batch(("train/b.png", 0, 0, 1), round_id=2))
-    path = filled.write_snapshot(1, tmp_path / "rounds" / "r01" / "labels.parquet")
-    snapshot = read_labels(path)
-    assert snapshot["round"].tolist() == [0, 0, 0, 1]
-    assert snapshot[["y", "x"]].values.tolist() == [[0, 0], [3, 4], [2, 1], [2, 2]]
-    assert read_labels(filled.write_snapshot(2, tmp_path / "all.parquet")).equals(filled.read())
-
-
 def test_labelled_pixels_with_and_without_void(filled):
     assert filled.labelled_pixels("train/a.png").tolist() == [[0, 0], [3, 4]]
     assert filled.labelled_pixels("train/a.png", include_void=False).tolist() == [[0, 0]]
@@ -290,12 +280,6 @@ def test_labelled_pixels_with_and_without_void(filled):
     assert empty.labelled_pixels("train/b.png").shape == (0, 2)
     with pytest.raises(UnknownImageError, match="unknown image id 'train/zzz.png'"):
         filled.labelled_pixels("train/zzz.png")
-
-
-def test_training_labels_exclude_void(filled):
-    training = filled.labels_for_training()
-    assert training["class_id"].tolist() == [1, 0]
-    assert training.index.tolist() == [0, 1]
 
 
 def test_store_rejects_an_ignore_index_that_is_a_class(tmp_path):

@@ -28,3 +28,103 @@ def test_library_never_imports_prefect_dvc_or_mlflow():
 def test_tasks_never_import_flows():
     offenders = [str(p) for p in (REPO / "tasks").rglob("*.py") if "flows" in imported_roots(p)]
     assert offenders == []
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    return isinstance(node.test, (ast.Name, ast.Attribute)) and ast.unparse(node.test).endswith("TYPE_CHECKING")
+
+
+def package_imports(path: Path, module: str, modules: set[str]) -> set[str]:
+    """The modules of `modules` that `module` (at `path`) imports anywhere, in functions too (a deferred import is
+    still a dependency), except under `if TYPE_CHECKING:`."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    pending: list[ast.AST] = [ast.parse(path.read_text())]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            pending.extend(node.orelse)
+            continue
+        pending.extend(ast.iter_child_nodes(node))
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}".rstrip(".")
+            names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+        for name in names:
+            while name and name not in modules:  # `import a.b.c` depends on the nearest module named
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                found.add(name)
+    return found
+
+
+def module_graph(*packages: str) -> dict[str, set[str]]:
+    files = {}
+    for package in packages:
+        for path in (REPO / package).rglob("*.py"):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return {module: package_imports(path, module, set(files)) for module, path in files.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        state[module] = "open"
+        stack.append(module)
+        for imported in sorted(graph[module]):
+            if state.get(imported) == "open":
+                return stack[stack.index(imported):] + [imported]
+            if imported not in state and (cycle := visit(imported)):
+                return cycle
+        state[module] = "done"
+        stack.pop()
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (cycle := visit(module)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycles_among_the_projects_modules():
+    graph = module_graph("pixelpick", "tasks", "flows")
+    # A package imports its own modules to re-export them; only cycles between modules are layering faults.
+    graph = {module: {m for m in imported if not module.startswith(f"{m}.")} for module, imported in graph.items()}
+    assert "pixelpick.campaign" in graph and "pixelpick.training" in graph["pixelpick.campaign"]
+    assert find_cycle(graph) is None
+
+
+def test_every_module_imports():
+    import importlib
+
+    for module in sorted(module_graph("pixelpick", "tasks", "flows")):
+        if not module.endswith("__main__"):
+            importlib.import_module(module)
+
+
+def test_the_architecture_notes_list_every_module():
+    text = (REPO / "docs" / "architecture.md").read_text()
+    tree = text[text.index("```\npixelpick/\n"):]
+    tree = tree[:tree.index("\n```")]
+    sections = dict.fromkeys(("pixelpick", "tasks", "flows", "benchmarks"), "")
+    current = "pixelpick"
+    for line in tree.splitlines()[1:]:
+        if line and not line.startswith(" "):  # a top-level folder: the lines below it are its modules
+            current = line.split()[0].rstrip("/")
+        sections[current] += line + "\n"
+    missing = [str(path.relative_to(REPO)) for name in sections for path in sorted((REPO / name).rglob("*.py"))
+               if f" {path.name}" not in sections[name] and f"{path.name}," not in sections[name]]
+    assert missing == []

@@ -105,7 +105,9 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> J
 class HostAllowList:
     """Answer only requests whose Host header names this server: a defence against DNS rebinding.
 
-    Starlette's TrustedHostMiddleware does the same check but answers in plain text; the page expects JSON.
+    Starlette's TrustedHostMiddleware (1.10) does not serve here: it refuses with a plain-text 400 "Invalid host
+    header" (the page expects JSON, and a 421 that names the host and the --allowed-host fix), and it compares IPv6
+    literals as spelled, so `[FD00:0::5]` is refused where `fd00::5` is allowed.
     """
 
     def __init__(self, app: ASGIApp, allowed: frozenset[str]) -> None:

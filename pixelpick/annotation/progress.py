@@ -535,7 +535,7 @@ def ingest_job_labels(
     labels = store.completed_labels()
     if labels.empty:
         raise AnnotationJobError(f"job {job.job_id!r} has no labels yet in {progress_db}; there is nothing to ingest")
-    if len(labels) < job.num_pixels and not allow_incomplete:
+    if not allow_incomplete and not store.is_complete():
         raise AnnotationJobError(
             f"job {job.job_id!r} is unfinished: {job.num_pixels - len(labels)} of {job.num_pixels} pixels "
             "have no label (pass allow_incomplete to ingest what is there)"

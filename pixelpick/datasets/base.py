@@ -53,13 +53,6 @@ class LabelSpace:
     def names(self) -> tuple[str, ...]:
         return tuple(info.name for info in self.classes)
 
-    def class_id_for_key(self, key: str) -> int:
-        """The class bound to a keyboard key (case-insensitive); KeyError for an unbound key."""
-        for class_id, info in enumerate(self.classes):
-            if info.key.lower() == key.lower():
-                return class_id
-        raise KeyError(f"no class is bound to key {key!r}")
-
 
 class SegmentationDataset:
     """Images (and, when present, dense masks) of one split, addressed by image id.
