@@ -244,13 +244,18 @@ def _version_of_round(client: MlflowClient, model_name: str, round_id: int) -> s
 
 
 def _move_aliases(client: MlflowClient, model_name: str, version: str, round_id: int, miou: float | None) -> None:
-    """`round-NN` names each round's version and `best` follows the highest mIoU (the newest round, while mIoU is
-    not measured). MLflow reserves `latest`: `models:/<name>/latest` already resolves to the newest version."""
+    """`round-NN` names each round's version; `best` moves only to a version whose measured mIoU beats the current
+    best's, so a round that was not evaluated never takes it (MLflow reserves `latest`: `models:/<name>/latest`
+    already resolves to the newest version)."""
     client.set_registered_model_alias(model_name, f"round-{round_id:02d}", version)
+    if miou is None or not np.isfinite(miou):
+        return
     try:
         best = client.get_model_version_by_alias(model_name, "best")
-        best_miou = client.get_run(best.run_id).data.metrics.get("miou", -np.inf)
-    except MlflowException:
-        best_miou = -np.inf
-    if miou is None or miou >= best_miou:
+    except MlflowException:  # no best yet
+        best = None
+    if best is not None and best.version == version:
+        return
+    best_miou = client.get_run(best.run_id).data.metrics.get("miou", -np.inf) if best is not None else -np.inf
+    if miou > best_miou:
         client.set_registered_model_alias(model_name, "best", version)
