@@ -24,7 +24,7 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from pixelpick.campaign import Campaign
 from pixelpick.digests import file_md5
@@ -187,11 +187,13 @@ def _log_round_data(client: MlflowClient, run_id: str, campaign: Campaign, round
 
 
 def model_signature(num_classes: int) -> ModelSignature:
-    """uint8 RGB images in, class probabilities and label maps out, any batch and image size."""
+    """uint8 RGB images in, class probabilities and label maps out, any batch and image size; the `output`
+    parameter asks for less (labels only, or probabilities as float16 or uint8: tasks/serving.py)."""
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes, -1, -1), "probabilities"),
                         TensorSpec(np.dtype(np.int64), (-1, -1, -1), "labels")]),
+        params=ParamSchema([ParamSpec("output", "string", "all")]),
     )
 
 
