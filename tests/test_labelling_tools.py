@@ -1,7 +1,9 @@
 """Round trips through Label Studio (JSON) and CVAT (for images 1.1 XML): export a job, label it elsewhere, import.
 
-The datumaro checks run datumaro from its own virtual environment (PIXELPICK_DATUMARO_PYTHON, default
-/work/tools-venvs/datumaro/bin/python) and are skipped when it is absent.
+Checks against the tools' own code run them from their own virtual environments, so their pins never meet the
+project's: datumaro (PIXELPICK_DATUMARO_PYTHON, default /work/tools-venvs/datumaro/bin/python, `pip install
+datumaro`) and Label Studio's validator (PIXELPICK_LABEL_STUDIO_PYTHON, default
+/work/tools-venvs/label-studio/bin/python, `pip install label-studio`). Each is skipped when its python is absent.
 """
 
 from __future__ import annotations
@@ -396,3 +398,36 @@ def test_we_import_what_datumaro_writes(job_path: Path, tmp_path: Path) -> None:
     run_cli("import", "--format", "cvat", "--job", job_path, "--in", xml)
     expected = [(i, y, x, 255 if (i, y, x) == ("a.png", 0, 0) else c) for i, y, x, c in expected_labels(job_path)]
     assert stored_labels(job_path) == sorted(expected)
+
+
+LABEL_STUDIO_PYTHON = Path(os.environ.get("PIXELPICK_LABEL_STUDIO_PYTHON",
+                                          "/work/tools-venvs/label-studio/bin/python"))
+_LABEL_STUDIO_CHECK = """
+import json, sys
+from label_studio_sdk.label_interface import LabelInterface
+interface = LabelInterface(open(sys.argv[1]).read())
+interface.validate()
+print(json.dumps([interface.validate_prediction(task["predictions"][0], return_errors=True)
+                  for task in json.load(open(sys.argv[2]))]))
+"""
+
+
+@pytest.mark.skipif(not LABEL_STUDIO_PYTHON.exists(),
+                    reason=f"label-studio is not installed at {LABEL_STUDIO_PYTHON} "
+                           "(set PIXELPICK_LABEL_STUDIO_PYTHON)")
+@pytest.mark.parametrize("suggestions", [True, False])
+def test_label_studio_accepts_our_config_and_predictions(job_path: Path, tmp_path: Path, suggestions: bool) -> None:
+    """Label Studio's own validator (what its server runs on a config and on imported predictions)."""
+    with_model(job_path)
+    run_cli("export", "--format", "label-studio", "--job", job_path, "--out", tmp_path / "ls",
+            *([] if suggestions else ["--no-suggestions"]))
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    tasks.append(copy.deepcopy(tasks[0]))
+    tasks[-1]["predictions"][0]["result"][0]["value"]["keypointlabels"] = ["tree"]  # the validator does look
+    (tmp_path / "ls" / "tasks.json").write_text(json.dumps(tasks))
+    checked = subprocess.run([LABEL_STUDIO_PYTHON, "-c", _LABEL_STUDIO_CHECK, tmp_path / "ls" / "config.xml",
+                              tmp_path / "ls" / "tasks.json"], capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    errors = json.loads(checked.stdout)
+    assert errors[:-1] == [[]] * len(SIZES)
+    assert errors[-1] and "tree" in str(errors[-1])
