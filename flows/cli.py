@@ -3,7 +3,8 @@
     pixelpick campaign [--set KEY=VALUE ...] [--campaign NAME]   a whole campaign (Prefect flow; --plain: no Prefect)
     pixelpick round N                                            one round of it
     pixelpick human query N / human train N                      a round labelled by people
-    pixelpick annotate serve --job JOB                           the web annotator (and export-labels, split-job)
+    pixelpick annotate serve --job JOB                           the web annotator (and export-labels, split-job,
+                                                                 export and import for Label Studio and CVAT)
     pixelpick benchmark --preset cpu --camvid-root DIR           the label-efficiency benchmark
     pixelpick predict --model models:/NAME@best --images DIR --out DIR    label maps with a registered model
     pixelpick step STEP --round N                                one step, in a campaign folder (what `dvc repro` runs)
@@ -87,7 +88,7 @@ def get_parser() -> argparse.ArgumentParser:
         _campaign_options(stage_parser)
         _serve_options(stage_parser, default_interval=600)
 
-    annotate = commands.add_parser("annotate", help="the web annotator: serve, export-labels, split-job",
+    annotate = commands.add_parser("annotate", help="the web annotator: serve, export-labels, split-job, export, import",
                                    description=annotation_cli.__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     annotation_cli.add_commands(annotate)

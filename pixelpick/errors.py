@@ -95,6 +95,10 @@ class ProgressDatabaseError(AnnotationJobError):
     """A progress database that cannot be used (empty, corrupt, not a progress database, another job's); names it."""
 
 
+class LabelImportError(AnnotationJobError):
+    """A labelling tool's export (Label Studio, CVAT) that cannot become a job's labels; nothing was stored."""
+
+
 class JobClosedError(PixelConflictError):
     """A change to a job whose labels were ingested into a round: the job is closed and accepts no more changes."""
 

@@ -21,7 +21,7 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from pixelpick.campaign import Campaign
 from pixelpick.digests import file_md5
@@ -168,11 +168,13 @@ def _log_round_data(client: MlflowClient, run_id: str, campaign: Campaign, round
 
 
 def model_signature(num_classes: int) -> ModelSignature:
-    """uint8 RGB images in, class probabilities and label maps out, any batch and image size."""
+    """uint8 RGB images in, class probabilities and label maps out, any batch and image size; the `output`
+    parameter asks for less (labels only, or probabilities as float16 or uint8: tasks/serving.py)."""
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes, -1, -1), "probabilities"),
                         TensorSpec(np.dtype(np.int64), (-1, -1, -1), "labels")]),
+        params=ParamSchema([ParamSpec("output", "string", "all")]),
     )
 
 
@@ -225,13 +227,18 @@ def _version_of_round(client: MlflowClient, model_name: str, round_id: int) -> s
 
 
 def _move_aliases(client: MlflowClient, model_name: str, version: str, round_id: int, miou: float | None) -> None:
-    """`round-NN` names each round's version and `best` follows the highest mIoU (the newest round, while mIoU is
-    not measured). MLflow reserves `latest`: `models:/<name>/latest` already resolves to the newest version."""
+    """`round-NN` names each round's version; `best` moves only to a version whose measured mIoU beats the current
+    best's, so a round that was not evaluated never takes it (MLflow reserves `latest`: `models:/<name>/latest`
+    already resolves to the newest version)."""
     client.set_registered_model_alias(model_name, f"round-{round_id:02d}", version)
+    if miou is None or not np.isfinite(miou):
+        return
     try:
         best = client.get_model_version_by_alias(model_name, "best")
-        best_miou = client.get_run(best.run_id).data.metrics.get("miou", -np.inf)
-    except MlflowException:
-        best_miou = -np.inf
-    if miou is None or miou >= best_miou:
+    except MlflowException:  # no best yet
+        best = None
+    if best is not None and best.version == version:
+        return
+    best_miou = client.get_run(best.run_id).data.metrics.get("miou", -np.inf) if best is not None else -np.inf
+    if miou > best_miou:
         client.set_registered_model_alias(model_name, "best", version)

@@ -122,3 +122,59 @@ campaign: {name: photos, annotator: human, initial_pixels_per_image: 5, rounds: 
         assert trained["labelled_pixels"] == 5 * 8 * (round_id + 1)
     assert "up to date" in run("dvc", "status", cwd=repo)
     assert (repo / "data/runs/photos/rounds/r01/model.pt").is_file()
+
+
+def test_rounds_labelled_in_cvat_and_label_studio_are_trained_like_any_other(prefect_server, tmp_path):
+    """Round 0 goes through CVAT XML, round 1 through Label Studio JSON with the model's suggestions; `human train`
+    collects both like labels from the built-in annotator."""
+    import json
+    import math
+    import xml.etree.ElementTree as ET
+
+    from pixelpick.annotation.__main__ import main as annotate
+
+    repo = scratch_repo(tmp_path / "repo", params="""
+data: {dataset: folder, root: photos, eval_split: null}
+model: {arch: lraspp_mobilenetv3}
+train: {preset: cpu-synthetic, epochs: 1, batch_size: 4}
+acquire: {pixels_per_image: 5}
+campaign: {name: photos, annotator: human, initial_pixels_per_image: 5, rounds: 1}
+""")
+    write_own_images(repo / "photos", size=(37, 53))  # odd sizes: percent coordinates are not round numbers
+    campaign_choice = choice(repo)
+    answer = lambda image_id, y, x: (3 * y + x) % 3  # noqa: E731
+
+    job = query_flow(campaign_choice, 0)
+    names = [info.name for info in load_job(job).classes]
+    annotate(["export", "--format", "cvat", "--job", job, "--out", str(tmp_path / "cvat")])
+    root = ET.parse(tmp_path / "cvat" / "annotations.xml").getroot()
+    for image in root.iter("image"):
+        for shape in image.iter("points"):
+            x, y = (math.floor(float(v)) for v in shape.get("points").split(","))
+            shape.set("label", names[answer(image.get("name"), y, x)])
+    ET.ElementTree(root).write(tmp_path / "cvat-done.xml")
+    annotate(["import", "--format", "cvat", "--job", job, "--in", str(tmp_path / "cvat-done.xml")])
+    assert train_flow(campaign_choice, 0)["status"] == "trained"
+
+    job = query_flow(campaign_choice, 1)
+    annotate(["export", "--format", "label-studio", "--job", job, "--out", str(tmp_path / "ls")])
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    assert all(point["value"]["keypointlabels"] for task in tasks for point in task["predictions"][0]["result"])
+    for number, task in enumerate(tasks):
+        result = task.pop("predictions")[0]["result"]
+        for point in result:
+            x = math.floor(point["value"]["x"] * point["original_width"] / 100)
+            y = math.floor(point["value"]["y"] * point["original_height"] / 100)
+            point["value"]["keypointlabels"] = [names[answer(task["data"]["image_id"], y, x)]]
+        task["annotations"] = [{"id": number, "completed_by": 7, "result": result, "lead_time": 10.0}]
+    (tmp_path / "ls-export.json").write_text(json.dumps(tasks))
+    annotate(["import", "--format", "label-studio", "--job", job, "--in", str(tmp_path / "ls-export.json")])
+    assert train_flow(campaign_choice, 1)["status"] == "trained"
+
+    campaign = open_recorded(repo / "data/runs/photos")
+    labels = read_labels(campaign.files(1).snapshot)
+    assert len(labels) == 2 * 5 * 8
+    assert (labels["class_id"] == [answer(*key) for key in zip(labels["image_id"], labels["y"], labels["x"])]).all()
+    assert set(labels["source"]) == {"human"}
+    assert dict(labels.groupby("round")["annotator"].unique().map(list)) == {0: ["cvat"], 1: ["label-studio-7"]}
+    assert "up to date" in run("dvc", "status", cwd=repo)

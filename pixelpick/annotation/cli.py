@@ -3,8 +3,11 @@
     pixelpick annotate serve --job rounds/r01/job.json --dataset-root data/synthetic --annotator ana
     pixelpick annotate export-labels --job rounds/r01/job.json --out rounds/r01/human.parquet
     pixelpick annotate split-job --job rounds/r01/job.json --batches 3 --out-dir rounds/r01/batches
+    pixelpick annotate export --format label-studio --job rounds/r01/job.json --out rounds/r01/label-studio
+    pixelpick annotate import --format label-studio --job rounds/r01/job.json --in project-export.json
 
 Progress is stored beside the job (`job.progress.sqlite`) after every key press; see docs/annotation.md.
+Labels made in Label Studio or CVAT are imported into the same progress; see docs/labelling-tools.md.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import sys
 from pathlib import Path
 from urllib.parse import urlencode
 
+from pixelpick.annotation import exchange
+from pixelpick.annotation.exchange import DEFAULT_IMAGE_URL, FORMATS
 from pixelpick.annotation.guards import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_RATE_LIMIT,
@@ -30,7 +35,7 @@ from pixelpick.errors import PixelPickError
 
 
 def add_commands(parser: argparse.ArgumentParser) -> None:
-    """Adds serve, export-labels and split-job to `parser` (`args.annotate` names the one chosen): declared once, for
+    """Adds serve, export-labels, export, import and split-job to `parser` (`args.annotate` names the one chosen): declared once, for
     `pixelpick annotate` and `python -m pixelpick.annotation` alike."""
     commands = parser.add_subparsers(dest="annotate", required=True)
 
@@ -61,6 +66,23 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     export.add_argument("--db", type=Path, help="progress database (default: beside the job)")
     export.add_argument("--out", type=Path, required=True, help="the Parquet file to write")
     export.add_argument("--allow-incomplete", action="store_true", help="export even if some pixels are unlabelled")
+
+    tool = commands.add_parser("export", help="write a job for Label Studio or CVAT")
+    tool.add_argument("--format", choices=FORMATS, required=True)
+    tool.add_argument("--job", type=Path, required=True)
+    tool.add_argument("--out", type=Path, required=True, help="the folder to write into")
+    tool.add_argument("--image-url", default=DEFAULT_IMAGE_URL,
+                      help="Label Studio: each task's image URL, {image_id} replaced (default: %(default)s)")
+    tool.add_argument("--probs", type=Path, help="the round's probability store (default: probs.zarr beside the job)")
+    tool.add_argument("--no-suggestions", action="store_true", help="leave out the model's predicted classes")
+
+    back = commands.add_parser("import", help="store labels exported from Label Studio or CVAT as the job's labels")
+    back.add_argument("--format", choices=FORMATS, required=True)
+    back.add_argument("--job", type=Path, required=True)
+    back.add_argument("--in", dest="source", type=Path, required=True,
+                      help="Label Studio's JSON export, or CVAT's annotations.xml")
+    back.add_argument("--db", type=Path, help="progress database (default: beside the job)")
+    back.add_argument("--annotator", help="the name the labels are stored under (default: from the export)")
 
     split = commands.add_parser("split-job", help="split a job by image into balanced batches, one per annotator")
     split.add_argument("--job", type=Path, required=True)
@@ -115,7 +137,20 @@ def write_batches(args: argparse.Namespace) -> None:
         print(f"{path}: {len(batch.images)} images, {batch.num_pixels} pixels")
 
 
-COMMANDS = {"serve": serve, "export-labels": export_labels, "split-job": write_batches}
+def export_for_tool(args: argparse.Namespace) -> None:
+    paths = exchange.export_for_tool(args.job, args.out, args.format, image_url=args.image_url, probs=args.probs,
+                                     suggestions=not args.no_suggestions)
+    print("wrote " + ", ".join(str(path) for path in paths))
+
+
+def import_from_tool(args: argparse.Namespace) -> None:
+    result = exchange.import_labels(args.job, args.source, args.format, db=args.db, annotator=args.annotator)
+    print(f"imported {result.stored} labels ({result.unchanged} were there already); "
+          f"{result.done} of {result.total} pixels of the job are labelled")
+
+
+COMMANDS = {"serve": serve, "export-labels": export_labels, "split-job": write_batches,
+            "export": export_for_tool, "import": import_from_tool}
 
 
 def run(args: argparse.Namespace) -> None:

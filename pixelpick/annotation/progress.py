@@ -357,6 +357,54 @@ class ProgressStore:
             self._renew_leases(db, submission.annotator, now)
         return True
 
+    def record_many(self, labels: pd.DataFrame, *, origin: str) -> tuple[int, int]:
+        """Store labels made in another tool (rows of LABEL_COLUMNS) in one transaction: all of them or none.
+
+        A row repeating a stored label exactly (same pixel, class and annotator) is skipped, so importing the same
+        export twice changes nothing. A pixel already labelled otherwise, or labelled by two rows, is refused with
+        PixelConflictError, as are stray pixels and classes (SubmissionRejectedError); nothing is stored then.
+        `origin` ("label-studio", "cvat") names the tool in the labels' submission ids.
+        Returns (stored now, already there).
+        """
+        checked = []
+        seen: set[int] = set()
+        for row in labels.itertuples(index=False):
+            submission = Submission(
+                annotator=str(row.annotator), image_id=str(row.image_id), y=int(row.y), x=int(row.x),
+                class_id=int(row.class_id), seconds=float(row.seconds),
+                submission_id=origin,
+            )
+            pixel_id = self._check_submission(submission)
+            if pixel_id in seen:
+                raise PixelConflictError(f"{_describe(submission)} is given more than one label")
+            seen.add(pixel_id)
+            stamp = row.time.isoformat(timespec="microseconds") if pd.notna(row.time) else _utc_now()
+            checked.append((pixel_id, submission, stamp))
+        stored = 0
+        with self._transaction() as db:
+            self._refuse_if_closed(db)
+            for pixel_id, submission, stamp in checked:
+                existing = db.execute(
+                    "SELECT class_id, annotator FROM labels WHERE pixel_id = ?", (pixel_id,)
+                ).fetchone()
+                if existing == (submission.class_id, submission.annotator):
+                    continue
+                if existing is not None:
+                    raise PixelConflictError(
+                        f"{_describe(submission)} is already labelled class {existing[0]} by {existing[1]!r} "
+                        f"in {self.path.name}; nothing was imported"
+                    )
+                db.execute(
+                    "INSERT INTO labels (pixel_id, class_id, annotator, seconds, time, submission_id) "
+                    "VALUES (?,?,?,?,?,?)",
+                    (pixel_id, submission.class_id, submission.annotator, submission.seconds, stamp,
+                     f"{origin}-{pixel_id}"),
+                )
+                db.execute("UPDATE pixels SET claimed_by = ?, lease_until = NULL WHERE id = ?",
+                           (submission.annotator, pixel_id))
+                stored += 1
+        return stored, len(checked) - stored
+
     def relabel(self, submission: Submission) -> None:
         """Change the class of a pixel `submission.annotator` labelled before (reviewing with 'back')."""
         pixel_id = self._check_submission(submission)
