@@ -88,7 +88,8 @@ def get_parser() -> argparse.ArgumentParser:
         _campaign_options(stage_parser)
         _serve_options(stage_parser, default_interval=600)
 
-    annotate = commands.add_parser("annotate", help="the web annotator: serve, export-labels, split-job, export, import",
+    annotate = commands.add_parser("annotate",
+                                   help="the web annotator: serve, export-labels, split-job, export, import",
                                    description=annotation_cli.__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     annotation_cli.add_commands(annotate)

@@ -35,8 +35,8 @@ from pixelpick.errors import PixelPickError
 
 
 def add_commands(parser: argparse.ArgumentParser) -> None:
-    """Adds serve, export-labels, export, import and split-job to `parser` (`args.annotate` names the one chosen): declared once, for
-    `pixelpick annotate` and `python -m pixelpick.annotation` alike."""
+    """Adds serve, export-labels, export, import and split-job to `parser` (`args.annotate` names the one chosen):
+    declared once, for `pixelpick annotate` and `python -m pixelpick.annotation` alike."""
     commands = parser.add_subparsers(dest="annotate", required=True)
 
     serve = commands.add_parser("serve", help="serve the web annotator for a job")
