@@ -186,7 +186,9 @@ def load_settings(path: str | Path = "params.yaml", overrides: dict[str, Any] | 
     except FileNotFoundError as exc:
         raise SettingsError(f"settings file not found: {path}") from exc
     except yaml.YAMLError as exc:
-        raise SettingsError(f"{path} is not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise SettingsError(f"{path} is not valid YAML ({getattr(exc, 'problem', None) or exc}{where})") from exc
     if not isinstance(raw, dict):
         raise SettingsError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
