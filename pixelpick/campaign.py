@@ -137,6 +137,9 @@ def open_campaign(
         return campaign
     if not create:
         raise CampaignError(f"campaign {settings.campaign.name!r} has not started: no {layout.params}")
+    planned = _planned_image_size(settings)
+    if planned is not None:  # known before any data is read or generated
+        _check_fits(settings, {"every image": planned})
     prepare_data(settings, campaign_dir=layout.dir)
     campaign = Campaign(settings)
     check_against_data(campaign)
@@ -274,12 +277,35 @@ def check_against_data(campaign: Campaign) -> None:
         campaign.eval_set  # noqa: B018  (opening it is the check)
     except DatasetError as error:
         raise CampaignError(f"data.eval_split: {error} (set data.eval_split: null to run without evaluation)") from None
+    _check_fits(settings, campaign.image_sizes)
+
+
+def _planned_image_size(settings: Settings) -> tuple[int, int] | None:
+    """Every pool image's working (H, W) when the settings alone say it: a fixed `data.image_size`, or the size
+    of the synthetic dataset they generate. None when only the data can tell."""
+    data = settings.data
+    if data.image_size is not None:
+        return data.image_size
+    if data.dataset == "synthetic" and not (data.root / "synthetic.json").is_file():
+        return data.synthetic.height, data.synthetic.width
+    return None
+
+
+def _check_fits(settings: Settings, image_sizes: dict[str, tuple[int, int]]) -> None:
+    """Refuse, naming the key, a per-image budget larger than an image or a training crop outside one."""
     c, a = settings.campaign, settings.acquire
     total = c.initial_pixels_per_image + c.rounds * a.pixels_per_image
-    smallest = min(campaign.image_sizes.items(), key=lambda item: item[1][0] * item[1][1])
-    pixels = smallest[1][0] * smallest[1][1]
-    if total > pixels:
+    name, (height, width) = min(image_sizes.items(), key=lambda item: item[1][0] * item[1][1])
+    shown = name if name == "every image" else f"image {name!r}"
+    if total > height * width:
         raise CampaignError(
             f"acquire.pixels_per_image: {c.initial_pixels_per_image} + {c.rounds} x {a.pixels_per_image} = {total} "
-            f"pixels per image over the campaign, but image {smallest[0]!r} has only {pixels}")
+            f"pixels per image over the campaign, but {shown} has only {height * width}")
+    crop = settings.train.crop_size
+    if crop is not None:
+        lowest = min(size[0] for size in image_sizes.values())
+        narrowest = min(size[1] for size in image_sizes.values())
+        if crop[0] > lowest or crop[1] > narrowest:
+            raise CampaignError(f"train.crop_size: {list(crop)} does not fit within the images: the smallest are "
+                                f"{lowest} pixels high and {narrowest} wide")
 

@@ -52,3 +52,28 @@ def test_a_record_pointing_its_generated_dataset_inside_the_campaign_folder_is_r
     with pytest.raises(CampaignError, match="never generated inside a campaign folder"):
         open_recorded(campaign.layout.dir)
     assert _files(campaign.layout.dir) == before
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    ({"train.crop_size": [0, 0]}, "train.crop_size"),
+    ({"train.crop_size": [48, 500]}, "train.crop_size"),
+    ({"acquire.pixels_per_image": 4000}, "acquire.pixels_per_image"),
+    ({"train.epochs": True}, "train.epochs"),
+])
+def test_settings_are_refused_before_the_dataset_is_generated_or_the_campaign_folder_written(tmp_path, overrides,
+                                                                                             key):
+    from pixelpick.errors import PixelPickError
+
+    (tmp_path / "params.yaml").write_text(TINY_PARAMS)
+    with pytest.raises(PixelPickError) as refused:
+        open_campaign(tmp_path / "params.yaml", overrides)
+    assert "\n" not in str(refused.value) and key in str(refused.value), refused.value
+    assert _files(tmp_path) == ["params.yaml"]  # no synthetic dataset, no campaign folder
+
+
+def test_a_crop_larger_than_the_generated_images_is_refused_once_they_exist(tmp_path):
+    (tmp_path / "params.yaml").write_text(TINY_PARAMS)
+    open_campaign(tmp_path / "params.yaml")  # generates the 48x64 scenes
+    with pytest.raises(CampaignError, match=r"train\.crop_size: \[49, 64\] does not fit .* 48 pixels high"):
+        open_campaign(tmp_path / "params.yaml", {"train.crop_size": [49, 64], "campaign.name": "cropped"})
+    assert not (tmp_path / "data" / "runs" / "cropped").exists()
