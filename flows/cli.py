@@ -318,9 +318,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"stopped ({cause}): run the same command again to continue where it stopped", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as error:
-        if args.debug or not _is_bad_input(error):
+        if args.debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        message = _one_line(error)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 
 
@@ -328,6 +331,45 @@ def _is_bad_input(error: Exception) -> bool:
     from tasks.versioning import VersioningError
 
     return isinstance(error, (PixelPickError, VersioningError, FileNotFoundError))
+
+
+def _one_line(error: Exception) -> str | None:
+    """What to tell the user about `error` in one line, or None for a bug (its traceback is shown).
+
+    Bad input says itself. A full disk and a vanished MLflow database arrive wrapped by whichever library hit
+    them (Zarr, torch, SQLAlchemy, Prefect), so the chain of causes is searched for them."""
+    import errno
+
+    from pixelpick.io import disk_full_message
+
+    chain = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    if _is_bad_input(error):
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+    for cause in chain:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return disk_full_message(cause.filename or Path.cwd())
+    database = _mlflow_database()
+    if database is not None and any(_is_missing_database(cause) for cause in chain):
+        state = "is gone" if not database.is_file() else "has lost its tables"
+        return (f"the MLflow database {database} {state} (deleted or replaced while the command ran): restore it "
+                "from a backup, or delete it to start an empty one; the campaign's files are intact, so run the "
+                "same command again")
+    return None
+
+
+def _mlflow_database() -> Path | None:
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def _is_missing_database(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(sign in text for sign in ("no such table", "unable to open database file", "disk i/o error",
+                                         "database disk image is malformed"))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pixelpick import steps
-from pixelpick.campaign import Campaign, prepare_data, recipe_differences, write_record
+from pixelpick.campaign import Campaign, load_record, prepare_data, recipe_differences, write_record
 from pixelpick.errors import BenchmarkError
 from pixelpick.io import write_json
 from pixelpick.recipe import DATA, MODEL, TRAIN, Step, round_steps, run_step
@@ -274,7 +274,7 @@ def _check_recipe(campaign: Campaign) -> None:
     """A run folder holds one recipe (its params.yaml): resuming it under other settings is refused."""
     layout = campaign.layout
     if layout.params.is_file():
-        differences = recipe_differences(load_settings(layout.params), campaign.settings)
+        differences = recipe_differences(load_record(layout), campaign.settings)
         if differences:
             raise BenchmarkError(f"benchmark run {layout.dir} was started with other settings "
                                  f"({', '.join(differences)} differ): pass another --workdir, or delete that run "

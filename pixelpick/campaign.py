@@ -125,16 +125,20 @@ def open_campaign(
         named_by_file = load_settings(params).campaign.name == settings.campaign.name
         given = None if named_by_file else set(overrides or {}) - {"campaign.name"}
         campaign = _reopen(settings, layout, given)
-        prepare_data(campaign.settings)  # a recorded campaign in a fresh clone: its generated data at its own root
+        # A recorded campaign in a fresh clone: its generated data at its own root.
+        prepare_data(campaign.settings, campaign_dir=layout.dir)
         return campaign
     if not create:
         raise CampaignError(f"campaign {settings.campaign.name!r} has not started: no {layout.params}")
-    prepare_data(settings)
+    planned = _planned_image_size(settings)
+    if planned is not None:  # known before any data is read or generated
+        _check_fits(settings, {"every image": planned})
+    prepare_data(settings, campaign_dir=layout.dir)
     campaign = Campaign(settings)
     check_against_data(campaign)
     write_record(settings, layout)
     log.info("started campaign %s in %s", settings.campaign.name, layout.dir)
-    return Campaign(load_settings(layout.params))
+    return Campaign(load_record(layout))
 
 
 def open_recorded(campaign_dir: str | Path) -> Campaign:
@@ -142,14 +146,45 @@ def open_recorded(campaign_dir: str | Path) -> Campaign:
     layout = CampaignLayout(Path(campaign_dir).resolve())
     if not layout.params.is_file():
         raise CampaignError(f"{layout.dir} is not a campaign folder: it has no params.yaml")
-    recorded = load_settings(layout.params)
-    prepare_data(recorded)
+    recorded = load_record(layout)
+    prepare_data(recorded, campaign_dir=layout.dir)
     return Campaign(recorded)
+
+
+def load_record(layout: CampaignLayout) -> Settings:
+    """A campaign's recorded settings. A record that is empty, damaged or incomplete is refused in one line, never
+    completed with defaults: defaults would be another campaign, run (and its data generated) in this folder."""
+    path = layout.params
+    restore = f"restore it (`git checkout -- {path}`, or from a backup); it is never replaced by defaults"
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise CampaignError(f"campaign record {path} cannot be read ({error}); {restore}") from None
+    if not text.strip():
+        raise CampaignError(f"campaign record {path} is empty ({len(text.encode())} bytes); {restore}")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise CampaignError(f"campaign record {path} is damaged: {_yaml_problem(error)}; {restore}") from None
+    if not isinstance(raw, dict):
+        raise CampaignError(f"campaign record {path} is damaged: it holds a {type(raw).__name__}, not the settings; "
+                            f"{restore}")
+    missing = sorted(set(flatten(json.loads(Settings().model_dump_json()))) - set(flatten(raw)))
+    if missing:
+        more = f" and {len(missing) - 1} other keys" if len(missing) > 1 else ""
+        raise CampaignError(f"campaign record {path} is incomplete: it lacks {missing[0]}{more}; {restore}")
+    return load_settings(path)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"not valid YAML ({getattr(error, 'problem', None) or type(error).__name__}{where})"
 
 
 def _reopen(settings: Settings, layout: CampaignLayout, given: set[str] | None) -> Campaign:
     """The recorded campaign, checked against the settings given: every key, or only the dotted keys in `given`."""
-    recorded = load_settings(layout.params)
+    recorded = load_record(layout)
     prefixes = {"train" if key == "train.preset" else key for key in given or ()}  # a preset sets the section
 
     def was_given(key: str) -> bool:
@@ -202,14 +237,18 @@ def write_record(settings: Settings, layout: CampaignLayout) -> Path:
     return atomic_write(layout.params, lambda f: f.write(text.encode()))
 
 
-def prepare_data(settings: Settings) -> None:
+def prepare_data(settings: Settings, *, campaign_dir: Path | None = None) -> None:
     """Generate the bundled synthetic dataset where a campaign's settings ask for it and it is missing, saying so.
 
     Only a new campaign's settings or a recorded campaign's record reach here: a recorded campaign refuses another
-    `data.root`, so a mistyped root is generated only for a campaign that has just been named, and announced."""
+    `data.root`, so a mistyped root is generated only for a campaign that has just been named, and announced.
+    Nothing is generated inside the campaign's own folder (`campaign_dir`): its record points outside it."""
     data = settings.data
     if data.dataset != "synthetic" or (data.root / "synthetic.json").is_file():
         return
+    if campaign_dir is not None and Path(data.root).resolve().is_relative_to(Path(campaign_dir).resolve()):
+        raise CampaignError(f"data.root: {data.root} is inside campaign folder {campaign_dir} and holds no dataset; "
+                            "a dataset is never generated inside a campaign folder (check its params.yaml)")
     log.warning("generating the bundled synthetic dataset at %s (data.root), first use", data.root)
     s = data.synthetic
     generate_synthetic(data.root, num_train=s.num_train, num_val=s.num_val, height=s.height, width=s.width,
@@ -231,12 +270,35 @@ def check_against_data(campaign: Campaign) -> None:
         campaign.eval_set  # noqa: B018  (opening it is the check)
     except DatasetError as error:
         raise CampaignError(f"data.eval_split: {error} (set data.eval_split: null to run without evaluation)") from None
+    _check_fits(settings, campaign.image_sizes)
+
+
+def _planned_image_size(settings: Settings) -> tuple[int, int] | None:
+    """Every pool image's working (H, W) when the settings alone say it: a fixed `data.image_size`, or the size
+    of the synthetic dataset they generate. None when only the data can tell."""
+    data = settings.data
+    if data.image_size is not None:
+        return data.image_size
+    if data.dataset == "synthetic" and not (data.root / "synthetic.json").is_file():
+        return data.synthetic.height, data.synthetic.width
+    return None
+
+
+def _check_fits(settings: Settings, image_sizes: dict[str, tuple[int, int]]) -> None:
+    """Refuse, naming the key, a per-image budget larger than an image or a training crop outside one."""
     c, a = settings.campaign, settings.acquire
     total = c.initial_pixels_per_image + c.rounds * a.pixels_per_image
-    smallest = min(campaign.image_sizes.items(), key=lambda item: item[1][0] * item[1][1])
-    pixels = smallest[1][0] * smallest[1][1]
-    if total > pixels:
+    name, (height, width) = min(image_sizes.items(), key=lambda item: item[1][0] * item[1][1])
+    shown = name if name == "every image" else f"image {name!r}"
+    if total > height * width:
         raise CampaignError(
             f"acquire.pixels_per_image: {c.initial_pixels_per_image} + {c.rounds} x {a.pixels_per_image} = {total} "
-            f"pixels per image over the campaign, but image {smallest[0]!r} has only {pixels}")
+            f"pixels per image over the campaign, but {shown} has only {height * width}")
+    crop = settings.train.crop_size
+    if crop is not None:
+        lowest = min(size[0] for size in image_sizes.values())
+        narrowest = min(size[1] for size in image_sizes.values())
+        if crop[0] > lowest or crop[1] > narrowest:
+            raise CampaignError(f"train.crop_size: {list(crop)} does not fit within the images: the smallest are "
+                                f"{lowest} pixels high and {narrowest} wide")
 

@@ -130,3 +130,7 @@ class DistributedTrainingError(PixelPickError):
 
 class PredictionInputError(PixelPickError):
     """Images that cannot be predicted on (wrong shape or type); the message says what was expected."""
+
+
+class DiskFullError(PixelPickError):
+    """A write failed because its filesystem is full; the message names the file and what to free."""

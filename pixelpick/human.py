@@ -23,7 +23,7 @@ from pixelpick.annotation.jobs import load_job
 from pixelpick.annotation.progress import ProgressStore, default_progress_path, ingest_job_labels
 from pixelpick.campaign import Campaign
 from pixelpick.io import write_parquet
-from pixelpick.labels import LabelStore, read_labels
+from pixelpick.labels import LabelStore, check_batch_for_round, read_labels
 from pixelpick.layout import round_name
 
 
@@ -60,22 +60,30 @@ def collect_labels(campaign: Campaign, round_id: int) -> Path:
     staging = batch.with_name(f".{batch.name}.collecting")
     try:
         ingest_job_labels(job_path, default_progress_path(job_path), staging)
-        _check_joins_snapshot(campaign, round_id, staging)
+        check_batch(campaign, round_id, staging)
         staging.replace(batch)
     finally:
         staging.unlink(missing_ok=True)
     return batch
 
 
-def _check_joins_snapshot(campaign: Campaign, round_id: int, batch: Path) -> None:
-    """Append the batch to a scratch copy of the previous snapshot: LabelValidationError if it would not join."""
+def check_batch(campaign: Campaign, round_id: int, batch: Path | None = None) -> None:
+    """Validate a round's batch file (by default `labels/rNN.parquet`) in full, writing nothing: exact types, the
+    round's own `round`, only pixels the round queried, classes of the dataset, and no clash with the previous
+    snapshot. LabelFileError or LabelValidationError, in one line, names the column and the first bad row.
+
+    Run before the batch is versioned, so a batch replaced after its job was collected never reaches DVC."""
+    batch = campaign.layout.batch(round_id) if batch is None else batch
+    labels = read_labels(batch)
+    check_batch_for_round(labels, round_id=round_id, queried=pd.read_parquet(campaign.files(round_id).queries),
+                          source=batch)
     scratch = batch.with_name(f".{batch.name}.check")
     try:
         if round_id > 0:
             write_parquet(read_labels(campaign.files(round_id - 1).snapshot), scratch)
         space = campaign.pool.label_space
         LabelStore(scratch, image_sizes=campaign.image_sizes, num_classes=space.num_classes,
-                   ignore_index=space.ignore_index).append(read_labels(batch))
+                   ignore_index=space.ignore_index).append(labels)
     finally:
         scratch.unlink(missing_ok=True)
 

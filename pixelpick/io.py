@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -12,6 +14,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import pandas as pd
+
+from pixelpick.errors import DiskFullError
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 # A temporary file untouched for this long belongs to a writer that crashed: live writers keep writing to theirs,
 # and between their last write and the rename there is only an fsync.
@@ -36,10 +42,25 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno in _FULL:
+            raise DiskFullError(disk_full_message(path)) from error
         raise
     return path
+
+
+def disk_full_message(path: str | Path) -> str:
+    """One line for a write to `path` that found its filesystem full: where, how much is free, what to free."""
+    path = Path(path)
+    folder = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return (f"the disk is full: writing {path} failed ({free} on the filesystem holding {folder}); free space "
+            "there (older rounds' probability stores rounds/rNN/probs.zarr, data/cache, the DVC cache .dvc/cache) "
+            "and run the same command again: what was written before is intact")
 
 
 def remove_stale_temporaries(path: str | Path, *, older_than: float = STALE_TEMPORARY_SECONDS) -> list[Path]:

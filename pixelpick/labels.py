@@ -55,27 +55,100 @@ def label_frame(columns: Mapping[str, object]) -> pd.DataFrame:
 
 
 def read_labels(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a labels Parquet file, checking it follows the label schema.
+    """Read a labels Parquet file, checking it follows the label schema exactly.
 
-    Raises `LabelFileError` naming the file when it is missing, unreadable, has other columns or types,
-    or holds missing values. Values are not checked against a dataset: that is `LabelStore.append`'s job.
+    Raises `LabelFileError`, in one line naming the file, the column and its first bad row, when the file is
+    missing, unreadable, has other columns, holds missing values, or holds a column of another kind than the
+    schema's: text or booleans where integers belong, fractional numbers in an integer column. Arrow would cast
+    "12", True and 2.5 to integers; a batch is refused instead. Values are not checked against a dataset: that is
+    `LabelStore.append`'s job.
     """
     try:
         table = pq.read_table(path)
     except FileNotFoundError:
         raise LabelFileError(f"labels file {path} does not exist") from None
     except (pa.ArrowException, OSError) as exc:
-        raise LabelFileError(f"labels file {path} is not a readable Parquet file: {exc}") from exc
+        raise LabelFileError(f"labels file {path} is not a readable Parquet file: {_first_line(exc)}") from exc
     if sorted(table.column_names) != sorted(LABEL_COLUMNS):
         raise LabelFileError(f"labels file {path} has columns {table.column_names}, expected {LABEL_COLUMNS}")
+    table = table.select(LABEL_COLUMNS)
+    for name in LABEL_COLUMNS:
+        column = table[name]
+        if column.null_count:
+            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise LabelFileError(f"labels file {path} has missing values in column {name!r}, first in row {row}")
+        problem = _column_problem(name, column)
+        if problem:
+            raise LabelFileError(f"labels file {path} does not follow the label schema: column {name!r} {problem}")
     try:
-        table = table.select(LABEL_COLUMNS).cast(LABEL_SCHEMA)
+        return table.cast(LABEL_SCHEMA).to_pandas()
     except (pa.ArrowException, ValueError) as exc:
-        raise LabelFileError(f"labels file {path} does not match the label schema {LABEL_SCHEMA}: {exc}") from exc
-    with_nulls = [name for name in LABEL_COLUMNS if table[name].null_count]
-    if with_nulls:
-        raise LabelFileError(f"labels file {path} has missing values in columns {with_nulls}")
-    return table.to_pandas()
+        raise LabelFileError(f"labels file {path} does not follow the label schema: {_first_line(exc)}") from exc
+
+
+def check_batch_for_round(labels: pd.DataFrame, *, round_id: int, queried: pd.DataFrame, source: object) -> None:
+    """Refuse, in one line naming the column and the first bad row, a batch that is not round `round_id`'s
+    answers: a `round` other than the round's, or a pixel the round never queried (`queried`: image_id, y, x)."""
+    rounds = labels["round"].to_numpy()
+    wrong = np.flatnonzero(rounds != round_id)
+    if len(wrong):
+        row = int(wrong[0])
+        raise LabelValidationError(
+            f"rejected label batch {source}: column 'round' is {rounds[row]} in row {row}, not this round's "
+            f"{round_id} ({len(wrong)} of {len(labels)} rows)", row=row, reason="round", n_bad=len(wrong))
+    asked = pd.MultiIndex.from_frame(queried[PIXEL_KEY].astype({"y": np.int64, "x": np.int64}))
+    given = pd.MultiIndex.from_frame(labels[PIXEL_KEY].astype({"y": np.int64, "x": np.int64}))
+    stray = np.flatnonzero(~given.isin(asked))
+    if len(stray):
+        row = int(stray[0])
+        image_id, y, x = given[row]
+        raise LabelValidationError(
+            f"rejected label batch {source}: columns image_id, y, x in row {row} name pixel ({image_id!r}, y={y}, "
+            f"x={x}), which round {round_id} never queried ({len(stray)} of {len(labels)} rows)",
+            row=row, reason="not queried", n_bad=len(stray))
+
+
+def _column_problem(name: str, column: pa.ChunkedArray) -> str | None:
+    """Why `column` cannot hold the label column `name` without changing a value, or None when it can."""
+    wanted = LABEL_SCHEMA.field(name).type
+    kind = column.type
+    values = column.to_numpy(zero_copy_only=False)
+
+    def first(description: str, expected: str, rows: np.ndarray | None = None) -> str:
+        row = 0 if rows is None or not rows.any() else int(np.flatnonzero(rows)[0])
+        shown = values[row] if len(values) else None
+        shown = shown.item() if isinstance(shown, np.generic) else shown  # 2.5, not np.float64(2.5)
+        return f"holds {description} ({shown!r} in row {row}), not {expected}"
+
+    if pa.types.is_string(wanted):
+        return None if pa.types.is_string(kind) or pa.types.is_large_string(kind) else first(_kind(kind), "text")
+    if pa.types.is_timestamp(wanted):
+        return None if pa.types.is_timestamp(kind) else first(_kind(kind), "timestamps")
+    numeric = pa.types.is_integer(kind) or pa.types.is_floating(kind)
+    if pa.types.is_floating(wanted):
+        return None if numeric else first(_kind(kind), "numbers")
+    if not numeric:
+        return first(_kind(kind), "integers")
+    if pa.types.is_floating(kind):
+        fractional = ~np.isfinite(values) | (values != np.floor(values))
+        return first("fractional numbers" if fractional.any() else "floats", "integers", fractional)
+    info = np.iinfo(wanted.to_pandas_dtype())
+    outside = (values < info.min) | (values > info.max)
+    if outside.any():
+        return first(f"values outside {wanted}", f"{wanted} integers", outside)
+    return None
+
+
+def _kind(kind: pa.DataType) -> str:
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return "text"
+    if pa.types.is_boolean(kind):
+        return "booleans"
+    return str(kind)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 class LabelStore:

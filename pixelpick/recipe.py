@@ -131,10 +131,11 @@ ANNOTATE = Step(
 INGEST = Step(
     "ingest",
     lambda c, r: DATA,
-    lambda c, r: {"batch": _batch(c, r), **_previous(c, r, "snapshot"), **_pool_images(c)},
+    lambda c, r: {"batch": _batch(c, r), "queries": c.files(r).queries, **_previous(c, r, "snapshot"),
+                  **_pool_images(c)},
     lambda c, r: {"snapshot": c.files(r).snapshot},
     lambda c, r, i, o, progress: steps.ingest(c, r, batch=i["batch"], previous_snapshot=i.get("previous_snapshot"),
-                                              out=o["snapshot"]),
+                                              out=o["snapshot"], queries=i["queries"]),
 )
 def _train_settings(c: Campaign, r: int) -> tuple[str, ...]:
     # Round 0 has no previous model to warm-start from or learn pseudo-labels of, and runs `initial_epochs`.

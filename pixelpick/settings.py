@@ -9,12 +9,33 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
 
 from pixelpick.errors import SettingsError
+
+
+def _not_a_boolean(value: Any) -> Any:
+    # YAML reads `true` as a boolean, and pydantic would take it for 1 or 1.0: a typo must not become a value.
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+    return value
+
+
+Float = Annotated[float, BeforeValidator(_not_a_boolean)]
+Positive = Annotated[StrictInt, Field(gt=0)]
+Size = tuple[Positive, Positive]  # (H, W) in pixels
 
 
 class _Section(BaseModel):
@@ -23,11 +44,11 @@ class _Section(BaseModel):
 
 
 class SyntheticSettings(_Section):
-    num_train: int = Field(240, ge=1)
-    num_val: int = Field(60, ge=1)
-    height: int = Field(96, ge=32)
-    width: int = Field(128, ge=32)
-    seed: int = 0
+    num_train: StrictInt = Field(240, ge=1)
+    num_val: StrictInt = Field(60, ge=1)
+    height: StrictInt = Field(96, ge=32)
+    width: StrictInt = Field(128, ge=32)
+    seed: StrictInt = 0
 
 
 class DataSettings(_Section):
@@ -35,8 +56,8 @@ class DataSettings(_Section):
     root: Path = Path("data/synthetic")
     train_split: str = "train"
     eval_split: str | None = "val"  # None: no evaluation (a round reports its labels, and no mIoU)
-    image_size: tuple[int, int] | None = None  # working (H, W); None keeps the native size
-    cityscapes_downsample: Literal[1, 2, 4] = 4
+    image_size: Size | None = None  # working (H, W); None keeps the native size
+    cityscapes_downsample: Annotated[Literal[1, 2, 4], BeforeValidator(_not_a_boolean)] = 4
     cache_dir: Path = Path("data/cache")  # what is derived from the images once and kept (superpixels)
     classes_file: Path | None = None
     synthetic: SyntheticSettings = SyntheticSettings()
@@ -47,7 +68,7 @@ class ModelSettings(_Section):
         "deeplabv3plus_mobilenetv2"
     )
     pretrained_path: Path | None = None
-    dropout_p: float = Field(0.2, ge=0.0, lt=1.0)
+    dropout_p: Float = Field(0.2, ge=0.0, lt=1.0)
 
 
 # The paper's per-dataset recipes, plus small CPU recipes. A preset fills every key the
@@ -81,36 +102,36 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 class TrainSettings(_Section):
     preset: str | None = "cpu-synthetic"
-    epochs: int = Field(15, ge=1)
-    batch_size: int = Field(8, ge=1)
+    epochs: StrictInt = Field(15, ge=1)
+    batch_size: StrictInt = Field(8, ge=1)
     optimizer: Literal["adam", "sgd"] = "adam"
-    lr_backbone: float = Field(3e-3, gt=0)
-    lr_head: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    lr_backbone: Float = Field(3e-3, gt=0)
+    lr_head: Float = Field(3e-3, gt=0)
+    weight_decay: Float = Field(1e-4, ge=0)
+    momentum: Float = Field(0.9, ge=0, lt=1)
     schedule: Literal["multistep", "poly", "constant"] = "poly"
-    milestones: list[int] = [20, 40]
-    gamma: float = Field(0.1, gt=0, le=1)
-    crop_size: tuple[int, int] | None = None
-    scale_range: tuple[float, float] = (0.75, 1.25)
-    hflip_p: float = Field(0.5, ge=0, le=1)
-    photometric: bool = False
-    warm_start: bool = False  # False: re-initialise every round, as the paper does
-    initial_epochs: int | None = Field(None, ge=1)  # round 0's epochs (None: `epochs`); see docs/benchmarks
+    milestones: list[Annotated[StrictInt, Field(ge=0)]] = [20, 40]
+    gamma: Float = Field(0.1, gt=0, le=1)
+    crop_size: Size | None = None
+    scale_range: tuple[Float, Float] = (0.75, 1.25)
+    hflip_p: Float = Field(0.5, ge=0, le=1)
+    photometric: StrictBool = False
+    warm_start: StrictBool = False  # False: re-initialise every round, as the paper does
+    initial_epochs: StrictInt | None = Field(None, ge=1)  # round 0's epochs (None: `epochs`); see docs/benchmarks
     # Superpixel expansion: > 0 spreads each click's class over its SLIC superpixel (about this many per image);
     # the expanded pixels of a superpixel share the weight `superpixel_weight`, against 1 for the click. 0 = off.
-    superpixels: int = Field(0, ge=0)
-    superpixel_compactness: float = Field(10.0, gt=0)
-    superpixel_weight: float = Field(1.0, gt=0)
+    superpixels: StrictInt = Field(0, ge=0)
+    superpixel_compactness: Float = Field(10.0, gt=0)
+    superpixel_weight: Float = Field(1.0, gt=0)
     # Self-training: > 0 adds the previous round's confident predictions (max probability >= this) on unlabelled
     # pixels as extra targets, their loss weighted `self_training_weight`. 0 = off.
-    self_training_threshold: float = Field(0.0, ge=0, lt=1)
-    self_training_weight: float = Field(0.5, gt=0)
+    self_training_threshold: Float = Field(0.0, ge=0, lt=1)
+    self_training_weight: Float = Field(0.5, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int = Field(0, ge=0)
-    eval_batch_size: int = Field(8, ge=1)
-    checkpoint_every: int = Field(5, ge=1)  # epochs between resume points, so a killed training continues
-    processes: int = Field(1, ge=1)  # > 1: data-parallel training in this many processes (torch DDP, torchrun)
+    num_workers: StrictInt = Field(0, ge=0)
+    eval_batch_size: StrictInt = Field(8, ge=1)
+    checkpoint_every: StrictInt = Field(5, ge=1)  # epochs between resume points, so a killed training continues
+    processes: StrictInt = Field(1, ge=1)  # > 1: data-parallel training in this many processes (torch DDP, torchrun)
 
     @model_validator(mode="before")
     @classmethod
@@ -132,15 +153,15 @@ class TrainSettings(_Section):
 
 class AcquireSettings(_Section):
     strategy: Literal["margin", "entropy", "least_confidence", "random", "bald"] = "margin"
-    pixels_per_image: int = Field(10, ge=1)
-    top_fraction: float = Field(0.05, ge=0.0, le=1.0)  # 0 = plain top-k, no diversity draw
-    mc_samples: int = Field(0, ge=0)  # 0 = one deterministic pass; T > 1 = MC-dropout passes
+    pixels_per_image: StrictInt = Field(10, ge=1)
+    top_fraction: Float = Field(0.05, ge=0.0, le=1.0)  # 0 = plain top-k, no diversity draw
+    mc_samples: StrictInt = Field(0, ge=0)  # 0 = one deterministic pass; T > 1 = MC-dropout passes
     # 0 = off. p > 0 weights each pixel's score by the model's expected inverse frequency, among the labels so far,
     # of the pixel's class, to the power p: rare classes reach the pool of candidates more often.
-    class_balance: float = Field(0.0, ge=0.0)
+    class_balance: Float = Field(0.0, ge=0.0)
     # 0 = off. d > 0 spreads an image's picks: no two closer than d pixels while the pool allows it.
-    min_distance: float = Field(0.0, ge=0.0)
-    exclude_void: bool = True  # simulated campaigns only: never query pixels whose ground truth is void
+    min_distance: Float = Field(0.0, ge=0.0)
+    exclude_void: StrictBool = True  # simulated campaigns only: never query pixels whose ground truth is void
 
     @model_validator(mode="after")
     def _bald_needs_samples(self) -> AcquireSettings:
@@ -155,12 +176,12 @@ class CampaignSettings(_Section):
     # Where probability stores go: None = each round's folder; a shared path or fsspec URL (s3://...) that every
     # worker of a cluster reaches, as <store_url>/<campaign>/rNN/probs.zarr.
     store_url: str | None = None
-    keep_stores: int | None = Field(None, ge=1)  # rounds whose store is kept (the newest); None keeps them all
+    keep_stores: StrictInt | None = Field(None, ge=1)  # rounds whose store is kept (the newest); None keeps them all
     annotator: Literal["simulated", "human"] = "simulated"  # who labels: the ground truth, or people (a job file)
-    initial_pixels_per_image: int = Field(10, ge=1)
-    rounds: int = Field(3, ge=0)  # query rounds after the initial random one
-    error_rate: float = Field(0.0, ge=0.0, le=1.0)  # simulated annotator noise
-    seed: int = 0
+    initial_pixels_per_image: StrictInt = Field(10, ge=1)
+    rounds: StrictInt = Field(3, ge=0)  # query rounds after the initial random one
+    error_rate: Float = Field(0.0, ge=0.0, le=1.0)  # simulated annotator noise
+    seed: StrictInt = 0
 
     @property
     def run_dir(self) -> Path:
@@ -186,7 +207,9 @@ def load_settings(path: str | Path = "params.yaml", overrides: dict[str, Any] | 
     except FileNotFoundError as exc:
         raise SettingsError(f"settings file not found: {path}") from exc
     except yaml.YAMLError as exc:
-        raise SettingsError(f"{path} is not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise SettingsError(f"{path} is not valid YAML ({getattr(exc, 'problem', None) or exc}{where})") from exc
     if not isinstance(raw, dict):
         raise SettingsError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
@@ -200,10 +223,16 @@ def settings_from_dict(raw: dict[str, Any], source: str = "settings") -> Setting
         return Settings.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or '(top level)'}: {error['msg']}"
+            f"{'.'.join(str(part) for part in error['loc']) or '(top level)'}: "
+            f"{error['msg'].removeprefix('Value error, ')}{_given(error)}"
             for error in exc.errors()
         )
         raise SettingsError(f"invalid settings in {source}: {problems}") from None
+
+
+def _given(error: dict[str, Any]) -> str:
+    value = error.get("input")
+    return f" (got {value!r})" if isinstance(value, (bool, int, float, str)) or value is None else ""
 
 
 def resolve_paths(settings: Settings, base: Path) -> Settings:

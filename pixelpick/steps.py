@@ -34,7 +34,7 @@ from pixelpick.distributed import is_main_process, launch, rank_and_size
 from pixelpick.errors import StepInputError
 from pixelpick.inference import InferenceTimings, infer_to_store, pool_batches
 from pixelpick.io import write_json, write_parquet
-from pixelpick.labels import LabelStore, read_labels
+from pixelpick.labels import LabelStore, check_batch_for_round, read_labels
 from pixelpick.probstore import ProbabilityStore, create_store, mark_complete, remove_store, store_bytes
 from pixelpick.superpixels import SuperpixelCache, SuperpixelParams
 from pixelpick.training import ResumePoint, fit, predict_pseudo_labels
@@ -245,13 +245,16 @@ def annotate(campaign: Campaign, round_id: int, *, queries: Path, out: Path) -> 
 
 
 def ingest(campaign: Campaign, round_id: int, *, batch: Path, previous_snapshot: Path | None,
-           out: Path) -> dict[str, Any]:
-    """The round's snapshot: the previous snapshot plus `batch`, validated whole. Nothing is written unless every
+           out: Path, queries: Path | None = None) -> dict[str, Any]:
+    """The round's snapshot: the previous snapshot plus `batch`, validated whole: exact types, this round's
+    `round`, only pixels the round queried (`queries`), classes of the dataset. Nothing is written unless every
     row is valid, so a rejected batch leaves no snapshot behind, and re-running gives the same file."""
     started = time.perf_counter()
     labels = read_labels(batch)
     if labels.empty:
         raise StepInputError(f"label batch {batch} holds no labels: nothing to add to round {round_id}")
+    if queries is not None:
+        check_batch_for_round(labels, round_id=round_id, queried=pd.read_parquet(queries), source=batch)
     staging = out.with_name(f".{out.name}.ingest")
     staging.unlink(missing_ok=True)
     try:

@@ -30,6 +30,8 @@ def collect_labels(campaign_dir: str, round_id: int) -> str | None:
     progress = human.job_progress(campaign, round_id)
     if not (progress.closed and campaign.layout.batch(round_id).is_file()):  # a closed job was collected already
         human.collect_labels(campaign, round_id)
+    # A collected batch may have been replaced since: DVC must never record a batch the ingest would refuse.
+    human.check_batch(campaign, round_id)
     return track_batch(campaign, round_id)
 
 

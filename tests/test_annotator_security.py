@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import sqlite3
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ from fastapi.routing import APIRoute
 
 from pixelpick.annotation import ProgressStore, load_job
 from pixelpick.annotation.__main__ import main as cli
-from pixelpick.annotation.guards import MIN_TOKEN_LENGTH, RateLimiter, choose_token, host_name
+from pixelpick.annotation.guards import MIN_TOKEN_BITS, RateLimiter, choose_token, host_name, token_bits
 from pixelpick.annotation.server import DEFAULT_MAX_HELD, MAX_CLAIM, STATIC_DIR, create_app
 from pixelpick.errors import AnnotatorConfigError
 from tests.test_annotation_api import QUERIES, claim, label, make_client, setup  # noqa: F401 (setup: a fixture)
@@ -151,7 +152,7 @@ def test_a_token_is_optional_on_loopback(host):
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", "annotate.example.org"])
 def test_a_public_bind_needs_a_strong_token_or_gets_one(host):
-    strong = "k" * MIN_TOKEN_LENGTH
+    strong = secrets.token_urlsafe(32)
     assert choose_token(host, strong) == (strong, False)
     generated, was_generated = choose_token(host, None)
     assert was_generated and len(generated) >= 32 and re.fullmatch(r"[A-Za-z0-9_-]+", generated)
@@ -159,6 +160,29 @@ def test_a_public_bind_needs_a_strong_token_or_gets_one(host):
     with pytest.raises(AnnotatorConfigError, match=f"the access token is 15 characters; serving on {host!r} "
                                                    f"needs at least 16"):
         choose_token(host, "k" * 15)
+
+
+STRONG = "YQe9hHEPunV81RLGmtDXkwCNlKDLnaOG"  # secrets.token_urlsafe(24), as `serve` generates
+
+
+@pytest.mark.parametrize("token", [
+    "aaaaaaaaaaaaaaaa", "1234567890123456", "k" * 40, "1234567890" * 6, "abcabcabcabcabcabcabcabcabcabcabc",
+    "passwordpassword" * 3, "Tr0ub4dor&3xyzab",
+])
+@pytest.mark.parametrize("host", ["0.0.0.0", "annotate.example.org"])
+def test_a_public_bind_refuses_a_token_without_real_entropy_in_one_line(host, token):
+    with pytest.raises(AnnotatorConfigError) as refused:
+        choose_token(host, token)
+    message = str(refused.value)
+    assert "\n" not in message and f"needs at least {MIN_TOKEN_BITS}" in message and "bits of entropy" in message
+    assert choose_token("127.0.0.1", token) == (token, False)  # on this machine only, any token will do
+
+
+def test_random_tokens_pass_the_entropy_estimate():
+    for _ in range(200):
+        for token in (secrets.token_urlsafe(24), secrets.token_urlsafe(32), secrets.token_hex(32)):
+            assert token_bits(token) >= MIN_TOKEN_BITS, token
+    assert token_bits(STRONG) >= MIN_TOKEN_BITS
 
 
 @pytest.mark.parametrize("token", ["   ", " " + "k" * 20, "k" * 20 + "\n", "\t"])
@@ -194,10 +218,10 @@ def test_serving_publicly_without_a_token_generates_one_and_prints_its_link(setu
 
 
 def test_serving_on_every_ipv6_address_links_with_brackets(setup, monkeypatch, capsys):  # noqa: F811
-    served, out = serve_captured(setup, monkeypatch, capsys, "--host", "::", "--token", "t" * 16)
-    assert "generated" not in out and f"http://[::]:8765/?token={'t' * 16}" in out
+    served, out = serve_captured(setup, monkeypatch, capsys, "--host", "::", "--token", STRONG)
+    assert "generated" not in out and f"http://[::]:8765/?token={STRONG}" in out
     client = TestClient(served["app"], base_url="http://[::]:8765")
-    assert client.get("/api/job", headers={"X-PixelPick-Token": "t" * 16}).status_code == 200
+    assert client.get("/api/job", headers={"X-PixelPick-Token": STRONG}).status_code == 200
 
 
 def test_serving_locally_needs_no_token(setup, monkeypatch, capsys):  # noqa: F811

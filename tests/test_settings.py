@@ -57,3 +57,30 @@ def test_overrides_are_dotted_keys_parsed_as_yaml(tmp_path):
 def test_not_yaml_is_a_clear_error(tmp_path):
     with pytest.raises(SettingsError, match="not valid YAML"):
         load_settings(write(tmp_path, "train: [\n"))
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("train.epochs=true", "train.epochs"),
+    ("train.batch_size=8.0", "train.batch_size"),
+    ("train.epochs='3'", "train.epochs"),
+    ("train.photometric=1", "train.photometric"),
+    ("train.lr_head=true", "train.lr_head"),
+    ("data.cityscapes_downsample=true", "data.cityscapes_downsample"),
+    ("campaign.rounds=false", "campaign.rounds"),
+    ("train.crop_size=[0,0]", "train.crop_size.0"),
+    ("train.crop_size=[32,-1]", "train.crop_size.1"),
+    ("data.image_size=[48,0]", "data.image_size.1"),
+    ("train.milestones=[true]", "train.milestones.0"),
+])
+def test_a_value_of_the_wrong_type_or_size_is_refused_in_one_line_naming_the_key(tmp_path, override, key):
+    with pytest.raises(SettingsError) as refused:
+        load_settings(write(tmp_path, ""), dict([parse_override(override)]))
+    message = str(refused.value)
+    assert "\n" not in message and f"{key}:" in message, message
+
+
+def test_numbers_of_the_right_kind_are_still_accepted(tmp_path):
+    settings = load_settings(write(tmp_path, "train:\n  lr_head: 1e-3\n  epochs: 3\n  crop_size: [32, 48]\n"),
+                             {"train.weight_decay": 0, "train.photometric": True})
+    assert (settings.train.lr_head, settings.train.epochs, settings.train.crop_size) == (1e-3, 3, (32, 48))
+    assert settings.train.weight_decay == 0.0 and settings.train.photometric is True

@@ -27,6 +27,7 @@ from pixelpick.errors import AnnotatorConfigError
 
 TOKEN_ENV = "PIXELPICK_ANNOTATOR_TOKEN"
 MIN_TOKEN_LENGTH = 16
+MIN_TOKEN_BITS = 128  # what a guesser must search; a generated token has 192
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::")
 DEFAULT_MAX_BODY_BYTES = 64 * 1024  # the page's largest body is well under 1 KiB
@@ -49,9 +50,10 @@ def is_loopback(host: str) -> bool:
 def choose_token(host: str, token: str | None) -> tuple[str | None, bool]:
     """The access token to serve on `host` with, and whether it was generated here.
 
-    On a loopback address a token is optional. Anywhere else it must be at least MIN_TOKEN_LENGTH characters;
-    without one, a strong one is generated. A token that is blank or padded with whitespace is refused (HTTP
-    strips header values, so it could never match): AnnotatorConfigError says which rule it breaks.
+    On a loopback address a token is optional. Anywhere else it must be at least MIN_TOKEN_LENGTH characters and
+    hold an estimated MIN_TOKEN_BITS of entropy (`token_bits`); without one, a strong one is generated. A token
+    that is blank or padded with whitespace is refused (HTTP strips header values, so it could never match):
+    AnnotatorConfigError says which rule it breaks.
     """
     if token == "":  # an empty environment variable means "not set"
         token = None
@@ -68,7 +70,42 @@ def choose_token(host: str, token: str | None) -> tuple[str | None, bool]:
             f"the access token is {len(token)} characters; serving on {host!r} needs at least {MIN_TOKEN_LENGTH} "
             f"(leave --token and ${TOKEN_ENV} unset to have a strong one generated)"
         )
+    bits = token_bits(token)
+    if bits < MIN_TOKEN_BITS:
+        raise AnnotatorConfigError(
+            f"the access token has about {bits:.0f} bits of entropy (estimated from its length, kinds of characters "
+            f"and repeats); serving on {host!r} needs at least {MIN_TOKEN_BITS}: leave --token and ${TOKEN_ENV} "
+            "unset to have one generated, or make one with `python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))'`"
+        )
     return token, False
+
+
+def token_bits(token: str) -> float:
+    """A cautious estimate of how many bits a guesser must search to find `token`.
+
+    Each character is worth log2 of the alphabet its kinds of characters suggest (digits only: 10; hex: 16;
+    letters, digits and symbols: up to 95), except characters a guesser would try first: a repeat of the previous
+    one, the next step of a run (1234, abcd, 9753), and the end of a three-character sequence seen before
+    (abcabc, passwordpassword). Random tokens lose almost nothing; typed ones lose most of their length.
+    """
+    digits = any(c.isdigit() for c in token)
+    lower = "".join(sorted({c for c in token if c.islower()}))
+    upper = "".join(sorted({c for c in token if c.isupper()}))
+    others = any(not c.isalnum() for c in token)
+    letters = set(lower.lower() + upper.lower())
+    if not others and not (lower and upper) and letters and letters <= set("abcdef"):
+        alphabet = 16  # hexadecimal
+    else:
+        alphabet = 10 * digits + 26 * bool(lower) + 26 * bool(upper) + 33 * others
+    bits_per_character = math.log2(max(alphabet, 2))
+    novel = 0
+    for i, character in enumerate(token):
+        repeat = i >= 1 and character == token[i - 1]
+        run = i >= 2 and ord(character) - ord(token[i - 1]) == ord(token[i - 1]) - ord(token[i - 2])
+        seen = i >= 2 and token[i - 2 : i + 1] in token[: i]
+        novel += not (repeat or run or seen)
+    return novel * bits_per_character
 
 
 def host_name(header: str | None) -> str | None:

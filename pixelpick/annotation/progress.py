@@ -545,6 +545,8 @@ class ProgressStore:
                 """SELECT p.image_id, p.y, p.x, l.class_id, l.annotator, l.seconds, l.time
                    FROM labels l JOIN pixels p ON p.id = l.pixel_id ORDER BY p.id"""
             ).fetchall()
+        for row, values in enumerate(rows):
+            self._check_stored_label(row, values)
         found = pd.DataFrame(rows, columns=["image_id", "y", "x", "class_id", "annotator", "seconds", "time"])
         return label_frame(
             {
@@ -554,6 +556,38 @@ class ProgressStore:
                 "time": [datetime.fromisoformat(stamp) for stamp in found["time"]],
             }
         )
+
+    def _check_stored_label(self, row: int, values: tuple) -> None:
+        """Refuse a stored label whose values are not what `record` stores: SQLite keeps whatever an edited file
+        holds (2.5 or 'sky' in an INTEGER column), and Arrow would truncate 2.5 to class 2."""
+        image_id, y, x, class_id, annotator, seconds, stamp = values
+        num_classes, ignore_index = len(self.job.classes), self.job.ignore_index
+        problem = None
+        if type(class_id) is not int:
+            problem = "class_id", f"{class_id!r} is {type(class_id).__name__}, not an integer class id"
+        elif not (0 <= class_id < num_classes or class_id == ignore_index):
+            problem = "class_id", f"{class_id} is not a class of the job (0..{num_classes - 1}, or {ignore_index})"
+        elif type(annotator) is not str or not ANNOTATOR_PATTERN.match(annotator):
+            problem = "annotator", f"{annotator!r} is not an annotator name"
+        elif type(seconds) not in (int, float) or not (
+                math.isfinite(seconds) and 0 <= seconds <= MAX_SECONDS_PER_PIXEL):
+            problem = "seconds", f"{seconds!r} is not a number of seconds in [0, {MAX_SECONDS_PER_PIXEL:.0f}]"
+        elif not _is_utc_stamp(stamp):
+            problem = "time", f"{stamp!r} is not an ISO 8601 time with a time zone"
+        if problem is not None:
+            column, why = problem
+            raise ProgressDatabaseError(
+                f"progress database {self.path}: column labels.{column} in row {row} (pixel {image_id!r} y={y} "
+                f"x={x}): {why}; nothing was ingested")
+
+
+def _is_utc_stamp(stamp: object) -> bool:
+    if type(stamp) is not str:
+        return False
+    try:
+        return datetime.fromisoformat(stamp).tzinfo is not None
+    except ValueError:
+        return False
 
 
 def _describe(submission: Submission) -> str:
