@@ -47,7 +47,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--port", type=int, default=8765)
     serve.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                        help=f"access token (default: ${TOKEN_ENV}); needed beyond 127.0.0.1, where it must be at "
-                            "least 16 characters with an estimated 128 bits of entropy, and generated when not given")
+                            "least 16 characters with an estimated 128 bits of entropy; generated when not given")
     serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                        help="another name the annotator is reached by (e.g. behind a proxy); repeatable")
     serve.add_argument("--keys", help="remap class keys: 'sky=q,road=r' or a YAML file of class: key")
