@@ -130,6 +130,19 @@ def run_dvc(root: Path, *args: str) -> str:
     return done.stdout
 
 
+def stage_records(campaign: Campaign, root: Path) -> None:
+    """`git add` the campaign's records (settings, pipeline, lock, progress, the batches' .dvc files), so that
+    `git status` shows them ready to commit, as DVC's autostage does for the files DVC itself writes. Outside a git
+    work tree nothing happens."""
+    layout = campaign.layout
+    records = [layout.params, layout.pipeline, layout.dir / "dvc.lock", layout.dir / ".gitignore",
+               layout.progress_table, layout.progress_plot, *sorted((layout.dir / "labels").glob("*.dvc"))]
+    present = [os.path.relpath(path, root) for path in records if path.is_file()]
+    done = subprocess.run(["git", "add", "--", *present], cwd=root, capture_output=True, text=True)
+    if done.returncode != 0 and "not a git repository" not in done.stderr:  # written whatever git says
+        log.warning("could not stage campaign %s's records in git: %s", campaign.name, done.stderr.strip())
+
+
 def commit_stages(campaign: Campaign, stage_names: list[str]) -> dict[str, str]:
     """Record the named stages' current deps, params and outs in dvc.lock (`dvc commit --force`); returns the md5
     of each committed output by path (relative to the campaign). Nothing happens outside a DVC repository."""
@@ -140,6 +153,7 @@ def commit_stages(campaign: Campaign, stage_names: list[str]) -> dict[str, str]:
     write_pipeline(campaign)
     pipeline_file = os.path.relpath(campaign.layout.pipeline, root)
     run_dvc(root, "commit", "--force", "--quiet", *(f"{pipeline_file}:{name}" for name in stage_names))
+    stage_records(campaign, root)
     lock = yaml.safe_load((campaign.layout.dir / "dvc.lock").read_text())["stages"]
     return {out["path"]: out["md5"] for name in stage_names for out in lock.get(name, {}).get("outs", [])}
 
@@ -158,6 +172,7 @@ def track_batch(campaign: Campaign, round_id: int) -> str | None:
         return None
     batch = campaign.layout.batch(round_id)
     run_dvc(root, "add", "--quiet", os.path.relpath(batch, root))
+    stage_records(campaign, root)
     return yaml.safe_load(batch.with_name(batch.name + ".dvc").read_text())["outs"][0]["md5"]
 
 

@@ -337,6 +337,12 @@ def test_folder_other_splits_are_subfolders(folder: Path) -> None:
         FolderDataset(folder, "test")
 
 
+def test_a_folder_of_photos_without_images_subfolder_is_told_where_they_go(tmp_path: Path) -> None:
+    save_png(tmp_path / "photo.png", random_image(0, (8, 8)))
+    with pytest.raises(DatasetError, match=r"no .*/images folder: a folder dataset keeps its photos under images/"):
+        FolderDataset(tmp_path, "train")
+
+
 def test_folder_without_classes_file_is_reported(folder: Path) -> None:
     (folder / "classes.yaml").unlink()
     with pytest.raises(DatasetError, match="classes.yaml"):

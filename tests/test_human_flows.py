@@ -77,6 +77,11 @@ def test_a_human_round_is_versioned_tracked_and_reproduced_from_its_batch(prefec
     label_through_the_api(campaign.files(1).job, truth)
     assert train_flow(campaign_choice, 1)["status"] == "trained"
     assert "up to date" in run("dvc", "status", cwd=repo)
+    # The campaign's records are staged in git, ready to commit, not left untracked.
+    status = run("git", "status", "--porcelain", "--untracked-files=all", "data/runs/people", cwd=repo)
+    records = ("params.yaml", "dvc.yaml", "dvc.lock", ".gitignore", "labels/r00.parquet.dvc", "labels/r01.parquet.dvc")
+    assert {f"A  data/runs/people/{name}" for name in records} <= set(status.splitlines()), status
+    assert "??" not in status, status
     snapshot = campaign.files(1).snapshot.read_bytes()
     model = campaign.files(1).model.read_bytes()
 

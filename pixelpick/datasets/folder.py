@@ -41,6 +41,11 @@ class FolderDataset(SegmentationDataset):
         image_size: tuple[int, int] | None = None,
     ) -> None:
         root = Path(root)
+        images = root / "images"
+        if split == "train" and not images.is_dir():
+            # The usual mistake is a folder of photos given as the root: say where they go, not which splits exist.
+            raise DatasetError(f"no {images} folder: a folder dataset keeps its photos under images/ (optional: "
+                               "masks/, val/images/, val/masks/; and classes.yaml beside images/)")
         self.classes_file = Path(classes_file) if classes_file else find_classes_file(root)
         self.label_space = load_classes_file(self.classes_file)
         super().__init__(root, split, image_size=image_size)
