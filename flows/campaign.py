@@ -9,7 +9,7 @@ from prefect import flow
 
 from flows.parameters import CampaignChoice, ClusterChoice
 from flows.round import on_cluster
-from tasks.campaigns import hold_campaign, start_campaign
+from tasks.campaigns import finished_summaries, hold_campaign, start_campaign
 
 
 @flow(name="pixelpick-campaign", flow_run_name="campaign", log_prints=True)
@@ -17,6 +17,9 @@ def campaign_flow(campaign: CampaignChoice = CampaignChoice(), cluster: ClusterC
     """Every round of a simulated campaign, each skipped step by step when already done; prints a row per round.
     With a cluster, each round's query runs in shards on it."""
     opened = start_campaign(campaign.params_path(), campaign.overrides)
+    finished = finished_summaries(opened["dir"])
+    if finished is not None:  # a scheduled run with nothing to do: no lock, no MLflow run, nothing written
+        return finished
     print(f"campaign {opened['name']}: {opened['dir']}")
     print(f"{'round':>5} {'labelled':>9} {'px/img':>7} {'mIoU':>6}  model version")
     results = []

@@ -33,6 +33,7 @@ from pixelpick.settings import parse_override
 
 EXIT_BAD_INPUT = 1
 EXIT_INTERRUPTED = 130
+FLOW_COMMANDS = {"campaign", "round", "human", "benchmark"}  # what runs Prefect flows
 
 
 def _campaign_options(parser: argparse.ArgumentParser) -> None:
@@ -132,17 +133,24 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def _choice(args: argparse.Namespace, round_id: int | None = None):
-    """The flow's campaign parameter, after opening the campaign here: bad settings, missing data or a round whose
-    inputs do not exist yet fail in one line before any server starts."""
-    from flows.parameters import CampaignChoice
+def _opened(args: argparse.Namespace, round_id: int | None = None, *, create: bool = True):
+    """The campaign, opened here before any flow: bad settings, missing data or a round whose inputs do not exist
+    yet fail in one line before Prefect starts (opening one does not import torch). A campaign is started (its
+    settings recorded) only by `create` commands, and only from its round 0."""
     from pixelpick.campaign import open_campaign
     from pixelpick.recipe import round_steps, step_key
 
-    campaign = open_campaign(args.params, _overrides(args), create=round_id in (None, 0))
+    campaign = open_campaign(args.params, _overrides(args), create=create and round_id in (None, 0))
     if round_id:
         step_key(campaign, round_steps(campaign)[0], round_id)  # StepInputError: run the previous round first
     args.campaign = campaign.name
+    return campaign
+
+
+def _choice(args: argparse.Namespace):
+    """The flows' campaign parameter (for a campaign `_opened` has checked)."""
+    from flows.parameters import CampaignChoice
+
     return CampaignChoice(params=str(Path(args.params).resolve()), overrides=_overrides(args))
 
 
@@ -169,6 +177,12 @@ def run_campaign(args: argparse.Namespace) -> None:
                 f"{r:>5} {m['pixels_per_image']:>7.1f} {m['labelled_pixels']:>9d} "
                 f"{'n/a' if m['miou'] is None else format(100 * m['miou'], '.1f'):>6}", flush=True))
         return
+    from pixelpick.recipe import nothing_to_do, pending_rounds
+
+    campaign = _opened(args)
+    if not args.serve and campaign.simulated and not pending_rounds(campaign):
+        print(nothing_to_do(campaign))  # answered from the records: no Prefect server, nothing written
+        return
     from flows.campaign import campaign_flow
 
     choice = _choice(args)
@@ -183,22 +197,27 @@ def run_round(args: argparse.Namespace) -> None:
     from flows.round import on_cluster
 
     cluster = _cluster(args)
-    summary = on_cluster(cluster)(_choice(args, args.round), args.round, cluster)
+    _opened(args, args.round)
+    summary = on_cluster(cluster)(_choice(args), args.round, cluster)
     miou = "n/a" if summary["miou"] is None else f"{100 * summary['miou']:.1f}"
     print(f"round {args.round}: {summary['labelled_pixels']} labelled pixels, mIoU {miou}, model version "
           f"{summary['model_version']}")
 
 
 def run_human(args: argparse.Namespace) -> None:
+    campaign = _opened(args, args.round, create=args.stage == "query")
+    if args.stage == "train" and not args.serve:
+        from pixelpick.human import job_progress, train_answer
+
+        # Answered from the job and the records, before Prefect starts: still being labelled, or trained already.
+        answer = train_answer(campaign, args.round, job_progress(campaign, args.round))
+        if answer is not None:
+            print(answer)
+            return
     from flows.human import query_flow, train_flow
 
     chosen = query_flow if args.stage == "query" else train_flow
-    choice = _choice(args, args.round if args.stage == "query" else None)
-    if args.stage == "train" and not args.serve:
-        from pixelpick.campaign import open_campaign
-        from pixelpick.human import job_progress
-
-        job_progress(open_campaign(args.params, _overrides(args), create=False), args.round)  # the job must exist
+    choice = _choice(args)
     if args.serve:
         parameters = {"campaign": choice.model_dump(), "round_id": args.round}
         _serve(chosen, f"{args.stage}-{args.campaign}-r{args.round:02d}", parameters, args)
@@ -235,7 +254,12 @@ def run_predict(args: argparse.Namespace) -> None:
     images = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
     if not images:
         raise PredictionInputError(f"no images (png, jpg) under {args.images}")
-    model = mlflow.pyfunc.load_model(args.model)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = mlflow.pyfunc.load_model(args.model)
+    except MlflowException as error:  # an unknown name, version or alias: MLflow's own first line says which
+        raise PredictionInputError(f"cannot load {args.model}: {str(error).splitlines()[0]}") from None
     colours = [c.colour for c in model.unwrap_python_model().predictor.label_space.classes]
     for path in images:
         labels = model.predict(read_rgb(path)[None])["labels"][0]
@@ -299,24 +323,21 @@ def _stop(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = get_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
-    logging.getLogger("pixelpick").setLevel(logging.INFO)  # shown by Prefect's console handler
-    if not args.debug:
-        from prefect.logging.configuration import ensure_logging_setup
+    logging.getLogger("pixelpick").setLevel(logging.INFO)  # shown by Prefect's console handler, or the basic one
+    if args.command in FLOW_COMMANDS:  # the others answer without Prefect: its import alone takes a second
+        if not args.debug:
+            from prefect.logging.configuration import ensure_logging_setup
 
-        ensure_logging_setup()  # Prefect's console handler sits on the root logger; the API keeps the traceback
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(_OneLine())
-    from tasks.servers import stop_orphaned_servers
+            ensure_logging_setup()  # Prefect's console handler sits on the root logger; the API keeps the traceback
+            for handler in logging.getLogger().handlers:
+                handler.addFilter(_OneLine())
+        from tasks.servers import stop_orphaned_servers
 
-    stop_orphaned_servers()
-    from prefect.exceptions import TerminationSignal
-
+        stop_orphaned_servers()
+    else:
+        logging.basicConfig(format="%(levelname)s %(name)s - %(message)s")
     try:
         COMMANDS[args.command](args)
-    except (KeyboardInterrupt, TerminationSignal) as stop:
-        cause = "SIGTERM" if isinstance(stop, TerminationSignal) else str(stop) or "SIGINT"
-        print(f"stopped ({cause}): run the same command again to continue where it stopped", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
     except Exception as error:
         if args.debug:
             raise
@@ -325,12 +346,23 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {message}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    except BaseException as stop:  # Ctrl-C and SIGTERM are not Exceptions
+        if not _is_stop(stop):
+            raise
+        cause = (str(stop) or "SIGINT") if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
+        print(f"stopped ({cause}): run the same command again to continue where it stopped", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _is_stop(error: BaseException) -> bool:
+    """Ctrl-C, or SIGTERM (ours, or Prefect's TerminationSignal when a flow ran)."""
+    prefect_exceptions = sys.modules.get("prefect.exceptions")
+    return isinstance(error, KeyboardInterrupt) or (
+        prefect_exceptions is not None and isinstance(error, prefect_exceptions.TerminationSignal))
 
 
 def _is_bad_input(error: Exception) -> bool:
-    from tasks.versioning import VersioningError
-
-    return isinstance(error, (PixelPickError, VersioningError, FileNotFoundError))
+    return isinstance(error, (PixelPickError, FileNotFoundError))  # VersioningError is a PixelPickError
 
 
 def _one_line(error: Exception) -> str | None:

@@ -33,11 +33,11 @@ def query_flow(campaign: CampaignChoice = CampaignChoice(), round_id: int = 0) -
 def train_flow(campaign: CampaignChoice = CampaignChoice(), round_id: int = 0) -> dict:
     """Once the round's job is complete: collect and version its labels, ingest, retrain, evaluate, register."""
     opened = start_campaign(campaign.params_path(), campaign.overrides, annotator="human")
+    progress = job_progress(opened["dir"], round_id)
+    if progress["answer"] is not None:  # still being labelled, or trained already: no lock, nothing written
+        print(progress["answer"])
+        return {"status": "waiting" if progress["done"] < progress["total"] else "trained", **progress}
     with hold_campaign(opened["dir"]):
-        progress = job_progress(opened["dir"], round_id)
-        if progress["done"] < progress["total"]:
-            print(f"waiting: {progress['done']} of {progress['total']} pixels labelled in round {round_id}'s job")
-            return {"status": "waiting", **progress}
         collect_labels(opened["dir"], round_id)
         for step in opened["steps"][1:]:  # the query step ran in the query flow
             run_step_task(opened["dir"], step, round_id)

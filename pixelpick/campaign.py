@@ -14,12 +14,10 @@ import logging
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
-from pixelpick.checkpoints import model_from_checkpoint, read_checkpoint
 from pixelpick.datasets import get_dataset
 from pixelpick.datasets.base import SegmentationDataset
 from pixelpick.datasets.synthetic import generate_synthetic
@@ -27,9 +25,10 @@ from pixelpick.errors import CampaignError, DatasetError
 from pixelpick.io import atomic_write
 from pixelpick.labels import LabelStore
 from pixelpick.layout import CampaignLayout, RoundFiles
-from pixelpick.models import build_model
 from pixelpick.settings import Settings, flatten, load_settings
-from pixelpick.training import resolve_device
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +88,20 @@ class Campaign:
 
     @cached_property
     def device(self) -> torch.device:
+        from pixelpick.training import resolve_device  # torch is imported by what needs it: opening stays fast
+
         return resolve_device(self.settings.train.device)
 
     def new_model(self) -> torch.nn.Module:
+        from pixelpick.models import build_model
+
         m = self.settings.model
         return build_model(m.arch, self.pool.label_space.num_classes, pretrained_path=m.pretrained_path,
                            dropout_p=m.dropout_p)
 
     def load_model(self, path: Path) -> torch.nn.Module:
+        from pixelpick.checkpoints import model_from_checkpoint, read_checkpoint
+
         return model_from_checkpoint(read_checkpoint(path)).to(self.device)
 
     def recorded_settings(self) -> dict[str, Any]:

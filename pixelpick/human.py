@@ -25,6 +25,7 @@ from pixelpick.campaign import Campaign
 from pixelpick.io import write_parquet
 from pixelpick.labels import LabelStore, check_batch_for_round, read_labels
 from pixelpick.layout import round_name
+from pixelpick.recipe import finished_round
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,18 @@ def job_progress(campaign: Campaign, round_id: int) -> JobProgress:
         return JobProgress(0, job.num_pixels, False)
     store = ProgressStore(database, job)
     return JobProgress(store.done_count(), job.num_pixels, store.closed_info() is not None)
+
+
+def train_answer(campaign: Campaign, round_id: int, progress: JobProgress) -> str | None:
+    """What training a human round says instead of running: its job is still being labelled, or the round is
+    trained and nothing it was made from has changed. None when there is work to do."""
+    if progress.done < progress.total:
+        return f"waiting: {progress.done} of {progress.total} pixels labelled in round {round_id}'s job"
+    finished = finished_round(campaign, round_id)
+    if finished is not None:
+        return (f"round {round_id} of campaign {campaign.name} is trained and unchanged (model version "
+                f"{finished.get('model_version')}); nothing to do")
+    return None
 
 
 def collect_labels(campaign: Campaign, round_id: int) -> Path:

@@ -15,6 +15,7 @@
         job.json                     the round's annotation job (human campaigns), its progress database beside it
         train.resume.pt              while training: its state every few epochs, so a killed run continues
         steps/<step>.json            what each step last ran on (its input key) and made (output digests, seconds)
+        steps/finished.json          the round's step keys once it was versioned and registered (its model version)
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ class RoundFiles:
 
     def step_record(self, step: str) -> Path:
         return self.dir / "steps" / f"{step}.json"
+
+    @property
+    def finished(self) -> Path:
+        """Written when the round has been versioned and registered: what a no-op run compares against."""
+        return self.dir / "steps" / "finished.json"
 
 
 @dataclass(frozen=True)

@@ -27,15 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pixelpick import steps
 from pixelpick.campaign import Campaign
 from pixelpick.digests import file_md5, tree_md5, value_digest
-from pixelpick.distributed import is_main_process
 from pixelpick.errors import StepInputError
 from pixelpick.io import write_json
 from pixelpick.reporting import write_progress
 
 log = logging.getLogger(__name__)
+
+
+def _steps():
+    # The steps import torch; deciding whether anything needs to run (keys, records) must not wait for it.
+    from pixelpick import steps
+
+    return steps
 
 # Settings keys, grouped by what reads them.
 DATA = ("data.dataset", "data.train_split", "data.image_size", "data.cityscapes_downsample")
@@ -95,7 +100,7 @@ def _query_inputs(c: Campaign, r: int) -> Paths:
 
 
 def _run_query(c: Campaign, r: int, inputs: Paths, outputs: Paths, progress: bool) -> dict[str, Any]:
-    return steps.query(c, r, previous_model=inputs.get("previous_model"),
+    return _steps().query(c, r, previous_model=inputs.get("previous_model"),
                        previous_snapshot=inputs.get("previous_snapshot"), out=outputs["queries"])
 
 
@@ -126,7 +131,7 @@ ANNOTATE = Step(
     lambda c, r: (*DATA, "campaign.error_rate", "campaign.seed"),
     lambda c, r: {"queries": c.files(r).queries, **_pool_masks(c)},
     lambda c, r: {"annotations": c.files(r).annotations},
-    lambda c, r, i, o, progress: steps.annotate(c, r, queries=i["queries"], out=o["annotations"]),
+    lambda c, r, i, o, progress: _steps().annotate(c, r, queries=i["queries"], out=o["annotations"]),
 )
 INGEST = Step(
     "ingest",
@@ -134,7 +139,7 @@ INGEST = Step(
     lambda c, r: {"batch": _batch(c, r), "queries": c.files(r).queries, **_previous(c, r, "snapshot"),
                   **_pool_images(c)},
     lambda c, r: {"snapshot": c.files(r).snapshot},
-    lambda c, r, i, o, progress: steps.ingest(c, r, batch=i["batch"], previous_snapshot=i.get("previous_snapshot"),
+    lambda c, r, i, o, progress: _steps().ingest(c, r, batch=i["batch"], previous_snapshot=i.get("previous_snapshot"),
                                               out=o["snapshot"], queries=i["queries"]),
 )
 def _train_settings(c: Campaign, r: int) -> tuple[str, ...]:
@@ -150,7 +155,7 @@ TRAIN_STEP = Step(
     _train_settings,
     _train_inputs,
     lambda c, r: {"model": c.files(r).model},
-    lambda c, r, i, o, progress: steps.train(c, r, snapshot=i["snapshot"], previous_model=i.get("previous_model"),
+    lambda c, r, i, o, progress: _steps().train(c, r, snapshot=i["snapshot"], previous_model=i.get("previous_model"),
                                              out=o["model"], progress=progress),
 )
 EVALUATE = Step(
@@ -158,7 +163,7 @@ EVALUATE = Step(
     lambda c, r: (*DATA, "data.eval_split", *MODEL),
     _evaluate_inputs,
     lambda c, r: {"metrics": c.files(r).metrics},
-    lambda c, r, i, o, progress: steps.evaluate(c, r, model=i["model"], snapshot=i["snapshot"], out=o["metrics"],
+    lambda c, r, i, o, progress: _steps().evaluate(c, r, model=i["model"], snapshot=i["snapshot"], out=o["metrics"],
                                                 progress=progress),
     metrics=True,
 )
@@ -249,6 +254,8 @@ def begin_step(campaign: Campaign, step: Step, round_id: int, *, force: bool = F
 def record_step(campaign: Campaign, step: Step, round_id: int, key: str, measured: dict[str, Any]) -> StepResult:
     """After a step ran: record its key, the md5 of each output and what it measured (in a distributed training
     run, process 0 alone writes, as it alone writes the outputs)."""
+    from pixelpick.distributed import is_main_process
+
     if not is_main_process():
         return StepResult(step.name, round_id, False, {}, measured.get("seconds", {}), measured.get("details", {}))
     digests = {name: file_md5(path) for name, path in step.outputs(campaign, round_id).items()}
@@ -268,6 +275,52 @@ def run_step(campaign: Campaign, step: Step, round_id: int, *, progress: bool = 
     measured = step.run(campaign, round_id, step.inputs(campaign, round_id), step.outputs(campaign, round_id),
                         progress)
     return record_step(campaign, step, round_id, key, measured)
+
+
+# ------------------------------------------------------------------------------------------ finished rounds
+
+
+def round_keys(campaign: Campaign, round_id: int) -> dict[str, str] | None:
+    """The key of each step of the round when every step is fresh; None when any has work to do."""
+    keys = {}
+    for step in round_steps(campaign):
+        try:
+            key = step_key(campaign, step, round_id)
+        except StepInputError:  # an input is missing: an earlier step or round has not run
+            return None
+        if not is_fresh(campaign, step, round_id, key):
+            return None
+        keys[step.name] = key
+    return keys
+
+
+def mark_finished(campaign: Campaign, round_id: int, **details: Any) -> None:
+    """Record that the round is done, as every step's record says, and kept elsewhere (versioned, registered:
+    `details`). A later run compares the round against this instead of asking DVC or MLflow."""
+    keys = round_keys(campaign, round_id)
+    if keys is not None:
+        write_json({"round": round_id, "keys": keys, **details}, campaign.files(round_id).finished)
+
+
+def finished_round(campaign: Campaign, round_id: int) -> dict[str, Any] | None:
+    """The round's finish record while nothing it was made from has changed since (settings, data, code inputs,
+    outputs); None when the round has work to do."""
+    try:
+        record = json.loads(campaign.files(round_id).finished.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return record if record.get("keys") == round_keys(campaign, round_id) else None
+
+
+def nothing_to_do(campaign: Campaign) -> str:
+    """What a run of a finished, unchanged campaign says instead of running."""
+    return (f"campaign {campaign.name}: rounds 0-{campaign.settings.campaign.rounds} are done and nothing they were "
+            "made from has changed; nothing to do (raise campaign.rounds for more)")
+
+
+def pending_rounds(campaign: Campaign) -> list[int]:
+    """The rounds of a simulated campaign that still have work to do (to run, version or register)."""
+    return [r for r in range(campaign.settings.campaign.rounds + 1) if finished_round(campaign, r) is None]
 
 
 # ----------------------------------------------------------------------------------------------- the plain loop

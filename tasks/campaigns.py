@@ -10,10 +10,10 @@ from typing import Any
 from prefect import task
 from prefect.exceptions import TerminationSignal
 
-from pixelpick.campaign import open_campaign
+from pixelpick.campaign import Campaign, open_campaign
 from pixelpick.errors import CampaignError
 from pixelpick.locking import campaign_lock, holds
-from pixelpick.recipe import round_steps
+from pixelpick.recipe import finished_round, mark_finished, nothing_to_do, pending_rounds, round_steps
 from pixelpick.reporting import write_progress
 from tasks.steps import open_for_task
 from tasks.tracking import campaign_run, end_campaign_run, log_round
@@ -76,11 +76,30 @@ def update_progress(campaign_dir: str) -> str:
     return str(table)
 
 
-@task(retries=2, retry_delay_seconds=5, task_run_name="summary-r{round_id:02d}")  # logging is idempotent
-def round_summary(campaign_dir: str, round_id: int) -> dict[str, Any]:
-    """The round's labelled pixels, mIoU (or why it was not measured) and registered model version."""
+@task(task_run_name="anything-to-do")
+def finished_summaries(campaign_dir: str) -> list[dict[str, Any]] | None:
+    """Every round's summary when the whole campaign is finished and unchanged (read from its records: no
+    MLflow or DVC call, nothing written), saying so; None when some round has work to do."""
     campaign = open_for_task(campaign_dir)
+    if pending_rounds(campaign):
+        return None
+    print(nothing_to_do(campaign))
+    return [summary_of(campaign, r, finished_round(campaign, r)["model_version"])
+            for r in range(campaign.settings.campaign.rounds + 1)]
+
+
+def summary_of(campaign: Campaign, round_id: int, model_version: str | None) -> dict[str, Any]:
     metrics = json.loads(campaign.files(round_id).metrics.read_text())
     summary = {key: metrics.get(key) for key in ("round", "labelled_pixels", "pixels_per_image", "miou",
                                                   "not_measured")}
-    return {**summary, "model_version": log_round(campaign, round_id)}
+    return {**summary, "model_version": model_version}
+
+
+@task(retries=2, retry_delay_seconds=5, task_run_name="summary-r{round_id:02d}")  # logging is idempotent
+def round_summary(campaign_dir: str, round_id: int) -> dict[str, Any]:
+    """The round's labelled pixels, mIoU (or why it was not measured) and registered model version. Once it is
+    registered (and versioned: the flows call this last), the round is marked finished."""
+    campaign = open_for_task(campaign_dir)
+    summary = summary_of(campaign, round_id, log_round(campaign, round_id))
+    mark_finished(campaign, round_id, model_version=summary["model_version"])
+    return summary

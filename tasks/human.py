@@ -17,10 +17,13 @@ def export_job(campaign_dir: str, round_id: int) -> str:
 
 
 @task(cache_policy=NO_CACHE, task_run_name="job-progress-r{round_id:02d}")
-def job_progress(campaign_dir: str, round_id: int) -> dict[str, int]:
-    """Pixels labelled and queried in the round's annotation job."""
-    progress = human.job_progress(open_for_task(campaign_dir), round_id)
-    return {"done": progress.done, "total": progress.total, "closed": progress.closed}
+def job_progress(campaign_dir: str, round_id: int) -> dict:
+    """Pixels labelled and queried in the round's annotation job, and what training says instead of running
+    (`answer`: still being labelled, or trained and unchanged; None when there is work)."""
+    campaign = open_for_task(campaign_dir)
+    progress = human.job_progress(campaign, round_id)
+    return {"done": progress.done, "total": progress.total, "closed": progress.closed,
+            "answer": human.train_answer(campaign, round_id, progress)}
 
 
 @task(cache_policy=NO_CACHE, task_run_name="collect-labels-r{round_id:02d}")

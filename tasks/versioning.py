@@ -25,6 +25,7 @@ from filelock import FileLock
 from prefect import task
 
 from pixelpick.campaign import Campaign
+from pixelpick.errors import PixelPickError
 from pixelpick.io import atomic_write
 from pixelpick.layout import round_name
 from pixelpick.recipe import Step, round_steps
@@ -35,7 +36,7 @@ STEP_COMMAND = "pixelpick step {step} --round {round}"
 PROGRESS_STAGE = "progress"
 
 
-class VersioningError(RuntimeError):
+class VersioningError(PixelPickError):
     """DVC refused an operation; the message is DVC's own."""
 
 
