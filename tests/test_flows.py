@@ -95,6 +95,17 @@ def test_a_campaign_is_versioned_tracked_and_cached_by_content(prefect_server, t
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
     assert "up to date" in run("dvc", "status", cwd=repo)
 
+    # From the command line, a finished campaign answers from its records: no flow, no Prefect server, no write
+    # anywhere (MLflow's database included).
+    def state():
+        files = [*repo.rglob("*"), Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))]
+        return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file() and ".git" not in p.parts}
+
+    before = state()
+    answer = run("pixelpick", "campaign", "--campaign", "flow-lineage", cwd=repo)
+    assert "nothing to do" in answer and "Flow run" not in answer
+    assert state() == before
+
 
 def test_overrides_and_extension_are_versioned_and_nothing_finished_is_redone(prefect_server, tmp_path):
     repo = scratch_repo(tmp_path / "repo")
