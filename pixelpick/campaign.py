@@ -16,6 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pandas as pd
 import yaml
 
 from pixelpick.datasets import get_dataset
@@ -23,8 +24,9 @@ from pixelpick.datasets.base import SegmentationDataset
 from pixelpick.datasets.synthetic import generate_synthetic
 from pixelpick.errors import CampaignError, DatasetError
 from pixelpick.io import atomic_write
-from pixelpick.labels import LabelStore
+from pixelpick.labels import LabelStore, read_labels
 from pixelpick.layout import CampaignLayout, RoundFiles
+from pixelpick.pools import check_unchanged, compare, describe_pool, read_manifest, write_manifest
 from pixelpick.settings import Settings, flatten, load_settings
 
 if TYPE_CHECKING:
@@ -77,6 +79,47 @@ class Campaign:
     @cached_property
     def image_sizes(self) -> dict[str, tuple[int, int]]:
         return {image_id: self.pool.image_size(image_id) for image_id in self.pool.image_ids}
+
+    # ---------------------------------------------------------------- frozen pools
+
+    def freeze_pool(self, round_id: int) -> str | None:
+        """Record the images round `round_id` draws from, unless it has started already (history is never
+        rewritten). Returns, and logs, one line when the pool changed otherwise than by new photos since the
+        previous round, naming the photos and the rounds that labelled them; None otherwise."""
+        path = self.layout.pool(round_id)
+        if path.is_file():
+            return None
+        current = describe_pool(self.pool, with_masks=self.simulated)
+        report = None
+        previous = self.layout.pool(round_id - 1)
+        if round_id > 0 and previous.is_file():
+            change = compare(read_manifest(previous), current)
+            if change.changed or change.removed:
+                labels = read_labels(self.files(round_id - 1).snapshot)
+                labelled = labels.groupby("image_id")["round"].unique().map(list).to_dict()
+                report = change.describe(round_id, labelled)
+                log.warning(report)
+            elif change.added:
+                log.info("round %d's pool: %d new image(s)", round_id, len(change.added))
+        write_manifest(current, path)
+        return report
+
+    def for_round(self, round_id: int) -> Campaign:
+        """The campaign as round `round_id` sees it: its pool is the round's frozen pool, checked unchanged
+        (PoolChangedError names an image that is not). Before the round has started, the pool as it is."""
+        path = self.layout.pool(round_id)
+        if not path.is_file():
+            return self
+        manifest = read_manifest(path)
+        view = Campaign(self.settings)
+        view.__dict__.update({key: self.__dict__[key] for key in ("device", "eval_set") if key in self.__dict__})
+        view.__dict__["pool"] = self.pool.subset(list(manifest["image_id"]))  # the cached property, set
+        check_unchanged(view.pool, manifest, round_id, with_masks=self.simulated)
+        return view
+
+    def pool_manifests(self, up_to: int) -> dict[int, pd.DataFrame]:
+        """The frozen pools of rounds 0..`up_to` that have one."""
+        return {r: read_manifest(self.layout.pool(r)) for r in range(up_to + 1) if self.layout.pool(r).is_file()}
 
     def label_store(self, round_id: int) -> LabelStore:
         """The label table as of `round_id`: its file is that round's snapshot."""

@@ -4,6 +4,7 @@
       params.yaml                    the campaign's settings, recorded when it started (every step reads them)
       dvc.yaml, dvc.lock             its pipeline: one stage per step of each round (generated from the recipe)
       labels/rNN.parquet             human label batches, one per round (DVC-tracked inputs, `rNN.parquet.dvc`)
+      pools/rNN.csv                  the images round NN drew from, as they were when it started (history, in git)
       progress.csv, progress.png     mIoU against labelled pixels, one row per evaluated round
       rounds/rNN/
         queries.parquet              the pixels round NN asked for (image_id, y, x, score, round)
@@ -101,6 +102,10 @@ class CampaignLayout:
     @property
     def progress_plot(self) -> Path:
         return self.dir / "progress.png"
+
+    def pool(self, round_id: int) -> Path:
+        """The round's pool manifest: the images it drew from (id, content md5, size), frozen when it started."""
+        return self.dir / "pools" / f"{round_name(round_id)}.csv"
 
     def batch(self, round_id: int) -> Path:
         """Where a human round's labels land as a batch file."""

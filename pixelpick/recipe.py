@@ -69,22 +69,20 @@ class Step:
     metrics: bool = False
 
 
-def _pool_images(c: Campaign) -> Paths:
-    images, _ = c.pool.source_paths()
-    return {f"pool_images_{i}": path for i, path in enumerate(images)}
+def _pool(c: Campaign, r: int) -> Paths:
+    """The round's frozen pool (which images, as they were: `pixelpick.pools`) and the file the label space is read
+    from, if any. Steps depend on these, never on the folder, which keeps growing."""
+    classes = getattr(c.pool, "classes_file", None)
+    return {"pool": c.layout.pool(r), **({"classes": classes} if classes else {})}
 
 
-def _pool_masks(c: Campaign) -> Paths:
-    _, masks = c.pool.source_paths()
-    return {f"pool_masks_{i}": path for i, path in enumerate(masks)}
+def _pools_so_far(c: Campaign, r: int) -> Paths:
+    # Training compares each label's image as it was labelled with the image now (`pools.stale_labels`).
+    return {f"pool_r{k:02d}": c.layout.pool(k) for k in range(r)}
 
 
 def _previous(c: Campaign, r: int, what: str) -> Paths:
     return {} if r == 0 else {f"previous_{what}": getattr(c.files(r - 1), what)}
-
-
-def _reads_void(c: Campaign) -> bool:
-    return c.simulated and c.settings.acquire.exclude_void
 
 
 def _query_settings(c: Campaign, r: int) -> tuple[str, ...]:
@@ -95,8 +93,7 @@ def _query_settings(c: Campaign, r: int) -> tuple[str, ...]:
 
 
 def _query_inputs(c: Campaign, r: int) -> Paths:
-    return {**_pool_images(c), **(_pool_masks(c) if _reads_void(c) else {}), **_previous(c, r, "model"),
-            **_previous(c, r, "snapshot")}
+    return {**_pool(c, r), **_previous(c, r, "model"), **_previous(c, r, "snapshot")}
 
 
 def _run_query(c: Campaign, r: int, inputs: Paths, outputs: Paths, progress: bool) -> dict[str, Any]:
@@ -112,8 +109,8 @@ def _train_inputs(c: Campaign, r: int) -> Paths:
     t = c.settings.train
     uses_previous = t.warm_start or t.self_training_threshold > 0
     pretrained = c.settings.model.pretrained_path
-    return {"snapshot": c.files(r).snapshot, **_pool_images(c), **(_previous(c, r, "model") if uses_previous else {}),
-            **({"pretrained": pretrained} if pretrained else {})}
+    return {"snapshot": c.files(r).snapshot, **_pool(c, r), **_pools_so_far(c, r),
+            **(_previous(c, r, "model") if uses_previous else {}), **({"pretrained": pretrained} if pretrained else {})}
 
 
 def _evaluate_inputs(c: Campaign, r: int) -> Paths:
@@ -129,7 +126,7 @@ QUERY = Step("query", _query_settings, _query_inputs, lambda c, r: {"queries": c
 ANNOTATE = Step(
     "annotate",
     lambda c, r: (*DATA, "campaign.error_rate", "campaign.seed"),
-    lambda c, r: {"queries": c.files(r).queries, **_pool_masks(c)},
+    lambda c, r: {"queries": c.files(r).queries, **_pool(c, r)},
     lambda c, r: {"annotations": c.files(r).annotations},
     lambda c, r, i, o, progress: _steps().annotate(c, r, queries=i["queries"], out=o["annotations"]),
 )
@@ -137,7 +134,7 @@ INGEST = Step(
     "ingest",
     lambda c, r: DATA,
     lambda c, r: {"batch": _batch(c, r), "queries": c.files(r).queries, **_previous(c, r, "snapshot"),
-                  **_pool_images(c)},
+                  **_pool(c, r)},
     lambda c, r: {"snapshot": c.files(r).snapshot},
     lambda c, r, i, o, progress: _steps().ingest(c, r, batch=i["batch"], previous_snapshot=i.get("previous_snapshot"),
                                               out=o["snapshot"], queries=i["queries"]),
@@ -243,7 +240,10 @@ def is_fresh(campaign: Campaign, step: Step, round_id: int, key: str | None = No
 
 
 def begin_step(campaign: Campaign, step: Step, round_id: int, *, force: bool = False) -> tuple[str, StepResult | None]:
-    """The step's key, and its recorded result if it is fresh (None when it must run)."""
+    """The step's key, and its recorded result if it is fresh (None when it must run). A round starts with its
+    query: that is when its pool is frozen (`Campaign.freeze_pool`)."""
+    if step is QUERY:
+        campaign.freeze_pool(round_id)
     key = step_key(campaign, step, round_id)
     if force or not is_fresh(campaign, step, round_id, key):
         return key, None
@@ -272,8 +272,8 @@ def run_step(campaign: Campaign, step: Step, round_id: int, *, progress: bool = 
     if done is not None:
         return done
     log.info("round %d: %s", round_id, step.name)
-    measured = step.run(campaign, round_id, step.inputs(campaign, round_id), step.outputs(campaign, round_id),
-                        progress)
+    measured = step.run(campaign.for_round(round_id), round_id, step.inputs(campaign, round_id),
+                        step.outputs(campaign, round_id), progress)
     return record_step(campaign, step, round_id, key, measured)
 
 

@@ -6,6 +6,7 @@ and, when the stored mask values are not class ids yet, gives a lookup table (`m
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,18 @@ class SegmentationDataset:
             return self._paths[image_id]
         except KeyError:
             raise UnknownImageError(f"image id {image_id!r} is not in split {self.split!r} of {self.root}") from None
+
+    def mask_path(self, image_id: str) -> Path | None:
+        """The file holding `image_id`'s mask, or None when it has none."""
+        path = self._mask_file(self.image_path(image_id))
+        return path if self.has_masks and path.is_file() else None
+
+    def subset(self, image_ids: list[str]) -> SegmentationDataset:
+        """This split restricted to `image_ids` (a round's frozen pool); UnknownImageError for an id not here."""
+        view = copy.copy(self)
+        view._paths = {image_id: self.image_path(image_id) for image_id in image_ids}
+        view.image_ids = sorted(view._paths)
+        return view
 
     def has_mask(self, image_id: str) -> bool:
         """Whether `image_id` has a ground-truth mask file (a split may have masks for only some images)."""
