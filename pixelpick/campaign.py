@@ -25,6 +25,7 @@ from pixelpick.datasets.base import SegmentationDataset
 from pixelpick.datasets.synthetic import generate_synthetic
 from pixelpick.errors import CampaignError, DatasetError
 from pixelpick.io import atomic_write
+from pixelpick.label_space import check_label_space
 from pixelpick.labels import LabelStore
 from pixelpick.layout import CampaignLayout, RoundFiles
 from pixelpick.models import build_model
@@ -133,6 +134,7 @@ def open_campaign(
     campaign = Campaign(settings)
     check_against_data(campaign)
     write_record(settings, layout)
+    check_label_space(settings, layout)  # records the classes it starts with
     log.info("started campaign %s in %s", settings.campaign.name, layout.dir)
     return Campaign(load_settings(layout.params))
 
@@ -143,6 +145,7 @@ def open_recorded(campaign_dir: str | Path) -> Campaign:
     if not layout.params.is_file():
         raise CampaignError(f"{layout.dir} is not a campaign folder: it has no params.yaml")
     recorded = load_settings(layout.params)
+    check_label_space(recorded, layout)
     prepare_data(recorded)
     return Campaign(recorded)
 
@@ -150,6 +153,7 @@ def open_recorded(campaign_dir: str | Path) -> Campaign:
 def _reopen(settings: Settings, layout: CampaignLayout, given: set[str] | None) -> Campaign:
     """The recorded campaign, checked against the settings given: every key, or only the dotted keys in `given`."""
     recorded = load_settings(layout.params)
+    check_label_space(recorded, layout)  # before anything is written: a changed class refuses the whole run
     prefixes = {"train" if key == "train.preset" else key for key in given or ()}  # a preset sets the section
 
     def was_given(key: str) -> bool:
