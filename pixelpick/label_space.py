@@ -51,7 +51,7 @@ def check_label_space(settings: Any, layout: CampaignLayout) -> None:
     used = [] if recorded is None else [c for c in recorded["classes"]
                                         if any(r >= c["since_round"] for r in used_rounds)]
     if used:
-        _refuse_changes(classes_file, current, recorded["ignore_index"], used, used_rounds)
+        _refuse_changes(_shown(classes_file), current, recorded["ignore_index"], used, used_rounds)
     trained = [r for r in used_rounds if layout.round(r).model.is_file()]
     next_round = max(trained) + 1 if trained else 0
     record = {"ignore_index": current.ignore_index,
@@ -103,6 +103,14 @@ def _refuse_changes(classes_file: Path, current: LabelSpace, ignore_index: int, 
     if current.ignore_index != ignore_index:
         raise LabelSpaceError(f"{classes_file}: ignore_index changed from {ignore_index} to {current.ignore_index}, "
                               f"but {_rounds_text(used_rounds)} stored void labels as {ignore_index}; {advice}")
+
+
+def _shown(path: Path) -> Path:
+    """The path as the user would type it: relative to the working directory when it lies under it."""
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 def _rounds_with_outputs(layout: CampaignLayout) -> list[int]:

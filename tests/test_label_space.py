@@ -140,7 +140,8 @@ CHANGES = {
 }
 
 
-def test_a_changed_class_is_refused_in_one_line_and_nothing_is_written(tmp_path):
+def test_a_changed_class_is_refused_in_one_line_and_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the file is named as the user would type it, from where they run
     campaign = start(tmp_path)
     run_step(campaign, STEPS["query"], 0)
     export_job(campaign, 0)
@@ -155,7 +156,7 @@ def test_a_changed_class_is_refused_in_one_line_and_nothing_is_written(tmp_path)
                 opening()
             message = str(refused.value)
             assert isinstance(refused.value, PixelPickError) and "\n" not in message, change
-            assert message.startswith(f"{classes}: {expected}"), (change, message)
+            assert message.startswith(f"photos/classes.yaml: {expected}"), (change, message)
             assert "classes may only be appended" in message
         assert digests(folder) == before, change
 
@@ -183,3 +184,19 @@ def test_a_nothing_to_do_open_writes_nothing(tmp_path):
     open_recorded(campaign.layout.dir)
     open_campaign(tmp_path / "params.yaml", {"campaign.name": "photos"})
     assert {path: path.stat().st_mtime_ns for path in campaign.layout.dir.rglob("*")} == before
+
+
+def test_a_campaign_started_before_classes_were_recorded_is_checked_against_its_jobs(tmp_path):
+    campaign = start(tmp_path)
+    run_step(campaign, STEPS["query"], 0)
+    export_job(campaign, 0)
+    record_path(campaign.layout).unlink()  # as a campaign started by an older PixelPick
+    (tmp_path / "photos" / "classes.yaml").write_text(CHANGES["renamed"][0])
+    with pytest.raises(LabelSpaceError, match="class 'cell' \\(id 1\\) was renamed to 'cells', but round 0 used"):
+        open_recorded(campaign.layout.dir)
+    assert not record_path(campaign.layout).exists()
+    (tmp_path / "photos" / "classes.yaml").write_text(APPENDED)
+    open_recorded(campaign.layout.dir)
+    recorded = json.loads(record_path(campaign.layout).read_text())["classes"]
+    assert [(c["name"], c["since_round"]) for c in recorded] == [
+        ("background", 0), ("cell", 0), ("nucleus", 0), ("debris", 0)]
