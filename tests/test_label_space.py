@@ -34,7 +34,7 @@ PARAMS = """\
 data: {dataset: folder, root: photos, eval_split: null}
 model: {arch: lraspp_mobilenetv3}
 train: {preset: cpu-synthetic, epochs: 1, batch_size: 4, warm_start: true}
-acquire: {pixels_per_image: 4}
+acquire: {pixels_per_image: 4, class_balance: 0.5}  # weights over the grown label space
 campaign: {name: photos, annotator: human, initial_pixels_per_image: 4, rounds: 3}
 """
 APPENDED = CLASSES_YAML + "  - {name: debris, colour: [0, 255, 0], key: d}\n"
