@@ -24,6 +24,7 @@ from pixelpick.datasets.base import SegmentationDataset
 from pixelpick.datasets.synthetic import generate_synthetic
 from pixelpick.errors import CampaignError, DatasetError
 from pixelpick.io import atomic_write
+from pixelpick.label_space import check_label_space
 from pixelpick.labels import LabelStore, read_labels
 from pixelpick.layout import CampaignLayout, RoundFiles
 from pixelpick.pools import check_unchanged, compare, describe_pool, read_manifest, write_manifest
@@ -185,6 +186,7 @@ def open_campaign(
     campaign = Campaign(settings)
     check_against_data(campaign)
     write_record(settings, layout)
+    check_label_space(settings, layout)  # records the classes it starts with
     log.info("started campaign %s in %s", settings.campaign.name, layout.dir)
     return Campaign(load_record(layout))
 
@@ -195,6 +197,7 @@ def open_recorded(campaign_dir: str | Path) -> Campaign:
     if not layout.params.is_file():
         raise CampaignError(f"{layout.dir} is not a campaign folder: it has no params.yaml")
     recorded = load_record(layout)
+    check_label_space(recorded, layout)
     prepare_data(recorded, campaign_dir=layout.dir)
     return Campaign(recorded)
 
@@ -233,6 +236,7 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 def _reopen(settings: Settings, layout: CampaignLayout, given: set[str] | None) -> Campaign:
     """The recorded campaign, checked against the settings given: every key, or only the dotted keys in `given`."""
     recorded = load_record(layout)
+    check_label_space(recorded, layout)  # before anything is written: a changed class refuses the whole run
     prefixes = {"train" if key == "train.preset" else key for key in given or ()}  # a preset sets the section
 
     def was_given(key: str) -> bool:

@@ -26,7 +26,7 @@ from torch import nn
 from pixelpick.datasets.base import ClassInfo, LabelSpace
 from pixelpick.errors import CheckpointError
 from pixelpick.io import atomic_write
-from pixelpick.models import build_model
+from pixelpick.models import build_model, grow_classifier
 
 
 def save_checkpoint(path: Path, model: nn.Module, **meta: Any) -> Path:
@@ -56,6 +56,17 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     model = build_model(checkpoint["arch"], checkpoint["num_classes"], dropout_p=checkpoint.get("dropout_p", 0.2))
     model.load_state_dict(checkpoint["model"])
     return model.eval()
+
+
+def load_previous(model: nn.Module, checkpoint: dict[str, Any], path: Path) -> nn.Module:
+    """Start `model` from a previous round's checkpoint (read from `path`). When classes were appended since, the
+    model has more outputs: the old classes' weights come from the checkpoint, the new ones' stay fresh."""
+    try:
+        model.load_state_dict(grow_classifier(checkpoint["arch"], checkpoint["model"], model))
+    except (KeyError, ValueError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot start from the model {path}: {first_line}") from None
+    return model
 
 
 def label_space_record(space: LabelSpace) -> dict[str, Any]:

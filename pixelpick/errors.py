@@ -112,6 +112,11 @@ class CampaignError(PixelPickError):
     """A campaign that cannot be opened as asked (other settings than its record, data that cannot hold it)."""
 
 
+class LabelSpaceError(CampaignError):
+    """A classes file that removes, renames or reorders a class a round used, or gives its key to another class;
+    the message names the file, the class and the rounds."""
+
+
 class CheckpointError(PixelPickError):
     """A model file that is missing, unreadable or not a PixelPick checkpoint; the message names the file."""
 

@@ -152,7 +152,8 @@ def infer_to_store(
         with tqdm(total=len(image_ids), desc="infer", disable=not progress, leave=False) as bar:
             for ids, probs in stream:
                 # Mean over MC passes and the store's dtype here: torch converts to float16 far faster than numpy.
-                stored = (probs.mean(dim=1) if probs.dim() == 5 else probs).to(getattr(torch, dtype)).numpy()
+                stored = (probs.mean(dim=1) if probs.dim() == 5 else probs).to(getattr(torch, dtype))
+                stored = pad_classes(stored, dataset.label_space.num_classes).numpy()
                 writer.write_computed_batch(ids, partial(scored, probs, stored))
                 bar.update(len(ids))
     if timings is not None:
@@ -161,6 +162,18 @@ def infer_to_store(
         timings.write_seconds = writer.write_seconds
         timings.images = len(image_ids)
     return store_path
+
+
+def pad_classes(probs: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N, C, H, W) probabilities of a model trained before classes were appended, as (N, num_classes, H, W) with
+    probability 0 for the classes it never saw: the store holds the current label space, while the scores come
+    from what the model can predict (the zeros change no entropy, margin or class-balanced weight)."""
+    missing = num_classes - probs.shape[1]
+    if missing < 0:
+        raise ValueError(f"the model predicts {probs.shape[1]} classes, more than the label space's {num_classes}")
+    if missing == 0:
+        return probs
+    return torch.cat([probs, probs.new_zeros((probs.shape[0], missing, *probs.shape[2:]))], dim=1)
 
 
 def pool_batches(dataset: SegmentationDataset, batch_size: int) -> list[tuple[int, list[str]]]:

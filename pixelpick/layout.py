@@ -2,6 +2,7 @@
 
     <campaign>/                      data/runs/<name>/ by default
       params.yaml                    the campaign's settings, recorded when it started (every step reads them)
+      label_space.json               the classes its rounds have used (folder datasets; see pixelpick.label_space)
       dvc.yaml, dvc.lock             its pipeline: one stage per step of each round (generated from the recipe)
       labels/rNN.parquet             human label batches, one per round (DVC-tracked inputs, `rNN.parquet.dvc`)
       pools/rNN.csv                  the images round NN drew from, as they were when it started (history, in git)

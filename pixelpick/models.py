@@ -135,6 +135,34 @@ ARCHITECTURES: dict[str, Callable[[int, float], nn.Module]] = {
 }
 
 
+# The final convolutions of each architecture: one output channel per class, the only layers that change with the
+# number of classes (LR-ASPP adds two classifiers' logits, so it has two).
+CLASSIFIER_LAYERS: dict[str, tuple[str, ...]] = {
+    "deeplabv3plus_mobilenetv2": ("classifier",),
+    "lraspp_mobilenetv3": ("net.classifier.low_classifier.1", "net.classifier.high_classifier.1"),
+    "deeplabv3_resnet50": ("net.classifier.4.1",),
+}
+
+
+def grow_classifier(arch: str, state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """`state`, the weights of an `arch` model for C classes, fitted to `model`, the same network built for C + n
+    classes (classes appended to the label space): every tensor as in `state`, except that the classifier rows of
+    the n new classes keep `model`'s own fresh initialisation. Class ids are unchanged, so each old class keeps
+    what the previous model learnt of it. Raises ValueError when `state` is not such a model."""
+    target = model.state_dict()
+    grown = dict(state)
+    for layer in CLASSIFIER_LAYERS[arch]:
+        for name in (f"{layer}.weight", f"{layer}.bias"):
+            old, new = state.get(name), target[name]
+            if old is None or old.shape[1:] != new.shape[1:] or old.shape[0] > new.shape[0]:
+                shape = None if old is None else tuple(old.shape)
+                raise ValueError(f"{name}: the previous model's {shape} cannot grow into {tuple(new.shape)}")
+            rows = new.detach().clone()
+            rows[: old.shape[0]] = old
+            grown[name] = rows
+    return grown
+
+
 def build_model(
     arch: str, num_classes: int, *, pretrained_path: Path | None = None, dropout_p: float = 0.2
 ) -> nn.Module:

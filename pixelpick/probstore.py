@@ -65,6 +65,7 @@ class ProbabilityStore:
         self.key: str | None = attrs.get("key")
         self.image_ids: list[str] = list(attrs["image_ids"])
         self.strategy: str = attrs["strategy"]
+        self.num_classes: int | None = attrs.get("num_classes")
         self._rows: dict[str, list] = dict(attrs["rows"])
         self._arrays: dict[str, zarr.Array] = {}
 

@@ -28,7 +28,7 @@ import torch
 from pixelpick.acquisition import balance_scores, class_weights, random_pixels, select_pixels
 from pixelpick.annotator import simulate_annotations
 from pixelpick.campaign import Campaign, round_seed
-from pixelpick.checkpoints import label_space_record, read_checkpoint, save_checkpoint
+from pixelpick.checkpoints import label_space_record, load_previous, read_checkpoint, save_checkpoint
 from pixelpick.digests import file_md5, value_digest
 from pixelpick.distributed import is_main_process, launch, rank_and_size
 from pixelpick.errors import StepInputError
@@ -91,7 +91,9 @@ def plan_query(campaign: Campaign, round_id: int, previous_model: Path | None, p
     reuse = False
     try:
         store = ProbabilityStore(location)
-        reuse = store.key == key and not store.missing_images()
+        # A class appended since the store was made: its probabilities have a channel fewer than the label space.
+        reuse = (store.key == key and not store.missing_images()
+                 and store.num_classes == campaign.pool.label_space.num_classes)
         if not reuse:
             log.info("probability store %s is stale or has missing chunks: recomputing it", location)
     except (FileNotFoundError, RuntimeError):
@@ -287,7 +289,7 @@ def train(campaign: Campaign, round_id: int, *, snapshot: Path | None, previous_
     torch.manual_seed(seed)
     model = campaign.new_model()
     if train_settings.warm_start and previous_model is not None:
-        model.load_state_dict(read_checkpoint(previous_model)["model"])
+        load_previous(model, read_checkpoint(previous_model), previous_model)  # grows it if classes were appended
     labels = read_labels(snapshot) if snapshot is not None else None
     epochs = train_settings.initial_epochs if round_id == 0 and train_settings.initial_epochs else train_settings.epochs
     superpixels = None
