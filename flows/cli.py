@@ -138,11 +138,11 @@ def _opened(args: argparse.Namespace, round_id: int | None = None, *, create: bo
     yet fail in one line before Prefect starts (opening one does not import torch). A campaign is started (its
     settings recorded) only by `create` commands, and only from its round 0."""
     from pixelpick.campaign import open_campaign
-    from pixelpick.recipe import round_steps, step_key
+    from pixelpick.recipe import check_can_start
 
     campaign = open_campaign(args.params, _overrides(args), create=create and round_id in (None, 0))
     if round_id:
-        step_key(campaign, round_steps(campaign)[0], round_id)  # StepInputError: run the previous round first
+        check_can_start(campaign, round_id)
     args.campaign = campaign.name
     return campaign
 

@@ -20,10 +20,10 @@ import pandas as pd
 import yaml
 
 from pixelpick.datasets import get_dataset
-from pixelpick.datasets.base import SegmentationDataset
+from pixelpick.datasets.base import SegmentationDataset, label_space_from_record, label_space_record
 from pixelpick.datasets.synthetic import generate_synthetic
 from pixelpick.errors import CampaignError, DatasetError
-from pixelpick.io import atomic_write
+from pixelpick.io import atomic_write, write_json
 from pixelpick.label_space import check_label_space
 from pixelpick.labels import LabelStore, read_labels
 from pixelpick.layout import CampaignLayout, RoundFiles
@@ -102,6 +102,8 @@ class Campaign:
                 log.warning(report)
             elif change.added:
                 log.info("round %d's pool: %d new image(s)", round_id, len(change.added))
+        if getattr(self.pool, "classes_file", None):  # classes from a file may grow: the round keeps its own
+            write_json(label_space_record(self.pool.label_space), self.layout.pool_classes(round_id))
         write_manifest(current, path)
         return report
 
@@ -115,6 +117,9 @@ class Campaign:
         view = Campaign(self.settings)
         view.__dict__.update({key: self.__dict__[key] for key in ("device", "eval_set") if key in self.__dict__})
         view.__dict__["pool"] = self.pool.subset(list(manifest["image_id"]))  # the cached property, set
+        classes = self.layout.pool_classes(round_id)
+        if classes.is_file():  # classes appended since are not this round's: its model keeps the round's outputs
+            view.pool.label_space = label_space_from_record(json.loads(classes.read_text()))
         check_unchanged(view.pool, manifest, round_id, with_masks=self.simulated)
         return view
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pixelpick.datasets.base import ClassInfo, LabelSpace
+from pixelpick.datasets.base import LabelSpace, label_space_from_record, label_space_record  # noqa: F401
 from pixelpick.errors import CheckpointError
 from pixelpick.io import atomic_write
 from pixelpick.models import build_model, grow_classifier
@@ -68,20 +68,3 @@ def load_previous(model: nn.Module, checkpoint: dict[str, Any], path: Path) -> n
         raise CheckpointError(f"cannot start from the model {path}: {first_line}") from None
     return model
 
-
-def label_space_record(space: LabelSpace) -> dict[str, Any]:
-    return {
-        "classes": [{"name": c.name, "colour": list(c.colour), "key": c.key} for c in space.classes],
-        "ignore_index": space.ignore_index,
-        "mean": list(space.mean),
-        "std": list(space.std),
-    }
-
-
-def label_space_from_record(record: dict[str, Any]) -> LabelSpace:
-    return LabelSpace(
-        classes=tuple(ClassInfo(c["name"], tuple(c["colour"]), c["key"]) for c in record["classes"]),
-        ignore_index=record["ignore_index"],
-        mean=tuple(record["mean"]),
-        std=tuple(record["std"]),
-    )

@@ -38,7 +38,7 @@ class JobProgress:
 def export_job(campaign: Campaign, round_id: int) -> Path:
     """Write the round's annotation job from its queries (the same queries give the same pixels)."""
     files = campaign.files(round_id)
-    return write_job_file(pd.read_parquet(files.queries), campaign.pool,
+    return write_job_file(pd.read_parquet(files.queries), campaign.for_round(round_id).pool,
                           job_id=f"{campaign.name}-{round_name(round_id)}", campaign=campaign.name,
                           round_id=round_id, path=files.job, dataset_name=campaign.settings.data.dataset)
 
@@ -87,6 +87,7 @@ def check_batch(campaign: Campaign, round_id: int, batch: Path | None = None) ->
 
     Run before the batch is versioned, so a batch replaced after its job was collected never reaches DVC."""
     batch = campaign.layout.batch(round_id) if batch is None else batch
+    campaign = campaign.for_round(round_id)  # the round's images and classes
     labels = read_labels(batch)
     check_batch_for_round(labels, round_id=round_id, queried=pd.read_parquet(campaign.files(round_id).queries),
                           source=batch)

@@ -30,11 +30,9 @@ from pixelpick.errors import LabelSpaceError
 from pixelpick.io import write_json
 from pixelpick.layout import CampaignLayout
 
-RECORD_NAME = "label_space.json"
-
 
 def record_path(layout: CampaignLayout) -> Path:
-    return layout.dir / RECORD_NAME
+    return layout.label_space
 
 
 def check_label_space(settings: Any, layout: CampaignLayout) -> None:

@@ -6,6 +6,7 @@
       dvc.yaml, dvc.lock             its pipeline: one stage per step of each round (generated from the recipe)
       labels/rNN.parquet             human label batches, one per round (DVC-tracked inputs, `rNN.parquet.dvc`)
       pools/rNN.csv                  the images round NN drew from, as they were when it started (history, in git)
+      pools/rNN.classes.json         the classes it labelled with (classes may be appended later)
       progress.csv, progress.png     mIoU against labelled pixels, one row per evaluated round
       rounds/rNN/
         queries.parquet              the pixels round NN asked for (image_id, y, x, score, round)
@@ -104,9 +105,18 @@ class CampaignLayout:
     def progress_plot(self) -> Path:
         return self.dir / "progress.png"
 
+    @property
+    def label_space(self) -> Path:
+        """The classes the campaign has used, and since which round (`pixelpick.label_space`)."""
+        return self.dir / "label_space.json"
+
     def pool(self, round_id: int) -> Path:
         """The round's pool manifest: the images it drew from (id, content md5, size), frozen when it started."""
         return self.dir / "pools" / f"{round_name(round_id)}.csv"
+
+    def pool_classes(self, round_id: int) -> Path:
+        """The classes the round labels with, frozen with its pool (campaigns whose classes come from a file)."""
+        return self.dir / "pools" / f"{round_name(round_id)}.classes.json"
 
     def batch(self, round_id: int) -> Path:
         """Where a human round's labels land as a batch file."""

@@ -110,7 +110,10 @@ def check_unchanged(dataset: SegmentationDataset, manifest: pd.DataFrame, round_
 def stale_labels(labels: pd.DataFrame, manifests: dict[int, pd.DataFrame], round_id: int) -> pd.Series:
     """True for each label whose image is no longer, in round `round_id`'s pool, what it was when it was labelled
     (changed or removed since): training must not pair such a label with today's pixels."""
+    if round_id not in manifests:
+        return pd.Series(False, index=labels.index, dtype=bool)
     now = dict(zip(manifests[round_id]["image_id"], manifests[round_id]["md5"]))
     then = {r: dict(zip(m["image_id"], m["md5"])) for r, m in manifests.items()}
-    return pd.Series([then[r].get(i) != now.get(i) for i, r in zip(labels["image_id"], labels["round"])],
+    # A round without a manifest (a campaign started before pools were frozen) cannot be compared: kept.
+    return pd.Series([r in then and then[r].get(i) != now.get(i) for i, r in zip(labels["image_id"], labels["round"])],
                      index=labels.index, dtype=bool)

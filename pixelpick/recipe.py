@@ -72,8 +72,8 @@ class Step:
 def _pool(c: Campaign, r: int) -> Paths:
     """The round's frozen pool (which images, as they were: `pixelpick.pools`) and the file the label space is read
     from, if any. Steps depend on these, never on the folder, which keeps growing."""
-    classes = getattr(c.pool, "classes_file", None)
-    return {"pool": c.layout.pool(r), **({"classes": classes} if classes else {})}
+    frozen_classes = getattr(c.pool, "classes_file", None) and c.layout.pool_classes(r)
+    return {"pool": c.layout.pool(r), **({"classes": frozen_classes} if frozen_classes else {})}
 
 
 def _pools_so_far(c: Campaign, r: int) -> Paths:
@@ -202,6 +202,14 @@ def step_key(campaign: Campaign, step: Step, round_id: int) -> str:
         "settings": settings_values(campaign, step.settings(campaign, round_id)),
         "inputs": {name: tree_md5(path) for name, path in sorted(inputs.items())},
     })
+
+
+def check_can_start(campaign: Campaign, round_id: int) -> None:
+    """StepInputError unless the previous round has made what round `round_id` starts from."""
+    needed = {**_previous(campaign, round_id, "model"), **_previous(campaign, round_id, "snapshot")}
+    for name, path in needed.items():
+        if not path.is_file():
+            raise StepInputError(f"round {round_id} needs {path}, which does not exist" + _hint(QUERY, name))
 
 
 def _hint(step: Step, missing: str) -> str:

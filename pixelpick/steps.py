@@ -35,6 +35,7 @@ from pixelpick.errors import StepInputError
 from pixelpick.inference import InferenceTimings, infer_to_store, pool_batches
 from pixelpick.io import write_json, write_parquet
 from pixelpick.labels import LabelStore, check_batch_for_round, read_labels
+from pixelpick.pools import stale_labels
 from pixelpick.probstore import ProbabilityStore, create_store, mark_complete, remove_store, store_bytes
 from pixelpick.superpixels import SuperpixelCache, SuperpixelParams
 from pixelpick.training import ResumePoint, fit, predict_pseudo_labels
@@ -291,6 +292,10 @@ def train(campaign: Campaign, round_id: int, *, snapshot: Path | None, previous_
     if train_settings.warm_start and previous_model is not None:
         load_previous(model, read_checkpoint(previous_model), previous_model)  # grows it if classes were appended
     labels = read_labels(snapshot) if snapshot is not None else None
+    stale = 0
+    if labels is not None:  # labels of photos changed or removed since they were labelled leave training
+        dropped = stale_labels(labels, campaign.pool_manifests(round_id), round_id)
+        labels, stale = labels[~dropped].reset_index(drop=True), int(dropped.sum())
     epochs = train_settings.initial_epochs if round_id == 0 and train_settings.initial_epochs else train_settings.epochs
     superpixels = None
     if train_settings.superpixels and labels is not None:
@@ -321,7 +326,7 @@ def train(campaign: Campaign, round_id: int, *, snapshot: Path | None, previous_
                     settings=campaign.recorded_settings(),
                     history=result.history)
     return {"seconds": {"training": seconds},
-            "details": {"epochs": epochs, "seconds_per_epoch": result.seconds_per_epoch,
+            "details": {"epochs": epochs, "seconds_per_epoch": result.seconds_per_epoch, "stale_labels_left_out": stale,
                         "resumed_after_epoch": result.resumed_from_epoch, "device": str(campaign.device)}}
 
 

@@ -63,7 +63,7 @@ def plan_shards(campaign_dir: str, round_id: int, shards: int) -> dict[str, Any]
         return None
     inputs = step.inputs(campaign, round_id)
     previous_snapshot = inputs.get("previous_snapshot")
-    plan = plan_query(campaign, round_id, inputs.get("previous_model"), previous_snapshot, shards)
+    plan = plan_query(campaign.for_round(round_id), round_id, inputs.get("previous_model"), previous_snapshot, shards)
     labels = read_labels(previous_snapshot) if previous_snapshot is not None else None
     return {"key": key, "plan": asdict(plan), "settings": campaign.settings.model_dump_json(),
             "labelled": [labelled_pixels(labels, shard) for shard in plan.shards]}
@@ -73,7 +73,7 @@ def plan_shards(campaign_dir: str, round_id: int, shards: int) -> dict[str, Any]
 def run_shard(settings_json: str, plan: dict[str, Any], index: int, labelled: dict) -> dict[str, Any]:
     """One shard's inference, chunk writes and picks, on whichever worker runs it."""
     torch.set_num_threads(get_worker().state.nthreads)  # torch sized its pool before the worker's limits applied
-    campaign = Campaign(Settings.model_validate_json(settings_json))
+    campaign = Campaign(Settings.model_validate_json(settings_json)).for_round(plan["round_id"])
     frame, seconds = query_shard(campaign, _plan(plan), index, labelled)
     return {"queries": frame.to_dict(orient="list"), "seconds": seconds,
             "images": [image_id for _, ids in plan["shards"][index] for image_id in ids]}
@@ -88,7 +88,8 @@ def finish_shards(campaign_dir: str, round_id: int, prepared: dict[str, Any], re
     step = STEPS["query"]
     frames = [pd.DataFrame(result["queries"]).astype({"y": "int32", "x": "int32", "score": "float32",
                                                        "round": "int32"}) for result in results]
-    measured = finish_query(campaign, _plan(prepared["plan"]), frames, [r["seconds"] for r in results],
+    seconds = [result["seconds"] for result in results]
+    measured = finish_query(campaign.for_round(round_id), _plan(prepared["plan"]), frames, seconds,
                             step.outputs(campaign, round_id)["queries"])
     return asdict(record_step(campaign, step, round_id, prepared["key"], measured))
 

@@ -55,5 +55,8 @@ def step_task(campaign_dir: str, step: str, round_id: int) -> dict:
 
 def run_step_task(campaign_dir: str, step: str, round_id: int) -> dict:
     """Submit `step_task`, refreshing Prefect's cache unless the step's outputs are what its record says."""
-    fresh = is_fresh(open_for_task(campaign_dir), STEPS[step], round_id)
+    campaign = open_for_task(campaign_dir)
+    if step == "query":  # the round starts: its pool is frozen before anything is keyed on it
+        campaign.freeze_pool(round_id)
+    fresh = is_fresh(campaign, STEPS[step], round_id)
     return step_task.with_options(refresh_cache=not fresh)(campaign_dir, step, round_id)

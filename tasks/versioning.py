@@ -53,12 +53,13 @@ def find_dvc_root(path: Path) -> Path | None:
 
 
 def pipeline_rounds(campaign: Campaign) -> list[tuple[int, list[Step]]]:
-    """The rounds (and their steps) the pipeline lists: every planned round of a simulated campaign; for a human
-    campaign, the rounds that have started, with the steps after `query` once the round's batch exists."""
+    """The rounds (and their steps) the pipeline lists: the rounds that have started (their pool is frozen: a
+    round's stages depend on it); for a human campaign, the steps after `query` once the round's batch exists."""
+    started = [r for r in campaign.layout.rounds_present() if campaign.layout.pool(r).is_file()]
     if campaign.simulated:
-        return [(r, round_steps(campaign)) for r in range(campaign.settings.campaign.rounds + 1)]
+        return [(r, round_steps(campaign)) for r in started]
     listed = []
-    for r in campaign.layout.rounds_present():
+    for r in started:
         chosen = round_steps(campaign) if campaign.layout.batch(r).is_file() else round_steps(campaign)[:1]
         listed.append((r, chosen))
     return listed
@@ -137,7 +138,8 @@ def stage_records(campaign: Campaign, root: Path) -> None:
     work tree nothing happens."""
     layout = campaign.layout
     records = [layout.params, layout.pipeline, layout.dir / "dvc.lock", layout.dir / ".gitignore",
-               layout.progress_table, layout.progress_plot, *sorted((layout.dir / "labels").glob("*.dvc"))]
+               layout.progress_table, layout.progress_plot, layout.label_space,
+               *sorted((layout.dir / "labels").glob("*.dvc")), *sorted((layout.dir / "pools").glob("*"))]
     present = [os.path.relpath(path, root) for path in records if path.is_file()]
     done = subprocess.run(["git", "add", "--", *present], cwd=root, capture_output=True, text=True)
     if done.returncode != 0 and "not a git repository" not in done.stderr:  # written whatever git says

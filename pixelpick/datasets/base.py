@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -53,6 +54,25 @@ class LabelSpace:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(info.name for info in self.classes)
+
+
+def label_space_record(space: LabelSpace) -> dict[str, Any]:
+    """A label space as plain data: what checkpoints and frozen pools keep."""
+    return {
+        "classes": [{"name": c.name, "colour": list(c.colour), "key": c.key} for c in space.classes],
+        "ignore_index": space.ignore_index,
+        "mean": list(space.mean),
+        "std": list(space.std),
+    }
+
+
+def label_space_from_record(record: dict[str, Any]) -> LabelSpace:
+    return LabelSpace(
+        classes=tuple(ClassInfo(c["name"], tuple(c["colour"]), c["key"]) for c in record["classes"]),
+        ignore_index=record["ignore_index"],
+        mean=tuple(record["mean"]),
+        std=tuple(record["std"]),
+    )
 
 
 class SegmentationDataset:
