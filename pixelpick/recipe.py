@@ -31,6 +31,7 @@ from pixelpick.campaign import Campaign
 from pixelpick.digests import file_md5, tree_md5, value_digest
 from pixelpick.errors import StepInputError
 from pixelpick.io import write_json
+from pixelpick.provenance import code_digest, code_version
 from pixelpick.reporting import write_progress
 
 log = logging.getLogger(__name__)
@@ -190,8 +191,19 @@ def settings_values(campaign: Campaign, keys: tuple[str, ...]) -> dict[str, Any]
     return values
 
 
+def is_history(campaign: Campaign, step: Step, round_id: int) -> bool:
+    """Whether the step's outputs are history, never recomputed: a human round's queries once its job has been
+    exported (people were asked about exactly those pixels). Everything else is derived."""
+    return step is QUERY and not campaign.simulated and campaign.files(round_id).job.is_file()
+
+
 def step_key(campaign: Campaign, step: Step, round_id: int) -> str:
-    """What the step's outputs are a function of: the step, the round, its settings values and input digests."""
+    """What the step's outputs are a function of: the step, the round, its settings values, input digests and the
+    code. History keeps the key it was made under, whatever changed since."""
+    if is_history(campaign, step, round_id):
+        record = read_record(campaign, step, round_id)
+        if record is not None:
+            return record["key"]
     inputs = step.inputs(campaign, round_id)
     missing = [name for name, path in inputs.items() if not path.exists()]
     if missing:
@@ -201,6 +213,7 @@ def step_key(campaign: Campaign, step: Step, round_id: int) -> str:
         "step": step.name, "round": round_id,
         "settings": settings_values(campaign, step.settings(campaign, round_id)),
         "inputs": {name: tree_md5(path) for name, path in sorted(inputs.items())},
+        "code": code_digest(),
     })
 
 
@@ -253,6 +266,10 @@ def begin_step(campaign: Campaign, step: Step, round_id: int, *, force: bool = F
     if step is QUERY:
         campaign.freeze_pool(round_id)
     key = step_key(campaign, step, round_id)
+    if is_history(campaign, step, round_id) and not force and not is_fresh(campaign, step, round_id, key):
+        raise StepInputError(f"round {round_id}'s queries are history (its job was exported) but "
+                             f"{step.outputs(campaign, round_id)['queries']} is missing or changed: restore it "
+                             "(`dvc checkout`), it is never recomputed")
     if force or not is_fresh(campaign, step, round_id, key):
         return key, None
     record = read_record(campaign, step, round_id)
@@ -267,7 +284,7 @@ def record_step(campaign: Campaign, step: Step, round_id: int, key: str, measure
     if not is_main_process():
         return StepResult(step.name, round_id, False, {}, measured.get("seconds", {}), measured.get("details", {}))
     digests = {name: file_md5(path) for name, path in step.outputs(campaign, round_id).items()}
-    record = {"step": step.name, "round": round_id, "key": key, "outputs": digests,
+    record = {"step": step.name, "round": round_id, "key": key, "outputs": digests, "code": code_version(),
               "seconds": measured.get("seconds", {}), "details": measured.get("details", {})}
     write_json(record, campaign.files(round_id).step_record(step.name))
     return StepResult(step.name, round_id, False, digests, record["seconds"], record["details"])

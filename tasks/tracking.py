@@ -13,7 +13,6 @@ MLflow's active run is thread-local and Prefect runs tasks on worker threads, so
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import mlflow
@@ -25,6 +24,8 @@ from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from pixelpick.campaign import Campaign
 from pixelpick.digests import file_md5
+from pixelpick.provenance import code_version
+from pixelpick.recipe import STEPS, read_record
 from pixelpick.reporting import query_statistics
 from pixelpick.settings import flatten
 
@@ -38,11 +39,7 @@ def registered_model_name(campaign_name: str) -> str:
 
 
 def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=REPO)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return code_version()["commit"] or "unknown"
 
 
 def experiment_id_for(client: MlflowClient, name: str) -> str:
@@ -189,6 +186,10 @@ def _register(campaign: Campaign, round_id: int, run_id: str, model_name: str, l
     image = campaign.pool.load_image(campaign.pool.image_ids[0])
     tags = {k.removeprefix("pixelpick."): v for k, v in lineage.items() if k.startswith("pixelpick.")}
     tags["git_commit"] = lineage["mlflow.source.git.commit"]
+    # The code that trained this model (its step record), not the code logging it.
+    trained_by = (read_record(campaign, STEPS["train"], round_id) or {}).get("code") or code_version()
+    tags.update({"code_version": str(trained_by["version"]), "code_digest": str(trained_by["digest"]),
+                 "code_commit": str(trained_by["commit"]), "code_dirty": str(trained_by["dirty"])})
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="segmenter",

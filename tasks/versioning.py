@@ -28,7 +28,8 @@ from pixelpick.campaign import Campaign
 from pixelpick.errors import PixelPickError
 from pixelpick.io import atomic_write
 from pixelpick.layout import round_name
-from pixelpick.recipe import Step, round_steps
+from pixelpick.provenance import PACKAGE
+from pixelpick.recipe import Step, is_history, round_steps
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,12 @@ def pipeline(campaign: Campaign) -> dict:
     evaluated = []  # the metrics of evaluated rounds, which the progress stage reads
     for round_id, steps in pipeline_rounds(campaign):
         for step in steps:
+            history = is_history(campaign, step, round_id)
+            code = [] if history else [relative(PACKAGE)]  # a derived stage depends on the code it runs
             stage = {
                 "cmd": STEP_COMMAND.format(step=step.name, round=round_id),
-                "deps": [relative(p) for _, p in sorted(step.inputs(campaign, round_id).items())],
+                **({"frozen": True} if history else {}),  # never reproduced: what people were asked about
+                "deps": [relative(p) for _, p in sorted(step.inputs(campaign, round_id).items())] + code,
                 "params": list(step.settings(campaign, round_id)),
             }
             outputs = [relative(p) for p in step.outputs(campaign, round_id).values()]
@@ -142,7 +146,8 @@ def stage_records(campaign: Campaign, root: Path) -> None:
                *sorted((layout.dir / "labels").glob("*.dvc")), *sorted((layout.dir / "pools").glob("*"))]
     present = [os.path.relpath(path, root) for path in records if path.is_file()]
     done = subprocess.run(["git", "add", "--", *present], cwd=root, capture_output=True, text=True)
-    if done.returncode != 0 and "not a git repository" not in done.stderr:  # written whatever git says
+    quiet = ("not a git repository", "ignored by one of your .gitignore files")  # no git, or a git-ignored demo
+    if done.returncode != 0 and not any(reason in done.stderr for reason in quiet):  # written whatever git says
         log.warning("could not stage campaign %s's records in git: %s", campaign.name, done.stderr.strip())
 
 
