@@ -73,12 +73,16 @@ def pipeline(campaign: Campaign) -> dict:
     def relative(path: Path) -> str:
         return Path(os.path.relpath(path, here)).as_posix()
 
+    # The code is a dependency where DVC can hash it like the rest of the project (its .dvcignore leaves byte-code
+    # out); code installed elsewhere is still part of every step key (`pixelpick.provenance`).
+    root = find_dvc_root(here)
+    code_inside = root is not None and PACKAGE.is_relative_to(root)
     stages: dict[str, dict] = {}
     evaluated = []  # the metrics of evaluated rounds, which the progress stage reads
     for round_id, steps in pipeline_rounds(campaign):
         for step in steps:
             history = is_history(campaign, step, round_id)
-            code = [] if history else [relative(PACKAGE)]  # a derived stage depends on the code it runs
+            code = [relative(PACKAGE)] if code_inside and not history else []  # the code a derived stage runs
             stage = {
                 "cmd": STEP_COMMAND.format(step=step.name, round=round_id),
                 **({"frozen": True} if history else {}),  # never reproduced: what people were asked about

@@ -1,0 +1,164 @@
+"""A campaign that lives for weeks: photos keep arriving in its folder, some change or disappear, a class is appended.
+What happened (each round's frozen pool, a human round's queries and job) never changes; what is derived from it is
+what `dvc repro` may redo, and a code change makes exactly the derived stages stale."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows.campaign import campaign_flow
+from flows.human import query_flow, train_flow
+from pixelpick.campaign import open_campaign, open_recorded
+from pixelpick.recipe import run_round
+from tests.fixtures import CLASSES_YAML, random_image, save_png
+from tests.test_flows import choice, run, scratch_repo
+from tests.test_human_flows import label_through_the_api
+
+pytestmark = pytest.mark.slow
+
+FOLDER_PARAMS = """
+data: {dataset: folder, root: photos, eval_split: val}
+model: {arch: lraspp_mobilenetv3}
+train: {preset: cpu-synthetic, epochs: 1, batch_size: 4}
+acquire: {pixels_per_image: 5}
+campaign: {name: %s, annotator: %s, initial_pixels_per_image: 5, rounds: 1, seed: 0}
+"""
+SIZE = (40, 56)
+
+
+def add_photos(root: Path, first: int, count: int, *, masks: bool = True, split: str = "") -> list[str]:
+    """Photos (and masks: three vertical bands of classes 0, 1, 2) photo_<first>... under root/[split/]images."""
+    folder = root / split if split else root
+    ids = []
+    for index in range(first, first + count):
+        save_png(folder / "images" / f"photo_{index:02d}.png", random_image(index, SIZE))
+        if masks:
+            save_png(folder / "masks" / f"photo_{index:02d}.png",
+                     np.repeat(np.arange(SIZE[1])[None] * 3 // SIZE[1], SIZE[0], axis=0))
+        ids.append(f"images/photo_{index:02d}.png")
+    return ids
+
+
+def folder_repo(tmp_path: Path, name: str, annotator: str, count: int = 8) -> Path:
+    repo = scratch_repo(tmp_path / "repo", params=FOLDER_PARAMS % (name, annotator))
+    (repo / "photos").mkdir()
+    (repo / "photos" / "classes.yaml").write_text(CLASSES_YAML)
+    add_photos(repo / "photos", 0, count, masks=annotator == "simulated")
+    add_photos(repo / "photos", 50, 4, split="val")
+    return repo
+
+
+def queried_images(campaign, round_id: int) -> set[str]:
+    return set(pd.read_parquet(campaign.files(round_id).queries)["image_id"])
+
+
+def test_photos_added_join_the_next_round_and_earlier_rounds_stay_fresh_and_reproducible(prefect_server, tmp_path):
+    repo = folder_repo(tmp_path, "growing", "simulated")
+    campaign_flow(choice(repo))
+    campaign = open_recorded(repo / "data/runs/growing")
+    model = campaign.files(1).model.read_bytes()
+    assert len(queried_images(campaign, 1)) == 8
+
+    new = add_photos(repo / "photos", 8, 5)
+    assert "up to date" in run("dvc", "status", cwd=repo)  # no stage of rounds 0-1 depends on the folder
+
+    campaign_flow(choice(repo, **{"campaign.rounds": 2}))
+    assert set(new) <= queried_images(campaign, 2)  # round 2 draws from the grown pool
+    assert not set(new) & queried_images(campaign, 1)
+    assert "up to date" in run("dvc", "status", cwd=repo)
+    assert len(pd.read_csv(campaign.layout.pool(2))) == 13 and len(pd.read_csv(campaign.layout.pool(1))) == 8
+
+    # Round 1 reproduced by DVC while the folder has grown: the same model bytes.
+    run("dvc", "repro", "--force", "--single-item", "data/runs/growing/dvc.yaml:train-r01", cwd=repo)
+    assert campaign.files(1).model.read_bytes() == model
+
+    # The records are staged in git, the pools among them.
+    status = run("git", "status", "--porcelain", "data/runs/growing", cwd=repo)
+    assert {f"A  data/runs/growing/pools/r0{r}.csv" for r in range(3)} <= set(status.splitlines())
+
+
+def test_a_human_rounds_queries_and_job_are_history_while_the_folder_and_classes_grow(prefect_server, tmp_path):
+    repo = folder_repo(tmp_path, "people", "human")
+    campaign_choice = choice(repo)
+    rng = np.random.default_rng(0)
+    answer = lambda image_id, y, x: int(rng.integers(3))  # noqa: E731
+
+    job = query_flow(campaign_choice, 0)
+    label_through_the_api(job, answer)
+    assert train_flow(campaign_choice, 0)["status"] == "trained"
+    campaign = open_recorded(repo / "data/runs/people")
+    history = {path: path.read_bytes() for path in (campaign.files(0).job, campaign.files(0).queries)}
+
+    # Photos arrive and a class is appended: round 0 stays as it was, in the files and for DVC.
+    new = add_photos(repo / "photos", 8, 5, masks=False)
+    (repo / "photos" / "classes.yaml").write_text(CLASSES_YAML + '  - {name: membrane, colour: [0, 255, 0], key: m}\n')
+    assert "up to date" in run("dvc", "status", cwd=repo)
+    assert train_flow(campaign_choice, 0)["status"] == "trained"  # nothing to redo
+
+    next_job = query_flow(campaign_choice, 1)
+    assert set(new) <= queried_images(campaign, 1)
+    assert {path: path.read_bytes() for path in history} == history
+    assert [c["key"] for c in json.loads(Path(next_job).read_text())["classes"]][-1] == "m"
+    label_through_the_api(next_job, answer)
+    assert train_flow(campaign_choice, 1)["status"] == "trained"
+    assert {path: path.read_bytes() for path in history} == history
+    assert "up to date" in run("dvc", "status", cwd=repo)
+    lock = (campaign.layout.dir / "dvc.yaml").read_text()
+    assert "frozen: true" in lock  # the exported rounds' queries are never reproduced
+
+
+def test_changed_and_removed_photos_are_reported_once_and_their_labels_leave_training(tmp_path, caplog):
+    repo = folder_repo(tmp_path, "edited", "simulated")
+    campaign = open_campaign(repo / "params.yaml", {"campaign.rounds": 2})
+    for round_id in (0, 1):
+        run_round(campaign, round_id)
+    labels = pd.read_parquet(campaign.files(1).snapshot)
+
+    save_png(repo / "photos/images/photo_03.png", random_image(99, SIZE))  # a photo edited in place
+    (repo / "photos/images/photo_05.png").unlink()  # and one removed
+    (repo / "photos/masks/photo_05.png").unlink()
+    campaign = open_recorded(campaign.layout.dir)  # a later run: the folder as it is now
+    with caplog.at_level("WARNING"):
+        results = run_round(campaign, 2)
+    reports = [r.getMessage() for r in caplog.records if "round 2's pool" in r.getMessage()]
+    assert len(reports) == 1
+    assert "images/photo_03.png (labelled in rounds 0, 1)" in reports[0]
+    assert "images/photo_05.png (labelled in rounds 0, 1)" in reports[0]
+    train = next(r for r in results if r.step == "train")
+    stale = labels["image_id"].isin(["images/photo_03.png", "images/photo_05.png"]).sum()
+    assert train.details["stale_labels_left_out"] == stale > 0
+    assert "images/photo_05.png" not in queried_images(campaign, 2)
+
+
+def test_a_code_change_makes_the_derived_stages_stale_and_records_carry_the_code(tmp_path):
+    """In a project holding the package's code (as this repository does), every derived stage depends on it."""
+    repo = scratch_repo(tmp_path / "repo")
+    project = Path(__file__).resolve().parents[1]
+    for package in ("pixelpick", "tasks", "flows"):
+        shutil.copytree(project / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / ".dvcignore").write_text("__pycache__/\n*.pyc\n")
+    env = {**os.environ, "PYTHONPATH": str(repo),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "campaign", "--plain", "--campaign", "coded",
+                           "--set", "campaign.rounds=0"], cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "pipeline", "--campaign", "coded"], cwd=repo, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "-q"], cwd=repo, env=env, check=True)
+    assert "up to date" in run("dvc", "status", cwd=repo)
+    record = (repo / "data/runs/coded/rounds/r00/steps/train.json").read_text()
+    assert '"digest"' in record and '"dirty"' in record
+
+    with open(repo / "pixelpick" / "steps.py", "a") as code:
+        code.write("\n# a change to the code\n")
+    status = run("dvc", "status", cwd=repo)
+    for stage in ("query-r00", "annotate-r00", "ingest-r00", "train-r00", "evaluate-r00"):
+        assert f"{stage}:" in status
