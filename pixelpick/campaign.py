@@ -9,6 +9,7 @@ Opening an existing campaign with settings that differ from its record is refuse
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # Keys that say how fast or on what to run, not what to compute: they never make a campaign "another recipe".
 RUNTIME_KEYS = ("train.device", "train.num_workers", "train.eval_batch_size", "train.checkpoint_every")
+# Keys a campaign may change after it started: no output depends on them, so no output may record them either.
+CHANGEABLE_KEYS = ("campaign.rounds", "campaign.store_url", "campaign.keep_stores", *RUNTIME_KEYS)
 _PATH_KEYS = ("data.root", "data.classes_file", "data.cache_dir", "model.pretrained_path", "campaign.workdir")
 
 
@@ -90,7 +93,8 @@ class Campaign:
         path = self.layout.pool(round_id)
         if path.is_file():
             return None
-        current = describe_pool(self.pool, with_masks=self.simulated)
+        pool = self._pool_now()
+        current = describe_pool(pool, with_masks=self.simulated)
         report = None
         previous = self.layout.pool(round_id - 1)
         if round_id > 0 and previous.is_file():
@@ -102,8 +106,8 @@ class Campaign:
                 log.warning(report)
             elif change.added:
                 log.info("round %d's pool: %d new image(s)", round_id, len(change.added))
-        if getattr(self.pool, "classes_file", None):  # classes from a file may grow: the round keeps its own
-            write_json(label_space_record(self.pool.label_space), self.layout.pool_classes(round_id))
+        if getattr(pool, "classes_file", None):  # classes from a file may grow: the round keeps its own
+            write_json(label_space_record(pool.label_space), self.layout.pool_classes(round_id))
         write_manifest(current, path)
         return report
 
@@ -116,12 +120,19 @@ class Campaign:
         manifest = read_manifest(path)
         view = Campaign(self.settings)
         view.__dict__.update({key: self.__dict__[key] for key in ("device", "eval_set") if key in self.__dict__})
-        view.__dict__["pool"] = self.pool.subset(list(manifest["image_id"]))  # the cached property, set
+        view.__dict__["pool"] = self._pool_now().subset(list(manifest["image_id"]))  # the cached property, set
         classes = self.layout.pool_classes(round_id)
         if classes.is_file():  # classes appended since are not this round's: its model keeps the round's outputs
             view.pool.label_space = label_space_from_record(json.loads(classes.read_text()))
+            if self.eval_set is not None:
+                view.__dict__["eval_set"] = copy.copy(self.eval_set)
+                view.eval_set.label_space = view.pool.label_space
         check_unchanged(view.pool, manifest, round_id, with_masks=self.simulated)
         return view
+
+    def _pool_now(self) -> SegmentationDataset:
+        # Listed afresh: a long-lived process (a served flow) must see the photos that arrived since it opened this.
+        return get_dataset(self.settings.data, self.settings.data.train_split)
 
     def pool_manifests(self, up_to: int) -> dict[int, pd.DataFrame]:
         """The frozen pools of rounds 0..`up_to` that have one."""
@@ -156,6 +167,15 @@ class Campaign:
     def recorded_settings(self) -> dict[str, Any]:
         """The settings as the campaign's record holds them (paths relative to its folder): what checkpoints carry."""
         return settings_record(self.settings, self.layout.dir)
+
+    def recipe_settings(self) -> dict[str, Any]:
+        """The recorded settings without the keys that may change (`CHANGEABLE_KEYS`): what a model records, so
+        that extending a campaign or moving it to another machine leaves every output's bytes as they were."""
+        record = self.recorded_settings()
+        for dotted in CHANGEABLE_KEYS:
+            section, key = dotted.split(".")
+            record[section].pop(key, None)
+        return record
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -268,7 +288,7 @@ def _reopen(settings: Settings, layout: CampaignLayout, given: set[str] | None) 
 
 def recipe_differences(recorded: Settings, given: Settings) -> dict[str, tuple[str, str]]:
     """{key: (recorded, given)} for every setting that differs, ignoring `campaign.rounds` and runtime keys."""
-    ignored = {"campaign.rounds", "train.preset", "campaign.store_url", "campaign.keep_stores", *RUNTIME_KEYS}
+    ignored = {"train.preset", *CHANGEABLE_KEYS}
     old, new = (flatten(json.loads(s.model_dump_json())) for s in (recorded, given))
     return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
             if key not in ignored and old.get(key) != new.get(key)}

@@ -115,9 +115,10 @@ def _train_inputs(c: Campaign, r: int) -> Paths:
 
 
 def _evaluate_inputs(c: Campaign, r: int) -> Paths:
-    files = {"model": c.files(r).model, "snapshot": c.files(r).snapshot}
+    files = {"model": c.files(r).model, "snapshot": c.files(r).snapshot, **_pool(c, r)}
     if c.eval_set is not None:
         images, masks = c.eval_set.source_paths()
+        images = [path for path in images if path != getattr(c.eval_set, "classes_file", None)]  # the round's, above
         files.update({f"eval_images_{i}": p for i, p in enumerate(images)})
         files.update({f"eval_masks_{i}": p for i, p in enumerate(masks) if p.exists()})
     return files

@@ -323,7 +323,7 @@ def train(campaign: Campaign, round_id: int, *, snapshot: Path | None, previous_
                     dropout_p=settings.model.dropout_p, label_space=label_space_record(space),
                     image_size=list(settings.data.image_size) if settings.data.image_size else None,
                     round=round_id, snapshot_md5=file_md5(snapshot) if snapshot is not None else None,
-                    settings=campaign.recorded_settings(),
+                    settings=campaign.recipe_settings(),
                     history=result.history)
     return {"seconds": {"training": seconds},
             "details": {"epochs": epochs, "seconds_per_epoch": result.seconds_per_epoch, "stale_labels_left_out": stale,
