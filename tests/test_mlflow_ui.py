@@ -1,8 +1,9 @@
 """The MLflow UI, opened as README's "browse it" steps say, shows the campaign's runs and its registered model.
 
 MLflow 3.17's UI picks GenAI or "Model training" from a browser-wide setting (default GenAI, kept in local storage),
-not from the experiment's `mlflow.experimentKind` tag, so a fresh browser lands on an empty GenAI overview unless
-the address carries `workflowType=machine_learning`. The test uses a fresh browser profile for that reason.
+not from the experiment's `mlflow.experimentKind` tag (its bundle reads the tag only behind a feature flag that is
+always on), so a fresh browser lands on an empty GenAI overview until "Model training" is clicked once. The test
+uses a fresh browser profile for that reason.
 """
 
 from __future__ import annotations
@@ -96,7 +97,11 @@ def page(tmp_path):
 
 def test_the_experiment_opens_on_the_campaign_run_and_its_rounds(mlflow_ui, page, tmp_path) -> None:
     url, experiment = mlflow_ui
-    page.goto(f"{url}/#/experiments/{experiment}/runs?workflowType=machine_learning")
+    # README's steps: "Model training" once (the browser remembers it), then the experiment.
+    page.goto(f"{url}/")
+    page.get_by_text("Model training", exact=True).click()
+    page.goto(f"{url}/#/experiments")
+    page.locator(f"a[href='#/experiments/{experiment}']").first.click()
     page.get_by_text("3 matching runs").wait_for(timeout=60_000)
     parent = page.locator("a[href*='/runs/']", has_text=CAMPAIGN)
     parent.wait_for()
