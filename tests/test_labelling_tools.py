@@ -1,9 +1,9 @@
 """Round trips through Label Studio (JSON) and CVAT (for images 1.1 XML): export a job, label it elsewhere, import.
 
 Checks against the tools' own code run them from their own virtual environments, so their pins never meet the
-project's: datumaro (PIXELPICK_DATUMARO_PYTHON, default /work/tools-venvs/datumaro/bin/python, `pip install
-datumaro`) and Label Studio's validator (PIXELPICK_LABEL_STUDIO_PYTHON, default
-/work/tools-venvs/label-studio/bin/python, `pip install label-studio`). Each is skipped when its python is absent.
+project's: datumaro (PIXELPICK_DATUMARO_PYTHON, else `.venv-tools/datumaro`, which `.ci/run` creates) and Label
+Studio's validator (PIXELPICK_LABEL_STUDIO_PYTHON, else `.venv-tools/label-studio`); see tests/tools.py. Each is
+skipped when its python is absent.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -28,6 +27,7 @@ from pixelpick.annotation.jobs import write_job
 from pixelpick.labels import read_labels
 from pixelpick.probstore import ProbabilityWriter
 from tests.test_annotation_jobs import job_document
+from tests.tools import tool_python
 
 # (H, W): widths and heights where rounding the scaled-back percent picks the wrong pixel.
 SIZES = {"a.png": (5, 3), "b.png": (3, 7), "sub/c.png": (4, 480), "d.png": (2, 1000)}
@@ -323,7 +323,7 @@ def test_cvat_import_refuses_an_unknown_label(job_path: Path, tmp_path: Path) ->
     assert not default_progress_path(job_path).exists()
 
 
-DATUMARO_PYTHON = Path(os.environ.get("PIXELPICK_DATUMARO_PYTHON", "/work/tools-venvs/datumaro/bin/python"))
+DATUMARO_PYTHON = tool_python("datumaro")
 needs_datumaro = pytest.mark.skipif(
     not (DATUMARO_PYTHON.exists() and subprocess.run([DATUMARO_PYTHON, "-c", "import datumaro"],
                                                      capture_output=True).returncode == 0),
@@ -400,8 +400,7 @@ def test_we_import_what_datumaro_writes(job_path: Path, tmp_path: Path) -> None:
     assert stored_labels(job_path) == sorted(expected)
 
 
-LABEL_STUDIO_PYTHON = Path(os.environ.get("PIXELPICK_LABEL_STUDIO_PYTHON",
-                                          "/work/tools-venvs/label-studio/bin/python"))
+LABEL_STUDIO_PYTHON = tool_python("label-studio")
 _LABEL_STUDIO_CHECK = """
 import json, sys
 from label_studio_sdk.label_interface import LabelInterface
