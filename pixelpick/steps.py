@@ -91,9 +91,13 @@ def plan_query(campaign: Campaign, round_id: int, previous_model: Path | None, p
     reuse = False
     try:
         store = ProbabilityStore(location)
-        reuse = store.key == key and not store.missing_images()
-        if not reuse:
-            log.info("probability store %s is stale or has missing chunks: recomputing it", location)
+        damaged = store.damaged_images() if store.key == key and store.checksummed() else None
+        reuse = damaged == []
+        if damaged:
+            log.warning("probability store %s: the chunks of %d image(s) are missing or damaged (e.g. %r): "
+                        "recomputing the store", location, len(damaged), damaged[0])
+        elif not reuse:
+            log.info("probability store %s is stale or was written without checksums: recomputing it", location)
     except (FileNotFoundError, RuntimeError):
         pass
     if not reuse:
