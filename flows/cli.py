@@ -17,6 +17,7 @@ status 1; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
@@ -331,13 +332,19 @@ def main(argv: list[str] | None = None) -> None:
             ensure_logging_setup()  # Prefect's console handler sits on the root logger; the API keeps the traceback
             for handler in logging.getLogger().handlers:
                 handler.addFilter(_OneLine())
-        from tasks.servers import stop_orphaned_servers
+        from prefect import tags
+
+        from tasks.servers import owner_tag, stop_orphaned_servers, temporary_server_apart
 
         stop_orphaned_servers()
+        temporary_server_apart()
+        scope = tags(owner_tag())  # the next run can tell this one's flow runs from a killed process's
     else:
         logging.basicConfig(format="%(levelname)s %(name)s - %(message)s")
+        scope = contextlib.nullcontext()
     try:
-        COMMANDS[args.command](args)
+        with scope:
+            COMMANDS[args.command](args)
     except Exception as error:
         if args.debug:
             raise

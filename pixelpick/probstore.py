@@ -32,13 +32,19 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import zarr
 from numcodecs import Zstd
-from zarr.codecs import BytesCodec, ZstdCodec
+from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-_COMPRESSORS = (ZstdCodec(level=1),)
+from pixelpick.errors import PixelPickError
+
+# Every chunk ends with the CRC32C of its bytes, which Zarr checks on every read: a chunk zeroed, truncated or
+# otherwise damaged on disk is refused, never read as probabilities or scores.
+_COMPRESSORS = (ZstdCodec(level=1), Crc32cCodec())
+_SCORE_CODECS = (Crc32cCodec(),)
 # Chunk files named c.<row>.0.0... side by side in the array's folder: no directory to create per image.
 _CHUNK_KEYS = {"name": "default", "separator": "."}
 # iter_scores reads this many rows (at most this many bytes) per Zarr call: few calls, and memory stays flat.
@@ -47,6 +53,10 @@ _READ_ROWS, _READ_BYTES = 16, 32 * 2**20
 
 def _size_key(size: Sequence[int]) -> str:
     return f"{size[0]}x{size[1]}"
+
+
+class DamagedStoreError(PixelPickError):
+    """A chunk of a probability store does not match its checksum (or cannot be decoded)."""
 
 
 class ProbabilityStore:
@@ -79,7 +89,38 @@ class ProbabilityStore:
         if image_id not in self._rows:
             raise KeyError(f"image {image_id!r} is not in the probability store {self.path}")
         size_key, row = self._rows[image_id]
-        return self._array(kind, size_key)[row]
+        try:
+            return self._array(kind, size_key)[row]
+        except ValueError as error:  # the checksum, or a chunk of the wrong size
+            raise self._damaged(kind, image_id, error) from None
+
+    def _damaged(self, kind: str, image_id: str, error: Exception) -> DamagedStoreError:
+        size_key, row = self._rows[image_id]
+        chunk = self._chunk_key(kind, size_key, row)
+        return DamagedStoreError(f"probability store {self.path}: the {kind} chunk {chunk} of image {image_id!r} is "
+                                 f"damaged ({str(error).splitlines()[0]}); re-run the step to recompute the store")
+
+    def _chunk_key(self, kind: str, size_key: str, row: int) -> str:
+        array = self._array(kind, size_key)
+        return f"{kind}/{size_key}/" + array.metadata.encode_chunk_key((row,) + (0,) * (array.ndim - 1))
+
+    def checksummed(self) -> bool:
+        """Whether every chunk carries a checksum (stores written before checksums cannot be trusted by content)."""
+        return all(any(isinstance(codec, Crc32cCodec) for codec in self.group[f"{kind}/{size_key}"].metadata.codecs)
+                   for kind in ("probs", "scores") for size_key in {key for key, _ in self._rows.values()})
+
+    def damaged_images(self) -> list[str]:
+        """Images with a chunk missing or not matching its checksum, checked on the stored bytes (without
+        decoding): what a step must recompute before it trusts the store."""
+        damaged = []
+        for image_id in self.image_ids:
+            size_key, row = self._rows[image_id]
+            for kind in ("probs", "scores"):
+                data = _read_key(self.group.store, self._chunk_key(kind, size_key, row))
+                if data is None or len(data) < 4 or _crc32c(data[:-4]) != data[-4:]:
+                    damaged.append(image_id)
+                    break
+        return damaged
 
     def probs(self, image_id: str) -> np.ndarray:
         return self._read("probs", image_id)
@@ -123,7 +164,10 @@ class ProbabilityStore:
 
     def _read_run(self, image_ids: list[str]) -> Iterator[tuple[str, np.ndarray]]:
         key, row = self._rows[image_ids[0]]
-        block = self._array("scores", key)[row:row + len(image_ids)]
+        try:
+            block = self._array("scores", key)[row:row + len(image_ids)]
+        except ValueError:  # read them one by one to name the damaged one
+            block = [self._read("scores", image_id) for image_id in image_ids]
         yield from zip(image_ids, block)
 
 
@@ -148,7 +192,7 @@ def create_store(
         height, width = map(int, size_key.split("x"))
         for kind, shape, array_dtype, compressors in (
             ("probs", (num_classes, height, width), dtype, _COMPRESSORS),
-            ("scores", (height, width), "float32", None),
+            ("scores", (height, width), "float32", _SCORE_CODECS),
         ):
             zarr.create_array(group.store, name=f"{kind}/{size_key}", shape=(len(ids), *shape), chunks=(1, *shape),
                               dtype=array_dtype, compressors=compressors, fill_value=np.nan,
@@ -310,8 +354,7 @@ def _chunk_writer(array: zarr.Array) -> Callable[[int, np.ndarray], None]:
         and tuple(chunk_shape) == (1, *array.shape[1:])
         and isinstance(codecs[0], BytesCodec)
         and (codecs[0].endian is None or codecs[0].endian.value == "little")
-        and all(isinstance(codec, ZstdCodec) for codec in codecs[1:])
-        and len(codecs) <= 2
+        and [type(codec) for codec in codecs[1:]] in ([], [ZstdCodec], [Crc32cCodec], [ZstdCodec, Crc32cCodec])
     )
     if not direct:
 
@@ -320,7 +363,9 @@ def _chunk_writer(array: zarr.Array) -> Callable[[int, np.ndarray], None]:
 
         return write_through_zarr
     dtype = array.dtype.newbyteorder("<")
-    compressor = Zstd(level=codecs[1].level, checksum=codecs[1].checksum) if len(codecs) == 2 else None
+    zstd = next((codec for codec in codecs[1:] if isinstance(codec, ZstdCodec)), None)
+    compressor = Zstd(level=zstd.level, checksum=zstd.checksum) if zstd is not None else None
+    checksum = isinstance(codecs[-1], Crc32cCodec)
     folder = Path(store.root) / array.store_path.path
     ndim = len(chunk_shape)
     made: set[Path] = set()
@@ -330,6 +375,8 @@ def _chunk_writer(array: zarr.Array) -> Callable[[int, np.ndarray], None]:
         if data.shape != tuple(chunk_shape[1:]):
             raise ValueError(f"expected an image of shape {tuple(chunk_shape[1:])}, got {data.shape}")
         encoded = compressor.encode(data) if compressor is not None else data.tobytes()
+        if checksum:
+            encoded = bytes(encoded) + _crc32c(encoded)
         path = folder / array.metadata.encode_chunk_key((row,) + (0,) * (ndim - 1))
         if path.parent not in made:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -338,6 +385,20 @@ def _chunk_writer(array: zarr.Array) -> Callable[[int, np.ndarray], None]:
             file.write(encoded)
 
     return write_directly
+
+
+def _crc32c(data) -> bytes:
+    """The checksum as Zarr's crc32c codec appends it (a native-order uint32)."""
+    return np.uint32(google_crc32c.value(bytes(data))).tobytes()
+
+
+def _read_key(store, key: str) -> bytes | None:
+    """The bytes stored under `key`, or None when there are none."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    buffer = sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buffer is None else buffer.to_bytes()
 
 
 def _list_keys(store, prefix: str) -> list[str]:

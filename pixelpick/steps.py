@@ -93,10 +93,14 @@ def plan_query(campaign: Campaign, round_id: int, previous_model: Path | None, p
     try:
         store = ProbabilityStore(location)
         # A class appended since the store was made: its probabilities have a channel fewer than the label space.
-        reuse = (store.key == key and not store.missing_images()
-                 and store.num_classes == campaign.pool.label_space.num_classes)
-        if not reuse:
-            log.info("probability store %s is stale or has missing chunks: recomputing it", location)
+        current = store.key == key and store.checksummed() and store.num_classes == campaign.pool.label_space.num_classes
+        damaged = store.damaged_images() if current else None
+        reuse = damaged == []
+        if damaged:
+            log.warning("probability store %s: the chunks of %d image(s) are missing or damaged (e.g. %r): "
+                        "recomputing the store", location, len(damaged), damaged[0])
+        elif not reuse:
+            log.info("probability store %s is stale or was written without checksums: recomputing it", location)
     except (FileNotFoundError, RuntimeError):
         pass
     if not reuse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,16 +16,24 @@ from pixelpick.errors import CampaignError
 from pixelpick.locking import campaign_lock, holds
 from pixelpick.recipe import finished_round, mark_finished, nothing_to_do, pending_rounds, round_steps
 from pixelpick.reporting import write_progress
+from tasks.servers import crash_abandoned_flow_runs
 from tasks.steps import open_for_task
 from tasks.tracking import campaign_run, end_campaign_run, log_round
 from tasks.versioning import write_pipeline
+
+log = logging.getLogger(__name__)
 
 
 @task(task_run_name="open-campaign")
 def start_campaign(params: str, overrides: dict[str, Any], annotator: str = "simulated") -> dict[str, Any]:
     """Open (or start) the campaign: its settings recorded on first use or checked against the record (refused,
     naming the keys, when they differ), its pipeline file written. The flow calling this needs the campaign's
-    labels to come from `annotator`. Returns the campaign's folder, name, rounds and round steps."""
+    labels to come from `annotator`. Returns the campaign's folder, name, rounds and round steps. Flow runs a
+    killed process left running are marked Crashed first."""
+    try:
+        crash_abandoned_flow_runs()
+    except Exception as error:  # someone else's records: never a reason to fail this run
+        log.warning("could not check for flow runs left running by a killed process: %s", error)
     campaign = open_campaign(params, overrides)
     if campaign.settings.campaign.annotator != annotator:
         command = "pixelpick human query/train" if annotator == "simulated" else "pixelpick campaign/round"

@@ -109,9 +109,13 @@ def log_round(campaign: Campaign, round_id: int) -> str:
     experiment_id = client.get_run(parent_id).info.experiment_id
     model_name = registered_model_name(campaign.name)
     model_md5 = file_md5(files.model)
+    # The round's run (and version) is the one whose model is the file there now: a model restored to an earlier
+    # one finds that one's version again, and the aliases move back to it.
     run = _find_run(client, experiment_id, kind="round", campaign=campaign.name, round=str(round_id), model=model_md5)
     if run is not None and run.data.tags.get("pixelpick.model_version"):
-        return run.data.tags["pixelpick.model_version"]
+        version = run.data.tags["pixelpick.model_version"]
+        _move_aliases(client, model_name, version, round_id)
+        return version
 
     metrics = json.loads(files.metrics.read_text())
     previous = _version_of_round(client, model_name, round_id - 1) if round_id > 0 else None
@@ -129,7 +133,7 @@ def log_round(campaign: Campaign, round_id: int) -> str:
                                                                              lineage)
     client.set_tag(run_id, "pixelpick.model_version", version)
     client.set_terminated(run_id)
-    _move_aliases(client, model_name, version, round_id, metrics.get("miou"))
+    _move_aliases(client, model_name, version, round_id)
     return version
 
 
@@ -227,19 +231,26 @@ def _version_of_round(client: MlflowClient, model_name: str, round_id: int) -> s
         return None
 
 
-def _move_aliases(client: MlflowClient, model_name: str, version: str, round_id: int, miou: float | None) -> None:
-    """`round-NN` names each round's version; `best` moves only to a version whose measured mIoU beats the current
-    best's, so a round that was not evaluated never takes it (MLflow reserves `latest`: `models:/<name>/latest`
-    already resolves to the newest version)."""
+def _move_aliases(client: MlflowClient, model_name: str, version: str, round_id: int) -> None:
+    """`round-NN` names the version of the round's model as it is now; `best` is the version with the highest
+    measured mIoU among those (the earliest of equals), so it follows the files: a round whose model is replaced,
+    or restored, takes `best` with it or gives it back, and a round that was not evaluated never takes it (MLflow
+    reserves `latest`: `models:/<name>/latest` already resolves to the newest version)."""
     client.set_registered_model_alias(model_name, f"round-{round_id:02d}", version)
-    if miou is None or not np.isfinite(miou):
+    aliases = client.get_registered_model(model_name).aliases
+    current = {str(v) for name, v in dict(aliases).items() if name.startswith("round-")}
+    measured = []
+    for candidate in current:
+        run_id = client.get_model_version(model_name, candidate).run_id
+        miou = client.get_run(run_id).data.metrics.get("miou") if run_id else None
+        if miou is not None and np.isfinite(miou):
+            measured.append((miou, -int(candidate)))
+    if not measured:
         return
+    best = str(-max(measured)[1])
     try:
-        best = client.get_model_version_by_alias(model_name, "best")
+        if str(client.get_model_version_by_alias(model_name, "best").version) == best:
+            return
     except MlflowException:  # no best yet
-        best = None
-    if best is not None and best.version == version:
-        return
-    best_miou = client.get_run(best.run_id).data.metrics.get("miou", -np.inf) if best is not None else -np.inf
-    if miou > best_miou:
-        client.set_registered_model_alias(model_name, "best", version)
+        pass
+    client.set_registered_model_alias(model_name, "best", best)

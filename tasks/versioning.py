@@ -34,6 +34,12 @@ from pixelpick.recipe import Step, is_history, round_steps
 log = logging.getLogger(__name__)
 
 STEP_COMMAND = "pixelpick step {step} --round {round}"
+# DVC deletes a stage's outputs right before running its command, and the command is what takes the campaign's
+# lock: a `dvc repro` beside a running campaign would delete that campaign's files before being refused. Outputs
+# DVC keeps (`persist`) leave every write to the step, which replaces its outputs atomically and redoes itself
+# when they are not what its record says; so a refused stage changes nothing. (This also keeps DVC's run-cache
+# from restoring outputs behind the lock's back: DVC never restores persistent outputs from it.)
+KEPT = {"persist": True}
 PROGRESS_STAGE = "progress"
 
 
@@ -91,16 +97,16 @@ def pipeline(campaign: Campaign) -> dict:
             }
             outputs = [relative(p) for p in step.outputs(campaign, round_id).values()]
             if step.metrics:
-                stage["metrics"] = [{path: {"cache": False}} for path in outputs]
+                stage["metrics"] = [{path: {"cache": False, **KEPT}} for path in outputs]
                 evaluated.extend(p for p, f in zip(outputs, step.outputs(campaign, round_id).values()) if f.is_file())
             else:
-                stage["outs"] = outputs
+                stage["outs"] = [{path: KEPT} for path in outputs]
             stages[stage_name(step.name, round_id)] = stage
     layout = campaign.layout
     stages[PROGRESS_STAGE] = {
         "cmd": f"pixelpick step {PROGRESS_STAGE}",
         "deps": evaluated,
-        "outs": [{relative(path): {"cache": False}} for path in (layout.progress_table, layout.progress_plot)],
+        "outs": [{relative(path): {"cache": False, **KEPT}} for path in (layout.progress_table, layout.progress_plot)],
     }
     return {"stages": stages, "plots": [relative(layout.progress_plot)]}
 

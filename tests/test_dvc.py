@@ -66,6 +66,10 @@ def test_dvc_repro_runs_a_campaign_and_reproduces_a_round_bit_for_bit(tmp_path):
 
     r01 = campaign / "rounds/r01"
     first = {name: md5(r01 / name) for name in ("queries.parquet", "labels.parquet", "model.pt")}
+    # DVC keeps a stage's outputs (persist) and a step whose outputs match its record is fresh: deleted, they are
+    # made again.
+    for name in first:
+        (r01 / name).unlink()
     run("dvc", "repro", "--quiet", "--force", "--single-item", *(f"{campaign}/dvc.yaml:{step}-r01" for step in (
         "query", "annotate", "ingest", "train")), cwd=repo)
     assert {name: md5(r01 / name) for name in first} == first
@@ -88,3 +92,30 @@ def test_a_step_run_by_hand_in_the_campaign_folder_is_the_stage_dvc_runs(tmp_pat
     assert "ingest-r00" in status  # never committed: DVC says it changed, until `dvc commit` or `dvc repro`
     run("dvc", "repro", "--quiet", f"{campaign}/dvc.yaml:ingest-r00", cwd=repo)
     assert "ingest-r00" not in run("dvc", "status", str(campaign / "dvc.yaml"), cwd=repo)
+
+
+def test_dvc_repro_beside_a_running_campaign_changes_nothing(tmp_path):
+    from pixelpick.locking import campaign_lock
+
+    repo = scratch_repo(tmp_path / "repo")
+    run("pixelpick", "pipeline", cwd=repo)
+    campaign = repo / "data/runs/tiny"
+    run("dvc", "repro", "--quiet", f"{campaign}/dvc.yaml:ingest-r00", cwd=repo)
+    # What a running campaign has just written and not yet committed: DVC sees the stage as changed, and used to
+    # delete the model before the stage's command was refused by the lock.
+    run("pixelpick", "step", "train", "--round", "0", cwd=campaign)
+
+    def files() -> dict[str, bytes]:
+        return {str(p.relative_to(campaign)): p.read_bytes() for p in sorted(campaign.rglob("*"))
+                if p.is_file() and p.name != ".lock"}
+
+    before = files()
+    assert "rounds/r00/model.pt" in before and "dvc.lock" in before
+    with campaign_lock(campaign / ".lock", "tiny"):
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        done = subprocess.run(["dvc", "repro", str(campaign / "dvc.yaml")], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert done.returncode != 0
+    refusals = [line for line in done.stderr.splitlines() if f"already being run by pid {os.getpid()}" in line]
+    assert len(refusals) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert files() == before

@@ -66,3 +66,36 @@ def test_a_store_is_reused_only_while_complete_and_made_by_the_same_model(tiny_s
                     num_classes=campaign.pool.label_space.num_classes, dropout_p=0.2)
     _, seconds = infer(campaign, 1, model_path)
     assert seconds["inference"] > 0
+
+
+def test_a_damaged_chunk_is_recomputed_never_trusted(tiny_settings):
+    import pytest
+
+    from pixelpick.probstore import DamagedStoreError
+
+    campaign = Campaign(tiny_settings)
+    model_path = _round_zero_model(campaign)
+    infer(campaign, 1, model_path)
+    queries = campaign.files(1).queries.read_bytes()
+    chunks = sorted((campaign.files(1).probs / "scores").rglob("c.*")) + sorted(
+        (campaign.files(1).probs / "probs").rglob("c.*"))
+
+    def zeroed(path):
+        path.write_bytes(bytes(path.stat().st_size))  # same size, all zeros
+
+    def truncated(path):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    for damage, chunk in ((zeroed, chunks[0]), (truncated, chunks[1]), (zeroed, chunks[-1]),
+                          (truncated, chunks[-2]), (lambda p: p.unlink(), chunks[2])):
+        damage(chunk)
+        store = ProbabilityStore(campaign.files(1).probs)
+        assert store.damaged_images(), (damage, chunk)
+        if chunk.exists():  # read directly, a damaged chunk is one line naming it, never probabilities
+            with pytest.raises(DamagedStoreError, match=chunk.name) as refused:
+                dict(store.iter_scores()) if "scores" in str(chunk) else [store.probs(i) for i in store.image_ids]
+            assert "\n" not in str(refused.value)
+        # The query step recomputes the store, and picks exactly what it picked before.
+        store, seconds = infer(campaign, 1, model_path)
+        assert seconds["inference"] > 0 and store.damaged_images() == []
+        assert campaign.files(1).queries.read_bytes() == queries

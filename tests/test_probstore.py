@@ -48,7 +48,7 @@ def test_chunks_are_the_files_zarr_itself_would_write(tmp_path):
     """The writer encodes chunks itself; each file must be byte for byte what Zarr writes for that row."""
     import zarr
 
-    from pixelpick.probstore import _CHUNK_KEYS, _COMPRESSORS
+    from pixelpick.probstore import _CHUNK_KEYS, _COMPRESSORS, _SCORE_CODECS
 
     rng = np.random.default_rng(1)
     probs = rng.dirichlet(np.ones(4), size=(3, 6, 5)).transpose(0, 3, 1, 2).astype(np.float32)
@@ -57,7 +57,7 @@ def test_chunks_are_the_files_zarr_itself_would_write(tmp_path):
                            strategy="margin") as writer:
         writer.write_batch([f"{i}.png" for i in range(3)], probs, scores)
     reference = zarr.open_group(tmp_path / "zarr.zarr", mode="w")
-    arrays = (("probs", probs, "float16", _COMPRESSORS), ("scores", scores, "float32", None))
+    arrays = (("probs", probs, "float16", _COMPRESSORS), ("scores", scores, "float32", _SCORE_CODECS))
     for kind, data, dtype, compressors in arrays:
         array = zarr.create_array(reference.store, name=f"{kind}/6x5", shape=data.shape, chunks=(1, *data.shape[1:]),
                                   dtype=dtype, compressors=compressors, fill_value=np.nan,

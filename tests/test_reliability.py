@@ -150,3 +150,69 @@ def test_a_stopped_or_killed_flow_leaves_no_prefect_server_running(tmp_path):
     assert orphans
     subprocess.run(["pixelpick", "pipeline", *LONGER], cwd=repo, env=environment, check=True, capture_output=True)
     wait_for(lambda: not set(orphans) & set(_servers(home)), timeout=20, what="the orphan to stop")
+
+
+def _temporary_server_environment(tmp_path: Path) -> tuple[str, dict]:
+    home = str(tmp_path / "prefect-home")
+    return home, {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, "PREFECT_HOME": home,
+                  "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def _flow_run_states(prefect_home: str) -> list[tuple[str, str]]:
+    """Each flow run's name and state, read from the temporary server's database (no server needs to run)."""
+    import sqlite3
+
+    with sqlite3.connect(Path(prefect_home) / "prefect.db") as database:
+        return sorted(database.execute("SELECT name, state_type FROM flow_run"))
+
+
+def _campaign_run_statuses() -> list[str]:
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient().get_experiment_by_name("tiny")
+    runs = MlflowClient().search_runs([experiment.experiment_id], "tags.`pixelpick.kind` = 'campaign'")
+    return [run.info.status for run in runs]
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "group-sigterm"])
+def test_ctrl_c_or_a_group_signal_stops_a_prefect_campaign_as_a_signal_to_the_process_does(tmp_path, signum):
+    # Ctrl-C and systemd/docker send the signal to the whole process group, the temporary server included.
+    repo = scratch_repo(tmp_path / "repo")
+    home, environment = _temporary_server_environment(tmp_path)
+    process = subprocess.Popen(["pixelpick", "campaign", *LONGER], cwd=repo, text=True, env=environment,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    wait_for(lambda: (repo / "data/runs/tiny/rounds/r00/train.resume.pt").exists() or process.poll() is not None,
+             what="training under Prefect")
+    assert process.poll() is None, process.communicate()
+    stopped_at = time.monotonic()
+    os.killpg(process.pid, signum)
+    code, _, err = finish(process, timeout=300)
+    took = time.monotonic() - stopped_at
+    print(f"Prefect run stopped {took:.1f} s after {signum.name} to its group")
+    stops = [line for line in err.splitlines() if line.startswith("stopped (")]
+    assert code == 130 and took < 15, err
+    assert stops == [f"stopped ({signum.name}): run the same command again to continue where it stopped"], err
+    assert "Traceback" not in err and "ConnectError" not in err, err
+    wait_for(lambda: not _servers(home), timeout=20, what="the temporary server to stop")
+    assert _campaign_run_statuses() == ["KILLED"]
+    states = dict(_flow_run_states(home))
+    assert states["campaign"] in ("CRASHED", "CANCELLED") and "RUNNING" not in states.values(), states
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_flow_runs_left_running_by_a_killed_process_are_marked_crashed_by_the_next_command(tmp_path):
+    repo = scratch_repo(tmp_path / "repo")
+    home, environment = _temporary_server_environment(tmp_path)
+    process = subprocess.Popen(["pixelpick", "campaign", *LONGER], cwd=repo, text=True, env=environment,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: (repo / "data/runs/tiny/rounds/r00/train.resume.pt").exists() or process.poll() is not None,
+             what="training under Prefect")
+    process.kill()
+    process.wait()
+    assert _flow_run_states(home) == [("campaign", "RUNNING"), ("round-00", "RUNNING")]
+
+    done = subprocess.run(["pixelpick", "round", "0", *LONGER], cwd=repo, env=environment, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert _flow_run_states(home) == [("campaign", "CRASHED"), ("round-00", "COMPLETED"), ("round-00", "CRASHED")]

@@ -1,4 +1,5 @@
-"""The registered model's aliases: `round-NN` for every round, `best` only for a measured mIoU that beats the best."""
+"""The registered model's aliases: `round-NN` for every round's model as it is now, `best` for the highest measured
+mIoU among those; both follow a model that is replaced or restored."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def new_round(client: MlflowClient, round_id: int, miou: float | None) -> str:
         client.log_metric(run.info.run_id, "miou", miou, step=round_id)
     version = client.create_model_version(NAME, source=f"runs:/{run.info.run_id}/segmenter",
                                           run_id=run.info.run_id).version
-    _move_aliases(client, NAME, str(version), round_id, miou)
+    _move_aliases(client, NAME, str(version), round_id)
     return str(version)
 
 
@@ -57,5 +58,59 @@ def test_without_any_measured_miou_there_is_no_best(client: MlflowClient) -> Non
 
 def test_rerunning_a_round_keeps_best(client: MlflowClient) -> None:
     version = new_round(client, 0, 0.5)
-    _move_aliases(client, NAME, version, 0, 0.5)  # a crashed round's retry logs the same version again
+    _move_aliases(client, NAME, version, 0)  # a crashed round's retry logs the same version again
     assert alias(client, "best") == version
+
+
+def test_aliases_follow_a_round_model_that_is_replaced_and_restored(tmp_path, monkeypatch) -> None:
+    import json
+    from types import SimpleNamespace
+
+    import tasks.tracking as tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+
+    def register(campaign, round_id, run_id, model_name, lineage):  # the model's version, without a pyfunc
+        version = str(client.create_model_version(model_name, source=f"runs:/{run_id}/segmenter", run_id=run_id,
+                                                  tags={"model": lineage["pixelpick.model"]}).version)
+        return version
+
+    monkeypatch.setattr(tracking, "_register", register)
+    monkeypatch.setattr(tracking, "_log_round_data", lambda client, run_id, campaign, round_id, metrics:
+                        client.log_metric(run_id, "miou", metrics["miou"]))
+    monkeypatch.setattr(tracking, "git_commit", lambda: "abc")
+    client.create_registered_model(tracking.registered_model_name("restored"))
+
+    def files(round_id: int) -> SimpleNamespace:
+        folder = tmp_path / f"r{round_id:02d}"
+        return SimpleNamespace(model=folder / "model.pt", metrics=folder / "metrics.json",
+                               snapshot=folder / "labels.parquet")
+
+    campaign = SimpleNamespace(name="restored", files=files, recorded_settings=dict)
+
+    def write_round(round_id: int, model: bytes, miou: float) -> None:
+        paths = files(round_id)
+        paths.model.parent.mkdir(exist_ok=True)
+        paths.model.write_bytes(model)
+        paths.snapshot.write_bytes(b"labels")
+        paths.metrics.write_text(json.dumps({"miou": miou}))
+
+    write_round(0, b"round 0", 0.30)
+    write_round(1, b"round 1", 0.40)
+    versions = [tracking.log_round(campaign, r) for r in (0, 1)]
+    name = tracking.registered_model_name("restored")
+
+    def alias_of(alias_name: str) -> str:
+        return str(client.get_model_version_by_alias(name, alias_name).version)
+
+    assert (alias_of("round-01"), alias_of("best")) == (versions[1], versions[1])
+
+    original = files(1).model.read_bytes()
+    write_round(1, b"round 1 from damaged data", 0.55)  # a round redone from damaged data: better on paper
+    damaged = tracking.log_round(campaign, 1)
+    assert damaged != versions[1] and (alias_of("round-01"), alias_of("best")) == (damaged, damaged)
+
+    write_round(1, original, 0.40)  # the round's model restored: its version is found by the model's digest
+    assert tracking.log_round(campaign, 1) == versions[1]
+    assert (alias_of("round-01"), alias_of("best"), alias_of("round-00")) == (versions[1], versions[1], versions[0])
