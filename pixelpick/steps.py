@@ -93,7 +93,8 @@ def plan_query(campaign: Campaign, round_id: int, previous_model: Path | None, p
     try:
         store = ProbabilityStore(location)
         # A class appended since the store was made: its probabilities have a channel fewer than the label space.
-        current = store.key == key and store.checksummed() and store.num_classes == campaign.pool.label_space.num_classes
+        classes = campaign.pool.label_space.num_classes
+        current = store.key == key and store.checksummed() and store.num_classes == classes
         damaged = store.damaged_images() if current else None
         reuse = damaged == []
         if damaged:
