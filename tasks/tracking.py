@@ -72,18 +72,27 @@ def _find_run(client: MlflowClient, experiment_id: str, **tags: str):
 
 
 def campaign_run(campaign: Campaign) -> str:
-    """The campaign's parent run, created on first use and marked RUNNING while the campaign runs."""
+    """The campaign's parent run, created on first use and marked RUNNING while the campaign runs (the caller
+    marks it finished: `end_campaign_run`)."""
     client = MlflowClient()
+    run_id = _parent_run(client, campaign)
+    if client.get_run(run_id).info.status != "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
+def _parent_run(client: MlflowClient, campaign: Campaign) -> str:
+    """The campaign's parent run, created (and left FINISHED) on first use; its status is not touched otherwise,
+    so a round logged outside a campaign run (by `dvc repro`) leaves no run RUNNING."""
     experiment_id = experiment_id_for(client, campaign.name)
     run = _find_run(client, experiment_id, kind="campaign", campaign=campaign.name)
     if run is not None:
-        if run.info.status != "RUNNING":
-            client.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id
     run = client.create_run(experiment_id, run_name=campaign.name, tags={
         "pixelpick.kind": "campaign", "pixelpick.campaign": campaign.name, "mlflow.source.git.commit": git_commit()})
     for key, value in flatten(campaign.recorded_settings()).items():
         client.log_param(run.info.run_id, key, value[:6000])
+    client.set_terminated(run.info.run_id, status="FINISHED")
     return run.info.run_id
 
 
@@ -105,7 +114,7 @@ def log_round(campaign: Campaign, round_id: int) -> str:
     A transient failure (a busy SQLite file, a restarting server) is retried by the calling task's Prefect retries."""
     files = campaign.files(round_id)
     client = MlflowClient()
-    parent_id = campaign_run(campaign)
+    parent_id = _parent_run(client, campaign)
     experiment_id = client.get_run(parent_id).info.experiment_id
     model_name = registered_model_name(campaign.name)
     model_md5 = file_md5(files.model)

@@ -164,3 +164,41 @@ def test_a_code_change_makes_the_derived_stages_stale_and_records_carry_the_code
     status = run("dvc", "status", cwd=repo)
     for stage in ("query-r00", "annotate-r00", "ingest-r00", "train-r00", "evaluate-r00"):
         assert f"{stage}:" in status
+
+
+def test_after_edit_repro_checkout_repro_a_campaign_run_retrains_nothing_and_mlflow_follows_the_files(
+        prefect_server, tmp_path):
+    """The step records judge freshness; DVC's lock and MLflow's aliases follow them, whatever ran last."""
+    from mlflow import MlflowClient
+
+    from pixelpick.digests import file_md5
+    from tasks.tracking import registered_model_name
+
+    repo = scratch_repo(tmp_path / "repo")
+    campaign_flow(choice(repo, **{"campaign.name": "judged"}))
+    folder = repo / "data/runs/judged"
+    run("git", "add", "-A", cwd=repo)
+    run("git", "commit", "-qm", "two rounds", cwd=repo)
+    first = {r: (folder / f"rounds/r0{r}/model.pt").read_bytes() for r in (0, 1)}
+
+    record = folder / "params.yaml"
+    record.write_text(record.read_text().replace("epochs: 2", "epochs: 1"))
+    run("dvc", "repro", "data/runs/judged/dvc.yaml", cwd=repo)
+    assert (folder / "rounds/r01/model.pt").read_bytes() != first[1]
+    run("git", "checkout", "--", "data/runs/judged/params.yaml", cwd=repo)
+    run("dvc", "repro", "data/runs/judged/dvc.yaml", cwd=repo)
+    assert {r: (folder / f"rounds/r0{r}/model.pt").read_bytes() for r in (0, 1)} == first
+
+    made = {p: p.stat().st_mtime_ns for p in folder.glob("rounds/*/*") if p.is_file()}
+    results = campaign_flow(choice(repo, **{"campaign.name": "judged"}))
+    assert {p: p.stat().st_mtime_ns for p in made} == made  # nothing retrained, nothing rewritten
+    assert "up to date" in run("dvc", "status", cwd=repo)
+
+    client = MlflowClient()
+    name = registered_model_name("judged")
+    for r in (0, 1):
+        version = client.get_model_version_by_alias(name, f"round-0{r}")
+        assert version.tags["model"] == file_md5(folder / f"rounds/r0{r}/model.pt")
+        assert str(results[r]["model_version"]) == str(version.version)
+    experiment = client.get_experiment_by_name("judged")
+    assert not client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
