@@ -161,6 +161,9 @@ def _log_round_data(client: MlflowClient, run_id: str, campaign: Campaign, round
         for key in ("loss", "lr_head"):
             client.log_metric(run_id, f"train_{key}", epoch[key], step=epoch["epoch"])
     client.log_metric(run_id, "labelled_pixels", metrics["labelled_pixels"], step=round_id)
+    trained = (read_record(campaign, STEPS["train"], round_id) or {}).get("details", {})
+    if "stale_labels_left_out" in trained:  # labels of photos changed or removed since they were labelled
+        client.log_metric(run_id, "stale_labels_left_out", trained["stale_labels_left_out"], step=round_id)
     if metrics.get("miou") is not None:
         client.log_metric(run_id, "miou", metrics["miou"], step=round_id)
         client.log_metric(run_id, "pixel_accuracy", metrics["pixel_accuracy"], step=round_id)
