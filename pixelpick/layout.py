@@ -110,6 +110,13 @@ class CampaignLayout:
         """The classes the campaign has used, and since which round (`pixelpick.label_space`)."""
         return self.dir / "label_space.json"
 
+    def probability_store(self, round_id: int, store_url: str | None = None) -> str:
+        """Where round `round_id`'s probability store lives: its round folder (`probs.zarr`), or under `store_url`
+        (`campaign.store_url`: a shared path or any fsspec URL), in a folder of the campaign and the round."""
+        if store_url is None:
+            return str(self.round(round_id).probs)
+        return f"{store_url.rstrip('/')}/{self.name}/{round_name(round_id)}/probs.zarr"
+
     def pool(self, round_id: int) -> Path:
         """The round's pool manifest: the images it drew from (id, content md5, size), frozen when it started."""
         return self.dir / "pools" / f"{round_name(round_id)}.csv"

@@ -44,7 +44,7 @@ def query_figure(campaign: Campaign, round_id: int, num_images: int = 3) -> byte
     queries = pd.read_parquet(files.queries)
     image_ids = list(dict.fromkeys(queries["image_id"]))[:num_images]
     try:
-        store = ProbabilityStore(files.probs)
+        store = ProbabilityStore(campaign.layout.probability_store(round_id, campaign.settings.campaign.store_url))
     except (FileNotFoundError, RuntimeError):
         store = None  # round 0, the random strategy, or a store removed after selection
     return query_panel(

@@ -173,11 +173,8 @@ def remove_old_stores(campaign: Campaign, round_id: int) -> list[int]:
 
 
 def store_location(campaign: Campaign, round_id: int) -> str:
-    """Where round `round_id`'s probability store lives: its round folder, or under `campaign.store_url`."""
-    base = campaign.settings.campaign.store_url
-    if base is None:
-        return str(campaign.files(round_id).probs)
-    return f"{base.rstrip('/')}/{campaign.name}/{campaign.files(round_id).dir.name}/probs.zarr"
+    """Where round `round_id`'s probability store lives (`CampaignLayout.probability_store`)."""
+    return campaign.layout.probability_store(round_id, campaign.settings.campaign.store_url)
 
 
 def select(campaign: Campaign, round_id: int, image_ids: Iterable[str], labelled: dict[str, np.ndarray],

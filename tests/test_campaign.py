@@ -317,3 +317,16 @@ def test_a_campaign_named_on_the_command_line_is_reopened_from_its_record(tmp_pa
     params.write_text(TINY_PARAMS.replace("epochs: 2", "epochs: 4"))
     with pytest.raises(CampaignError, match="train.epochs: '2' recorded, '4' given"):
         open_campaign(params)
+
+
+def test_the_rounds_picture_shows_the_uncertainty_map_wherever_the_store_lives(tmp_path, monkeypatch):
+    """With `campaign.store_url` the store is not in the round's folder: the picture must find it where it is."""
+    import pixelpick.reporting as reporting
+
+    campaign = new_campaign(tmp_path, {"campaign.store_url": str(tmp_path / "shared-stores")})
+    run_campaign(campaign)
+    assert not campaign.files(1).probs.exists()
+    shown = {}
+    monkeypatch.setattr(reporting, "query_panel", lambda **panel: shown.update(panel) or b"")
+    reporting.query_figure(campaign, 1)
+    assert shown["scores"] and all(score is not None for score in shown["scores"])
