@@ -10,11 +10,10 @@ the job is complete. Labelling takes hours, so no flow run sits paused waiting f
 from prefect import flow
 
 from flows.parameters import CampaignChoice
-from tasks.artifacts import publish_round_artifacts
-from tasks.campaigns import hold_campaign, round_summary, start_campaign, update_progress
+from tasks.campaigns import finish_round, hold_campaign, start_campaign
 from tasks.human import close_job, collect_labels, export_job, job_progress
 from tasks.steps import run_step_task
-from tasks.versioning import version_query, version_round
+from tasks.versioning import version_query
 
 
 @flow(name="pixelpick-human-query", flow_run_name="query-r{round_id:02d}", log_prints=True)
@@ -39,13 +38,11 @@ def train_flow(campaign: CampaignChoice = CampaignChoice(), round_id: int = 0) -
         return {"status": "waiting" if progress["done"] < progress["total"] else "trained", **progress}
     with hold_campaign(opened["dir"]):
         collect_labels(opened["dir"], round_id)
-        for step in opened["steps"][1:]:  # the query step ran in the query flow
-            run_step_task(opened["dir"], step, round_id)
+        for step in opened["steps"]:
+            if step != "query":  # the query step ran in the query flow
+                run_step_task(opened["dir"], step, round_id)
         close_job(opened["dir"], round_id)
-        update_progress(opened["dir"])
-        version_round(opened["dir"], round_id)
-        publish_round_artifacts(opened["dir"], round_id)
-        summary = round_summary(opened["dir"], round_id)
+        summary = finish_round(opened["dir"], round_id)
     shown = summary["not_measured"] or f"mIoU {100 * summary['miou']:.1f}"
     print(f"round {round_id}: {summary['labelled_pixels']} labelled pixels, {shown}, model version "
           f"{summary['model_version']}")

@@ -6,11 +6,9 @@
 from prefect import flow
 
 from flows.parameters import CampaignChoice, ClusterChoice
-from tasks.artifacts import publish_round_artifacts
-from tasks.campaigns import hold_campaign, round_summary, start_campaign, update_progress
+from tasks.campaigns import finish_round, hold_campaign, start_campaign
 from tasks.cluster import dask_task_runner, query_on_cluster
 from tasks.steps import run_step_task
-from tasks.versioning import version_round
 
 
 @flow(name="pixelpick-round", flow_run_name="round-{round_id:02d}", log_prints=True)
@@ -26,10 +24,7 @@ def round_flow(campaign: CampaignChoice = CampaignChoice(), round_id: int = 0,
                 query_on_cluster(opened["dir"], round_id, cluster.shard_count)
             else:
                 run_step_task(opened["dir"], step, round_id)
-        update_progress(opened["dir"])
-        version_round(opened["dir"], round_id)
-        publish_round_artifacts(opened["dir"], round_id)
-        return round_summary(opened["dir"], round_id)
+        return finish_round(opened["dir"], round_id)
 
 
 def on_cluster(cluster: ClusterChoice):

@@ -17,9 +17,10 @@ from pixelpick.locking import campaign_lock, holds
 from pixelpick.recipe import finished_round, mark_finished, nothing_to_do, pending_rounds, round_steps
 from pixelpick.reporting import write_progress
 from tasks.servers import crash_abandoned_flow_runs
+from tasks.artifacts import publish_round_artifacts
 from tasks.steps import open_for_task
 from tasks.tracking import campaign_run, end_campaign_run, log_round
-from tasks.versioning import write_pipeline
+from tasks.versioning import version_round, write_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +113,12 @@ def round_summary(campaign_dir: str, round_id: int) -> dict[str, Any]:
     summary = summary_of(campaign, round_id, log_round(campaign, round_id))
     mark_finished(campaign, round_id, model_version=summary["model_version"])
     return summary
+
+
+def finish_round(campaign_dir: str, round_id: int) -> dict[str, Any]:
+    """The end of every round, whoever ran its steps: the progress table and plot, the round in dvc.lock, its
+    artifacts, then its MLflow version (and the mark that it is finished). Returns the round's summary."""
+    update_progress(campaign_dir)
+    version_round(campaign_dir, round_id)
+    publish_round_artifacts(campaign_dir, round_id)
+    return round_summary(campaign_dir, round_id)
