@@ -16,8 +16,8 @@ from pixelpick.errors import CampaignError
 from pixelpick.locking import campaign_lock, holds
 from pixelpick.recipe import finished_round, mark_finished, nothing_to_do, pending_rounds, round_steps
 from pixelpick.reporting import write_progress
-from tasks.servers import crash_abandoned_flow_runs
 from tasks.artifacts import publish_round_artifacts
+from tasks.servers import crash_abandoned_flow_runs
 from tasks.steps import open_for_task
 from tasks.tracking import campaign_run, end_campaign_run, log_round
 from tasks.versioning import version_round, write_pipeline
