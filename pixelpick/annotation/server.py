@@ -72,6 +72,8 @@ class LabelBody(_Body):
     seconds: StrictFloat | StrictInt
     submission_id: StrictStr = Field(min_length=1, max_length=64)
     accepted: StrictBool = False  # the model's suggestion was taken with the accept key
+    # Clients echo the claimed pixel, suggestion included; what was suggested is the server's to say, so it is ignored.
+    suggested: StrictInt | None = None
 
 
 class AnnotatorBody(_Body):
@@ -157,7 +159,8 @@ def create_app(
         return counts
 
     def submission(body: LabelBody) -> Submission:
-        return Submission(**body.model_dump(), suggested=suggested.get((body.image_id, body.y, body.x)))
+        return Submission(**body.model_dump(exclude={"suggested"}),
+                          suggested=suggested.get((body.image_id, body.y, body.x)))
 
     def pixel_json(pixel: PixelRef) -> dict[str, object]:
         return {**pixel._asdict(), "suggested": suggested.get(tuple(pixel))}
