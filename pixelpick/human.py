@@ -4,7 +4,8 @@
     job_progress    how many of the job's pixels are labelled
     collect_labels  the finished job's labels, validated against the job and against the label snapshot they
                     will join, written as the round's batch file (labels/rNN.parquet); nothing is written when
-                    any label is invalid
+                    any label is invalid. Beside the round's metrics goes labelling.json: seconds per label and
+                    how many of the model's suggestions were accepted (logged as MLflow metrics)
     close_job       after the batch is ingested: the job takes no further edits, and the annotator says so
 
 The batch file is what the pipeline versions and ingests, so a human round is reproduced from it and never from
@@ -22,7 +23,7 @@ from pixelpick.annotation.jobs import export_job as write_job_file
 from pixelpick.annotation.jobs import load_job
 from pixelpick.annotation.progress import ProgressStore, default_progress_path, ingest_job_labels
 from pixelpick.campaign import Campaign
-from pixelpick.io import write_parquet
+from pixelpick.io import write_json, write_parquet
 from pixelpick.labels import LabelStore, check_batch_for_round, read_labels
 from pixelpick.layout import round_name
 from pixelpick.recipe import finished_round
@@ -75,6 +76,9 @@ def collect_labels(campaign: Campaign, round_id: int) -> Path:
         ingest_job_labels(job_path, default_progress_path(job_path), staging)
         check_batch(campaign, round_id, staging)
         staging.replace(batch)
+        # The batch has no column for it (the label schema is shared with every source), so the round says it.
+        stats = ProgressStore(default_progress_path(job_path), load_job(job_path)).suggestion_stats()
+        write_json(stats, campaign.files(round_id).labelling)
     finally:
         staging.unlink(missing_ok=True)
     return batch

@@ -54,6 +54,11 @@ class RoundFiles:
         return self.dir / "metrics.json"
 
     @property
+    def labelling(self) -> Path:
+        """How people labelled a human round: labels, seconds per label, suggestions accepted (`collect_labels`)."""
+        return self.dir / "labelling.json"
+
+    @property
     def probs(self) -> Path:
         return self.dir / "probs.zarr"
 

@@ -127,8 +127,12 @@ def _evaluate_inputs(c: Campaign, r: int) -> Paths:
 QUERY = Step("query", _query_settings, _query_inputs, lambda c, r: {"queries": c.files(r).queries}, _run_query)
 ANNOTATE = Step(
     "annotate",
-    lambda c, r: (*DATA, "campaign.error_rate", "campaign.seed"),
-    lambda c, r: {"queries": c.files(r).queries, **_pool(c, r)},
+    # suggestion_trust is named only when set, so the recipes of campaigns without suggestions stay as they were.
+    lambda c, r: (*DATA, "campaign.error_rate", "campaign.seed",
+                  *(("campaign.suggestion_trust",) if r > 0 and c.settings.campaign.suggestion_trust else ())),
+    # Suggestions come from the previous model's probabilities: a person who trusts them answers after that model.
+    lambda c, r: {"queries": c.files(r).queries, **_pool(c, r),
+                  **(_previous(c, r, "model") if c.settings.campaign.suggestion_trust else {})},
     lambda c, r: {"annotations": c.files(r).annotations},
     lambda c, r, i, o, progress: _steps().annotate(c, r, queries=i["queries"], out=o["annotations"]),
 )

@@ -181,6 +181,9 @@ class CampaignSettings(_Section):
     initial_pixels_per_image: StrictInt = Field(10, ge=1)
     rounds: StrictInt = Field(3, ge=0)  # query rounds after the initial random one
     error_rate: Float = Field(0.0, ge=0.0, le=1.0)  # simulated annotator noise
+    # > 0: after round 0 the simulated annotator is shown the previous model's class and takes it unchecked with
+    # this probability, right or wrong (pixelpick/annotator.py); 0 shows no suggestions.
+    suggestion_trust: Float = Field(0.0, ge=0.0, le=1.0)
     seed: StrictInt = 0
 
     @property

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from pixelpick.acquisition import balance_scores, class_weights, random_pixels, select_pixels
+from pixelpick.annotation.exchange import predicted_classes
 from pixelpick.annotator import simulate_annotations
 from pixelpick.campaign import Campaign, round_seed
 from pixelpick.checkpoints import label_space_record, load_previous, read_checkpoint, save_checkpoint
@@ -236,14 +237,27 @@ def annotate(campaign: Campaign, round_id: int, *, queries: Path, out: Path) -> 
     started = time.perf_counter()
     asked = pd.read_parquet(queries)
     space = campaign.pool.label_space
+    trust = campaign.settings.campaign.suggestion_trust
     annotations = simulate_annotations(
         asked[["image_id", "y", "x"]], campaign.pool.load_mask, num_classes=space.num_classes,
         ignore_index=space.ignore_index, round_id=round_id, error_rate=campaign.settings.campaign.error_rate,
-        generator=np.random.default_rng(round_seed(campaign.settings.campaign.seed, round_id)))
+        generator=np.random.default_rng(round_seed(campaign.settings.campaign.seed, round_id)),
+        suggestions=_suggested_classes(campaign, round_id, asked) if trust and round_id > 0 else None,
+        suggestion_trust=trust)
     if round_id == 0:
         annotations["source"] = "initial-random"
     write_parquet(annotations, out)
     return {"seconds": {"labelling": time.perf_counter() - started}}
+
+
+def _suggested_classes(campaign: Campaign, round_id: int, queries: pd.DataFrame) -> np.ndarray:
+    """The previous model's class at each query (from the round's probability store), -1 where it has none: what
+    the annotator page would suggest."""
+    pixels = {image_id: list(zip(rows["y"].astype(int), rows["x"].astype(int), strict=True))
+              for image_id, rows in queries.groupby("image_id", sort=False)}
+    predicted = predicted_classes(store_location(campaign, round_id), pixels)
+    keys = zip(queries["image_id"], queries["y"].astype(int), queries["x"].astype(int), strict=True)
+    return np.array([predicted.get(key, (-1, 0.0))[0] for key in keys], dtype=np.int64)
 
 
 # -------------------------------------------------------------------------------------------------------- ingest

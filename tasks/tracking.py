@@ -178,6 +178,12 @@ def _log_round_data(client: MlflowClient, run_id: str, campaign: Campaign, round
         elif not np.isnan(value):
             client.log_metric(run_id, f"query_{key}", value, step=round_id)
     client.log_artifact(run_id, str(campaign.files(round_id).metrics))
+    labelling = campaign.files(round_id).labelling  # a human round's: seconds per label, suggestions accepted
+    if labelling.is_file():
+        for key, value in json.loads(labelling.read_text()).items():
+            if isinstance(value, int | float):
+                client.log_metric(run_id, f"labelling_{key}", value, step=round_id)
+        client.log_artifact(run_id, str(labelling))
 
 
 def model_signature(num_classes: int) -> ModelSignature:

@@ -289,3 +289,79 @@ def test_cli_exports_labels_and_refuses_a_weak_token_for_a_public_host(setup, tm
     batches = sorted((tmp_path / "batches").iterdir())
     assert [path.name for path in batches] == ["demo-r01-1of2.json", "demo-r01-2of2.json"]
     assert sum(load_job(path).num_pixels for path in batches) == 5
+
+
+# --- suggestions and fair leases -------------------------------------------------------------------------------
+
+
+def test_pixels_carry_the_suggestion_and_an_accepted_label_must_match_it(setup):
+    suggestions = {("images/a.png", 0, 0): 1, ("images/a.png", 1, 2): 0}
+    client, store = make_client(setup, suggestions=suggestions)
+    pixels = client.post("/api/claims", json={"annotator": "ana", "count": 3}).json()["pixels"]
+    assert [pixel["suggested"] for pixel in pixels] == [1, 0, None]
+    assert client.get("/api/job").json()["suggestions"] is True
+
+    wrong = client.post("/api/labels", json=label(y=0, x=0, class_id=0, accepted=True))
+    assert wrong.status_code == 422 and "the suggestion is class 1, not 0" in wrong.json()["detail"]
+    none = client.post("/api/labels", json=label(y=3, x=5, class_id=0, accepted=True))
+    assert none.status_code == 422 and "none was made" in none.json()["detail"]
+    assert store.done_count() == 0
+
+    assert client.post("/api/labels", json=label(y=0, x=0, class_id=1, accepted=True)).status_code == 201
+    assert client.post("/api/labels", json=label(y=1, x=2, class_id=1)).status_code == 201  # overridden
+    assert client.post("/api/labels", json=label(y=3, x=5, class_id=1)).status_code == 201  # nothing suggested
+    stats = store.suggestion_stats()
+    assert stats == {"labels": 3, "seconds_per_label": pytest.approx(0.8), "suggested": 2, "accepted": 1,
+                     "acceptance_rate": 0.5, "agreement_rate": 0.5}
+
+
+def test_an_older_progress_database_gains_the_suggestion_columns(setup):
+    import sqlite3
+
+    client, store = make_client(setup)
+    assert client.post("/api/labels", json=label()).status_code == 201
+    with sqlite3.connect(setup["db"]) as db:  # as a database made before suggestions existed
+        db.execute("ALTER TABLE labels DROP COLUMN suggested")
+        db.execute("ALTER TABLE labels DROP COLUMN accepted")
+    client, store = make_client(setup, suggestions={("images/a.png", 1, 2): 0})
+    assert client.post("/api/labels", json=label(y=1, x=2, class_id=0, accepted=True)).status_code == 201
+    assert store.suggestion_stats()["suggested"] == 1 and store.suggestion_stats()["labels"] == 2
+    assert len(store.completed_labels()) == 2
+
+
+def test_a_closing_page_gives_its_pixels_back_by_beacon(setup):
+    token = "Zq8Tn3Vw0Lr5Xb2Kj7Hd4Fs9Gm1Pc6Ya"
+    client, store = make_client(setup, token=token)
+    client.cookies.clear()
+    headers = {"x-pixelpick-token": token}
+    held = client.post("/api/claims", json={"annotator": "ana", "count": 3}, headers=headers).json()["pixels"]
+    beacon = '{"annotator": "ana"}'  # what navigator.sendBeacon sends: text/plain, no headers of ours
+    plain = {"content-type": "text/plain;charset=UTF-8"}
+    assert client.post("/api/release", content=beacon, headers=plain).status_code == 401
+    assert client.post("/api/release?token=bad", content=beacon, headers=plain).status_code == 401
+    released = client.post(f"/api/release?token={token}", content=beacon, headers=plain)
+    assert released.status_code == 200 and released.json() == {"released": 3}
+    malformed = client.post(f"/api/release?token={token}", content='{"who": 1}', headers=plain)
+    assert malformed.status_code == 422 and malformed.json()["detail"].startswith("malformed request")
+    taken = client.post("/api/claims", json={"annotator": "ben", "count": 3}, headers=headers).json()["pixels"]
+    assert taken == held
+
+
+def test_pixels_of_a_page_not_heard_from_for_60_s_go_to_the_others_who_are_told_when(setup):
+    now = [1000.0]
+    job = load_job(setup["job_path"])
+    store = ProgressStore(setup["db"], job, clock=lambda: now[0])
+    client = TestClient(create_app(job, store, setup["root"]), base_url="http://localhost")
+    ana = claim(client, "ana", 3)
+    ben = claim(client, "ben", 2)
+    waiting = client.post("/api/claims", json={"annotator": "cleo", "count": 3}).json()
+    assert waiting["pixels"] == [] and waiting["next_release_s"] == 60.0
+
+    now[0] += 30
+    beat = client.post("/api/heartbeat", json={"annotator": "ana"})  # ana's page is open; ben's was closed
+    assert beat.status_code == 200 and beat.json()["done"] == 0 and beat.json()["next_release_s"] == 30.0
+    now[0] += 31  # 61 s after ben was last heard from
+    assert claim(client, "cleo", 3) == ben
+    assert client.post("/api/claims", json={"annotator": "cleo", "count": 5}).json()["next_release_s"] == 29.0
+    now[0] += 30
+    assert set(claim(client, "cleo", 5)) == set(ben + ana)

@@ -114,3 +114,37 @@ def test_ground_truth_outside_the_label_space_is_an_error():
 def test_error_rate_must_be_a_probability():
     with pytest.raises(AnnotationError, match="error_rate"):
         annotate(every_pixel("a.png"), error_rate=1.5)
+
+
+def test_suggestions_without_trust_change_nothing():
+    queries = every_pixel("a.png", "b.png")
+    wrong = (truth_of(annotate(queries)) + 1) % NUM_CLASSES
+    plain = annotate(queries, error_rate=0.1, seed=4)
+    shown = simulate_annotations(
+        queries, MASKS.__getitem__, num_classes=NUM_CLASSES, ignore_index=VOID, round_id=1, error_rate=0.1,
+        generator=np.random.default_rng(4), suggestions=wrong, suggestion_trust=0.0)
+    pd.testing.assert_frame_equal(plain, shown)
+
+
+def test_a_trusting_annotator_takes_wrong_suggestions_at_the_trust_rate():
+    queries = pd.concat([every_pixel("b.png")] * 25, ignore_index=True)  # 5,000 queries
+    truth = truth_of(annotate(queries))
+    suggested = np.where(np.arange(len(queries)) % 2 == 0, (truth + 1) % NUM_CLASSES, truth)  # every other wrong
+    suggested[::10] = -1  # and some pixels without a suggestion
+    labels = simulate_annotations(
+        queries, MASKS.__getitem__, num_classes=NUM_CLASSES, ignore_index=VOID, round_id=1,
+        generator=np.random.default_rng(5), suggestions=suggested, suggestion_trust=0.3)
+    answer = labels["class_id"].to_numpy()
+    wrongly_suggested = (suggested != truth) & (suggested >= 0)
+    assert (answer[wrongly_suggested] == suggested[wrongly_suggested]).mean() == pytest.approx(0.3, abs=0.03)
+    assert (answer[~wrongly_suggested] == truth[~wrongly_suggested]).all()  # no error of their own here
+
+
+def test_suggestion_trust_must_be_a_probability_and_suggestions_one_per_query():
+    queries = every_pixel("a.png")
+    with pytest.raises(AnnotationError, match="suggestion_trust"):
+        simulate_annotations(queries, MASKS.__getitem__, num_classes=NUM_CLASSES, ignore_index=VOID, round_id=1,
+                             generator=np.random.default_rng(0), suggestion_trust=1.5)
+    with pytest.raises(AnnotationError, match="one per query"):
+        simulate_annotations(queries, MASKS.__getitem__, num_classes=NUM_CLASSES, ignore_index=VOID, round_id=1,
+                             generator=np.random.default_rng(0), suggestions=np.zeros(2), suggestion_trust=0.5)

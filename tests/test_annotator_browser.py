@@ -69,11 +69,11 @@ def store(tmp_path) -> ProgressStore:
 
 
 @contextmanager
-def running(store: ProgressStore) -> Iterator[str]:
-    """Serve the annotator for `store` with uvicorn on a free localhost port, in a background thread."""
+def running(store: ProgressStore, **options) -> Iterator[str]:
+    """Serve the annotator for `store` (create_app `options`) with uvicorn on a free localhost port, in a thread."""
     import uvicorn
 
-    app = create_app(store.job, store, Path(store.job.dataset.root))
+    app = create_app(store.job, store, Path(store.job.dataset.root), **options)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))  # port 0: any free one
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -87,9 +87,13 @@ def running(store: ProgressStore) -> Iterator[str]:
         thread.join(timeout=5)
 
 
+SUGGESTED = {PIXELS[0]: SKY, PIXELS[1]: SKY}  # right for the first pixel, wrong for the second (road)
+
+
 @pytest.fixture
-def url(store) -> Iterator[str]:
-    with running(store) as base_url:
+def url(store, request) -> Iterator[str]:
+    options = getattr(request, "param", {})
+    with running(store, **options) as base_url:
         yield base_url
 
 
@@ -298,3 +302,107 @@ def test_a_closed_job_refuses_labels_and_says_why(open_page, store):
     page.keyboard.press(KEYS[SKY])
     assert set(stored(store)) == {PIXELS[0]}
     assert page.errors == []
+
+
+def held_by(store: ProgressStore, annotator: str) -> set[tuple[str, int, int]]:
+    import sqlite3
+
+    with sqlite3.connect(store.path) as db:
+        rows = db.execute("""SELECT p.image_id, p.y, p.x FROM pixels p LEFT JOIN labels l ON l.pixel_id = p.id
+                             WHERE l.pixel_id IS NULL AND p.claimed_by = ? AND p.lease_until >= ?""",
+                          (annotator, time.time())).fetchall()
+    return set(rows)
+
+
+def accepted_flags(store: ProgressStore) -> dict[tuple[str, int, int], tuple[int, int | None, int | None]]:
+    import sqlite3
+
+    with sqlite3.connect(store.path) as db:
+        rows = db.execute("""SELECT p.image_id, p.y, p.x, l.class_id, l.suggested, l.accepted
+                             FROM labels l JOIN pixels p ON p.id = l.pixel_id""").fetchall()
+    return {(image_id, y, x): (class_id, suggested, accepted) for image_id, y, x, class_id, suggested, accepted in rows}
+
+
+@pytest.mark.parametrize("url", [{"suggestions": SUGGESTED}], indirect=True)
+def test_a_suggestion_is_highlighted_accepted_with_tab_or_overridden_by_a_class_key(open_page, store, tmp_path):
+    page = open_page("ana")
+    assert shown(page) == PIXELS[0]
+    assert page.is_visible("#legend li.suggested[data-class-id='0']")
+    assert page.locator("#legend li.suggested").count() == 1
+    assert "suggests “sky”" in page.inner_text("#suggestion")
+    page.screenshot(path=str(tmp_path / "suggestion.png"))
+    press(page, "Tab")  # right: taken as it is
+    assert shown(page) == PIXELS[1] and page.is_visible("#legend li.suggested[data-class-id='0']")
+    press(page, "r")  # wrong (it is road): overridden
+    assert shown(page) == PIXELS[2]
+    assert page.locator("#legend li.suggested").count() == 0 and page.is_hidden("#suggestion")
+    page.keyboard.press("Tab")  # no suggestion here: nothing happens
+    assert shown(page) == PIXELS[2]
+    press(page, "r")
+    wait_saved(page)
+
+    assert accepted_flags(store) == {
+        PIXELS[0]: (SKY, SKY, 1), PIXELS[1]: (ROAD, SKY, 0), PIXELS[2]: (ROAD, None, None),
+    }
+    stats = store.suggestion_stats()
+    assert (stats["labels"], stats["suggested"], stats["accepted"], stats["acceptance_rate"]) == (3, 2, 1, 0.5)
+    assert page.errors == []
+
+
+def test_the_closed_panel_shows_the_stored_count(open_page, store):
+    page = open_page("ana")
+    for pixel in PIXELS[:2]:
+        press(page, KEYS[truth(pixel)])
+    wait_saved(page)
+    store.close("ingested into round 1")
+    page.reload()
+    page.wait_for_selector("#crop[data-mode=closed]")
+    assert page.inner_text("#progress-job") == "2 of 9 done · 7 left"
+
+
+def job_count_is(page, text: str, *, within: float) -> None:
+    page.wait_for_function("text => document.querySelector('#progress-job').textContent === text", arg=text,
+                           timeout=within * 1000)
+
+
+def test_the_final_count_is_the_servers_within_seconds(open_page, store):
+    ana, ben = open_page("ana"), open_page("ben")  # ana holds six pixels, ben three
+    while (pixel := shown(ana)) is not None:
+        press(ana, KEYS[truth(pixel)])
+    for _ in range(2):
+        press(ben, KEYS[truth(shown(ben))])
+    wait_saved(ana), wait_saved(ben)
+    job_count_is(ana, "8 of 9 done · 1 left", within=4)  # ben's labels, from the server while ana waits
+    press(ben, KEYS[truth(shown(ben))])  # the last label is ben's: ana's page learns it from the server
+    started = time.monotonic()
+    ana.wait_for_selector("#crop[data-mode=done]", timeout=5000)
+    assert time.monotonic() - started < 4
+    assert ana.inner_text("#progress-job") == "9 of 9 done · 0 left"
+    assert "All 9 pixels" in ana.inner_text("#overlay")
+
+
+def test_a_closed_tab_gives_its_pixels_to_the_others(open_page, store):
+    ana = open_page("ana")  # holds the six pixels the page claims ahead
+    ben = open_page("ben")  # holds the other three
+    held = held_by(store, "ana")
+    assert len(held) == 6
+    cleo = ana.context.browser.new_context().new_page()
+    cleo.goto(ana.url.replace("annotator=ana", "annotator=cleo"))
+    cleo.wait_for_selector("#crop[data-mode=waiting]")
+    assert "come back in" in cleo.inner_text("#overlay")  # when ana's first pixel lapses, if she does nothing
+
+    ana.goto("about:blank")  # pagehide: the beacon gives ana's pixels back
+    deadline = time.monotonic() + 5
+    while held_by(store, "ana") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert held_by(store, "ana") == set()
+    cleo.wait_for_selector("#crop[data-mode=label]", timeout=5000)
+    got = set()
+    for page in (cleo, ben):
+        while (pixel := shown(page)) is not None:
+            got.add(pixel)
+            press(page, KEYS[truth(pixel)])
+        wait_saved(page)
+    assert held <= got
+    assert store.is_complete()
+    cleo.context.close()

@@ -159,6 +159,8 @@ def test_a_collected_batch_replaced_by_a_bad_one_is_refused_before_dvc_records_i
     campaign, _ = human_campaign
     collect_labels.fn(str(campaign.layout.dir), 0)
     human.close_job(campaign, 0)
+    report = __import__("json").loads(campaign.files(0).labelling.read_text())  # round 0: nothing was suggested
+    assert report["labels"] == human.job_progress(campaign, 0).total and report["acceptance_rate"] is None
     batch = campaign.layout.batch(0)
     record = batch.with_name(batch.name + ".dvc")
     recorded = record.read_bytes()

@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from pixelpick.annotation import exchange
-from pixelpick.annotation.exchange import DEFAULT_IMAGE_URL, FORMATS
+from pixelpick.annotation.exchange import DEFAULT_IMAGE_URL, FORMATS, round_suggestions
 from pixelpick.annotation.guards import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_RATE_LIMIT,
@@ -53,7 +53,12 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--keys", help="remap class keys: 'sky=q,road=r' or a YAML file of class: key")
     serve.add_argument("--annotator", help="the name labels are stored under when the page does not give one")
     serve.add_argument("--lease-minutes", type=float, default=DEFAULT_LEASE_SECONDS / 60,
-                       help="an idle annotator's pixels return to the pool after this long (default: 10)")
+                       help="pixels of an annotator whose page is not heard from (it sends a heartbeat every 15 s) "
+                            "return to the pool after this long (default: 1)")
+    serve.add_argument("--probs", type=Path,
+                       help="the round's probability store for suggestions (default: probs.zarr beside the job)")
+    serve.add_argument("--no-suggestions", action="store_true",
+                       help="do not show the model's predicted class (shown by default after round 0)")
     serve.add_argument("--max-held", type=int, default=DEFAULT_MAX_HELD,
                        help=f"unlabelled pixels one annotator may hold at once (default: {DEFAULT_MAX_HELD})")
     serve.add_argument("--rate-limit", type=float, default=DEFAULT_RATE_LIMIT,
@@ -106,10 +111,12 @@ def serve(args: argparse.Namespace) -> None:
     keys = resolve_key_bindings(job.classes, parse_key_overrides(args.keys) if args.keys else None)
     store = ProgressStore(args.db or default_progress_path(args.job), job, lease_seconds=args.lease_minutes * 60)
     root = args.dataset_root or Path(job.dataset.root)
+    found = round_suggestions(job, Path(args.job), probs=args.probs, use_model=not args.no_suggestions)
     app = create_app(
         job, store, root, class_keys=keys, token=token, default_annotator=args.annotator,
         allowed_hosts=[args.host, *args.allowed_host], max_body_bytes=args.max_body_kib * 1024,
         max_held=args.max_held, rate_limit=args.rate_limit,
+        suggestions={pixel: class_id for pixel, (class_id, _) in found.predicted.items()},
     )
     query = {name: value for name, value in (("annotator", args.annotator), ("token", token)) if value}
     # Nobody browses to 0.0.0.0: link to the name people are told to use, when there is one.
@@ -118,6 +125,9 @@ def serve(args: argparse.Namespace) -> None:
     url = f"http://{link_host}:{args.port}/" + (f"?{urlencode(query)}" if query else "")
     done = store.done_count()
     print(f"job {job.job_id!r}: {done} of {job.num_pixels} pixels labelled; progress in {store.path}")
+    if found.predicted:
+        print(f"suggesting the classes of model {found.model_version} for {len(found.predicted)} pixels "
+              "(Tab accepts one; --no-suggestions turns them off)")
     if generated:
         print(f"generated an access token for {args.host} (set --token or ${TOKEN_ENV} to choose one); "
               "the link below carries it")

@@ -92,18 +92,27 @@ def round_suggestions(job: Job, job_path: Path, *, probs: Path | None = None, us
     location = probs or folder / "probs.zarr"
     model_version = None
     if use_model and job.round > 0 and Path(location).exists():
-        from pixelpick.probstore import ProbabilityStore  # zarr is only needed when there is a store
-
-        store = ProbabilityStore(location)
-        for image in job.images:
-            if image.image_id not in store.image_ids:
-                continue
-            ys, xs = np.asarray(image.pixels).T
-            at_pixels = np.asarray(store.probs(image.image_id))[:, ys, xs].astype(np.float32)  # (C, n)
-            for y, x, class_id, confidence in zip(ys, xs, at_pixels.argmax(0), at_pixels.max(0), strict=True):
-                predicted[(image.image_id, int(y), int(x))] = (int(class_id), float(confidence))
+        predicted = predicted_classes(location, {image.image_id: image.pixels for image in job.images})
         model_version = f"{job.campaign}-r{job.round - 1:02d}"  # a round's store holds the previous round's model
     return Suggestions(model_version, scores, predicted)
+
+
+def predicted_classes(location: str | Path, pixels: dict[str, list[tuple[int, int]]]
+                      ) -> dict[tuple[str, int, int], tuple[int, float]]:
+    """The most probable class and its probability at each pixel (image_id -> [(y, x)]), from the probability store
+    at `location`; pixels of images the store lacks are left out."""
+    from pixelpick.probstore import ProbabilityStore  # zarr is only needed when there is a store
+
+    store = ProbabilityStore(location)
+    predicted: dict[tuple[str, int, int], tuple[int, float]] = {}
+    for image_id, yx in pixels.items():
+        if image_id not in store.image_ids or not len(yx):
+            continue
+        ys, xs = np.asarray(yx).T
+        at_pixels = np.asarray(store.probs(image_id))[:, ys, xs].astype(np.float32)  # (C, n)
+        for y, x, class_id, confidence in zip(ys, xs, at_pixels.argmax(0), at_pixels.max(0), strict=True):
+            predicted[(image_id, int(y), int(x))] = (int(class_id), float(confidence))
+    return predicted
 
 
 def _unsure_name(job: Job) -> str:

@@ -23,6 +23,8 @@ NAVIGATION_KEYS: dict[str, str] = {
     "ArrowRight": "forward while reviewing",
     "Escape": "stop reviewing",
     "Enter": "skip the rest of this image",
+    # Not a printable character, so no class key can collide with it.
+    "Tab": "accept the model's suggestion (highlighted in the legend)",
     "+": "zoom in",
     "=": "zoom in",
     "-": "zoom out",

@@ -1,14 +1,18 @@
 """Annotation progress: every label stored the moment it is made, in a SQLite database beside the job.
 
-One transaction per label (WAL mode, synchronous=FULL), so closing the tab or killing the server loses nothing and
-an annotator resumes where they stopped. Several annotators can work on one job at once: pixels are handed out by
-claiming them for one annotator with a lease that every action of that annotator renews; a lease left idle for
-`lease_seconds` lapses and its pixels return to the pool. A pixel is labelled at most once; its labeller may
-change the class (review) or undo it (the pixel goes back to them).
+One transaction per label (WAL mode, synchronous=NORMAL: a commit is durable once the WAL is synced at the next
+checkpoint, so killing the server loses nothing; only a power cut can lose the last moments, which the page still
+holds until acknowledged), so an annotator resumes where they stopped. Several annotators can work on one job at
+once: pixels are handed out by claiming them for one annotator with a lease that every action of that annotator,
+and the page's heartbeat, renews; a lease left without either for `lease_seconds` (60 s) lapses and its pixels
+return to the pool, and a page that closes gives its pixels back at once (`release`). A pixel is labelled at most
+once; its labeller may change the class (review) or undo it (the pixel goes back to them).
 
 Tables: `pixels` (the job's pixels in job order, with the current claim), `labels` (one row per labelled pixel;
-`seq` orders an annotator's labels for undo), `skips` (images an annotator chose to do last), `meta` (the job's
-fingerprint, and when and why the job was closed).
+`seq` orders an annotator's labels for undo;
+`suggested` is the model's class shown for the pixel, NULL when none was, and `accepted` whether the annotator took
+it with the accept key, both added to older databases when opened), `skips` (images an annotator chose to do
+last), `meta` (the job's fingerprint, and when and why the job was closed).
 
 A new database is built under a temporary name and linked into place, so a file at `path` is always a complete
 progress database; an existing file that is not one (empty, corrupt, another job's) is refused, never rebuilt.
@@ -45,7 +49,7 @@ from pixelpick.errors import (
 from pixelpick.io import remove_stale_temporaries, write_parquet
 from pixelpick.labels import label_frame
 
-DEFAULT_LEASE_SECONDS = 600.0
+DEFAULT_LEASE_SECONDS = 60.0  # the page renews its leases every 15 s while it is open
 DEFAULT_BUSY_TIMEOUT = 30.0  # how long an operation waits for another writer before "database is locked"
 MAX_SECONDS_PER_PIXEL = 24 * 3600.0  # a longer "time per click" is a clock error, not an annotator
 ANNOTATOR_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
@@ -61,10 +65,12 @@ CREATE TABLE IF NOT EXISTS labels (
     pixel_id INTEGER NOT NULL UNIQUE REFERENCES pixels (id),
     class_id INTEGER NOT NULL, annotator TEXT NOT NULL, seconds REAL NOT NULL,
     time TEXT NOT NULL,                  -- ISO 8601, UTC
-    submission_id TEXT NOT NULL UNIQUE);
+    submission_id TEXT NOT NULL UNIQUE,
+    suggested INTEGER, accepted INTEGER);
 CREATE TABLE IF NOT EXISTS skips (annotator TEXT NOT NULL, image_id TEXT NOT NULL, PRIMARY KEY (annotator, image_id));
 """
 _TABLES = {"meta", "pixels", "labels", "skips"}
+_ADDED_COLUMNS = {"suggested": "INTEGER", "accepted": "INTEGER"}  # labels columns newer databases have
 
 
 class PixelRef(NamedTuple):
@@ -84,6 +90,8 @@ class Submission:
     class_id: int
     seconds: float  # from the pixel being shown to the key press, measured in the page
     submission_id: str  # chosen by the page; a retry of the same submission is stored once
+    suggested: int | None = None  # the model's class for the pixel, as the server suggested it (None: none)
+    accepted: bool = False  # the annotator took the suggestion with the accept key
 
 
 class ClosedInfo(NamedTuple):
@@ -175,6 +183,10 @@ class ProgressStore:
                 if problems != ["ok"]:
                     raise ProgressDatabaseError(f"{where} is corrupt: {problems[0]}")
                 meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('job', 'job_id')").fetchall())
+                columns = {row[1] for row in db.execute("PRAGMA table_info(labels)")}
+                for name, kind in _ADDED_COLUMNS.items():
+                    if name not in columns:  # a database from before suggestions: their labels had none
+                        db.execute(f"ALTER TABLE labels ADD COLUMN {name} {kind}")
         except sqlite3.DatabaseError as error:
             raise ProgressDatabaseError(f"{where} cannot be opened: {_describe_database_error(error)}") from None
         if "job" not in meta:
@@ -192,13 +204,16 @@ class ProgressStore:
         return digest.hexdigest()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
         """One connection per operation (threads and processes can share the file); BEGIN IMMEDIATE serialises
-        writers, so a claim or a label is checked and written without anyone else in between."""
+        writers, so a claim or a label is checked and written without anyone else in between. Reads take no
+        write lock (`write=False`): in WAL mode they see a consistent snapshot and never wait for a writer."""
         connection = sqlite3.connect(self._uri, uri=True, timeout=self.busy_timeout, isolation_level=None)
         try:
-            connection.execute("PRAGMA synchronous=FULL")
-            connection.execute("BEGIN IMMEDIATE")
+            # NORMAL in WAL mode: no fsync per commit (the slowest part of storing a label), still safe when the
+            # process dies; the WAL is synced at checkpoints.
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield connection
             except BaseException:
@@ -229,7 +244,7 @@ class ProgressStore:
 
     def closed_info(self) -> ClosedInfo | None:
         """When and why the job was closed, or None while it is open."""
-        with self._transaction() as db:
+        with self._transaction(write=False) as db:
             return self._closed(db)
 
     @staticmethod
@@ -320,6 +335,62 @@ class ProgressStore:
             ).rowcount
         return released
 
+    def release(self, annotator: str) -> int:
+        """Give back every unlabelled pixel `annotator` holds (their page closed); returns how many."""
+        self._check_annotator(annotator)
+        with self._transaction() as db:
+            return db.execute(
+                """UPDATE pixels SET claimed_by = NULL, lease_until = NULL
+                   WHERE claimed_by = ? AND id NOT IN (SELECT pixel_id FROM labels)""",
+                (annotator,),
+            ).rowcount
+
+    def heartbeat(self, annotator: str) -> None:
+        """`annotator`'s page is still open: their pixels stay theirs for another `lease_seconds`."""
+        self._check_annotator(annotator)
+        with self._transaction() as db:
+            self._renew_leases(db, annotator, self._clock())
+
+    def next_release(self, annotator: str) -> float | None:
+        """Seconds until the first pixel someone else holds comes back to the pool unless they label or renew it;
+        None when nobody else holds one."""
+        now = self._clock()
+        with self._transaction(write=False) as db:
+            (until,) = db.execute(
+                """SELECT MIN(p.lease_until) FROM pixels p LEFT JOIN labels l ON l.pixel_id = p.id
+                   WHERE l.pixel_id IS NULL AND p.claimed_by != ? AND p.lease_until >= ?""",
+                (annotator, now),
+            ).fetchone()
+        return None if until is None else max(until - now, 0.0)
+
+    def counts(self, image_id: str | None = None) -> tuple[int, int | None]:
+        """(pixels labelled in the job, in `image_id` or None), read in one snapshot."""
+        with self._transaction(write=False) as db:
+            (done,) = db.execute("SELECT COUNT(*) FROM labels").fetchone()
+            if image_id is None:
+                return done, None
+            (in_image,) = db.execute(
+                "SELECT COUNT(*) FROM labels l JOIN pixels p ON p.id = l.pixel_id WHERE p.image_id = ?", (image_id,)
+            ).fetchone()
+        return done, in_image
+
+    def suggestion_stats(self) -> dict[str, float | int | None]:
+        """How the job was labelled: labels, mean seconds per label, how many had a suggestion, how many of those
+        were accepted with the accept key (and their share), and how many ended in the suggested class anyway."""
+        with self._transaction(write=False) as db:
+            labels, seconds, suggested, accepted, agreed = db.execute(
+                """SELECT COUNT(*), AVG(seconds), COUNT(suggested), COALESCE(SUM(accepted), 0),
+                          COALESCE(SUM(class_id = suggested), 0) FROM labels"""
+            ).fetchone()
+        return {
+            "labels": labels,
+            "seconds_per_label": seconds,
+            "suggested": suggested,
+            "accepted": accepted,
+            "acceptance_rate": accepted / suggested if suggested else None,
+            "agreement_rate": agreed / suggested if suggested else None,
+        }
+
     # --- labels ------------------------------------------------------------------------------------------------
 
     def record(self, submission: Submission) -> bool:
@@ -349,9 +420,11 @@ class ProgressStore:
                     f"submission id {submission.submission_id!r} was already used for another pixel"
                 )
             db.execute(
-                "INSERT INTO labels (pixel_id, class_id, annotator, seconds, time, submission_id) VALUES (?,?,?,?,?,?)",
+                "INSERT INTO labels (pixel_id, class_id, annotator, seconds, time, submission_id, suggested, accepted) "
+                "VALUES (?,?,?,?,?,?,?,?)",
                 (pixel_id, submission.class_id, submission.annotator, submission.seconds, _utc_now(),
-                 submission.submission_id),
+                 submission.submission_id, submission.suggested,
+                 None if submission.suggested is None else int(submission.accepted)),
             )
             db.execute("UPDATE pixels SET claimed_by = ? WHERE id = ?", (submission.annotator, pixel_id))
             self._renew_leases(db, submission.annotator, now)
@@ -417,9 +490,11 @@ class ProgressStore:
                 raise PixelConflictError(
                     f"{_describe(submission)} was labelled by {existing[0]!r}; only they can change it"
                 )
+            # A changed label is the annotator's own choice, not an accepted suggestion.
             db.execute(
-                "UPDATE labels SET class_id = ?, seconds = ?, time = ? WHERE pixel_id = ?",
-                (submission.class_id, submission.seconds, _utc_now(), pixel_id),
+                "UPDATE labels SET class_id = ?, seconds = ?, time = ?, "
+                "accepted = CASE WHEN suggested IS NULL THEN NULL ELSE ? END WHERE pixel_id = ?",
+                (submission.class_id, submission.seconds, _utc_now(), int(submission.accepted), pixel_id),
             )
             self._renew_leases(db, submission.annotator, self._clock())
 
@@ -488,6 +563,12 @@ class ProgressStore:
             )
         if not submission.submission_id or len(submission.submission_id) > 64:
             raise SubmissionRejectedError("submission_id must be 1 to 64 characters")
+        if submission.accepted and submission.class_id != submission.suggested:
+            raise SubmissionRejectedError(
+                f"{_describe(submission)} accepts a suggestion, but "
+                + ("none was made for it" if submission.suggested is None
+                   else f"the suggestion is class {submission.suggested}, not {submission.class_id}")
+            )
         return self._pixel_ids[(image_id, y, x)]
 
     @staticmethod
@@ -502,7 +583,7 @@ class ProgressStore:
 
     def done_count(self, image_id: str | None = None) -> int:
         """How many pixels are labelled (unsure included), in the whole job or in one image."""
-        with self._transaction() as db:
+        with self._transaction(write=False) as db:
             query = "SELECT COUNT(*) FROM labels l JOIN pixels p ON p.id = l.pixel_id"
             if image_id is None:
                 return db.execute(query).fetchone()[0]
@@ -510,7 +591,7 @@ class ProgressStore:
 
     def done_by_image(self) -> dict[str, int]:
         """Labelled pixels per image, for images with at least one."""
-        with self._transaction() as db:
+        with self._transaction(write=False) as db:
             rows = db.execute(
                 "SELECT p.image_id, COUNT(*) FROM labels l JOIN pixels p ON p.id = l.pixel_id GROUP BY p.image_id"
             )
@@ -518,7 +599,7 @@ class ProgressStore:
 
     def history(self, annotator: str, limit: int = 50) -> list[dict[str, object]]:
         """`annotator`'s most recent labels, oldest first: image_id, y, x, class_id."""
-        with self._transaction() as db:
+        with self._transaction(write=False) as db:
             rows = db.execute(
                 """SELECT p.image_id, p.y, p.x, l.class_id FROM labels l JOIN pixels p ON p.id = l.pixel_id
                    WHERE l.annotator = ? ORDER BY l.seq DESC LIMIT ?""",
@@ -528,7 +609,7 @@ class ProgressStore:
 
     def annotator_seconds(self, annotator: str) -> tuple[int, float]:
         """(labels made, their total seconds) by `annotator`."""
-        with self._transaction() as db:
+        with self._transaction(write=False) as db:
             count, total = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(seconds), 0) FROM labels WHERE annotator = ?", (annotator,)
             ).fetchone()
@@ -540,7 +621,7 @@ class ProgressStore:
 
     def completed_labels(self) -> pd.DataFrame:
         """Every stored label in LABEL_COLUMNS, in job order: source "human", round from the job, UTC time."""
-        with self._transaction() as db:
+        with self._transaction(write=False) as db:
             rows = db.execute(
                 """SELECT p.image_id, p.y, p.x, l.class_id, l.annotator, l.seconds, l.time
                    FROM labels l JOIN pixels p ON p.id = l.pixel_id ORDER BY p.id"""

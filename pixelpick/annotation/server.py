@@ -5,6 +5,11 @@ queried pixel, class) and stored at once; a rejected one stores nothing and answ
 that the page shows. Every failure answers JSON, from an unknown path to an internal error, and none names a path
 on the server. Images are served only when they belong to the job and resolve inside the dataset root. What
 makes it safe to expose (Host allow-list, body and rate limits, token strength) is in `guards`.
+
+After round 0 each pixel handed out carries the previous model's class (`suggested`), which the page highlights and
+the accept key takes; the server, not the page, says what was suggested, so a label's `accepted` flag is checked
+against it. The page sends a heartbeat while open and a beacon to `/api/release` when it closes, so an annotator's
+pixels go back to the others at once, or `lease_seconds` after the page was last heard from.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import math
 import mimetypes
 import secrets
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated
@@ -24,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
@@ -66,6 +71,13 @@ class LabelBody(_Body):
     class_id: StrictInt
     seconds: StrictFloat | StrictInt
     submission_id: StrictStr = Field(min_length=1, max_length=64)
+    accepted: StrictBool = False  # the model's suggestion was taken with the accept key
+    # Clients echo the claimed pixel, suggestion included; what was suggested is the server's to say, so it is ignored.
+    suggested: StrictInt | None = None
+
+
+class AnnotatorBody(_Body):
+    annotator: Annotator
 
 
 class PixelBody(_Body):
@@ -101,6 +113,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_held: int | None = DEFAULT_MAX_HELD,
     rate_limit: float | None = DEFAULT_RATE_LIMIT,
+    suggestions: Mapping[tuple[str, int, int], int] | None = None,
 ) -> FastAPI:
     """The annotator app for `job`, storing into `store` and serving images from `dataset_root`.
 
@@ -111,6 +124,8 @@ def create_app(
     max_held: how many unlabelled pixels one annotator name may hold at once (None: no cap).
     rate_limit: requests per second one annotator name may make on average, in bursts of three seconds' worth;
         more are answered 429 with Retry-After (None: no limit).
+    suggestions: the model's class per queried pixel (image_id, y, x), shown to annotators (None or empty: none;
+        see `exchange.round_suggestions`).
     """
     if max_body_bytes < 1 or (max_held is not None and max_held < 1):
         raise AnnotatorConfigError(
@@ -131,13 +146,29 @@ def create_app(
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=max_body_bytes)
     app.add_middleware(DeclaredBodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(HostAllowList, allowed=hosts)
-    _add_error_handlers(app, max_body_bytes)
+    # A closed job's answers carry the true counts, so the page's closed panel shows what was stored.
+    _add_error_handlers(app, max_body_bytes, lambda: {"done": store.counts()[0], "total": job.num_pixels})
+
+    suggested = dict(suggestions or {})
 
     def progress(image_id: str | None = None) -> dict[str, object]:
-        counts: dict[str, object] = {"done": store.done_count(), "total": job.num_pixels}
+        done, in_image = store.counts(image_id)
+        counts: dict[str, object] = {"done": done, "total": job.num_pixels}
         if image_id is not None:
-            counts |= {"image_id": image_id, "image_done": store.done_count(image_id)}
+            counts |= {"image_id": image_id, "image_done": in_image}
         return counts
+
+    def submission(body: LabelBody) -> Submission:
+        return Submission(**body.model_dump(exclude={"suggested"}),
+                          suggested=suggested.get((body.image_id, body.y, body.x)))
+
+    def pixel_json(pixel: PixelRef) -> dict[str, object]:
+        return {**pixel._asdict(), "suggested": suggested.get(tuple(pixel))}
+
+    def waiting(annotator: str) -> dict[str, object]:
+        """When the first pixel held by someone else comes back unless they label it (the page's waiting message)."""
+        seconds = store.next_release(annotator)
+        return {"next_release_s": None if seconds is None else round(seconds, 1)}
 
     def throttle(annotator: str) -> None:
         wait = limiter.wait(annotator) if limiter else 0.0
@@ -169,7 +200,9 @@ def create_app(
                 for image in job.images
             ],
             "default_annotator": default_annotator,
+            "suggestions": bool(suggested),
             "closed": _closed_json(store.closed_info()),
+            **progress(),
         }
 
     @app.get("/api/state")
@@ -188,18 +221,36 @@ def create_app(
     def claim(body: ClaimBody) -> dict[str, object]:
         throttle(body.annotator)
         pixels = store.claim(body.annotator, body.count, max_held=max_held)
-        return {"pixels": [pixel._asdict() for pixel in pixels], **progress()}
+        return {"pixels": [pixel_json(pixel) for pixel in pixels], **progress(), **waiting(body.annotator)}
+
+    @app.post("/api/heartbeat")
+    def heartbeat(body: AnnotatorBody) -> dict[str, object]:
+        throttle(body.annotator)
+        store.heartbeat(body.annotator)
+        return {**progress(), **waiting(body.annotator)}
+
+    @app.post("/api/release")
+    async def release(request: Request) -> dict[str, object]:
+        # Sent by navigator.sendBeacon as the page closes: its body comes as text/plain (a beacon cannot choose a
+        # JSON content type without a preflight), so it is parsed here whatever its type. The token comes in the
+        # cookie or ?token=, which a beacon carries; it cannot set headers.
+        try:
+            body = AnnotatorBody.model_validate_json(await request.body())
+        except ValidationError as error:
+            raise HTTPException(422, f"malformed request: {_describe_problem(error.errors()[0])}") from None
+        throttle(body.annotator)
+        return {"released": store.release(body.annotator)}
 
     @app.post("/api/labels", status_code=201)
     def label(body: LabelBody) -> dict[str, object]:
         throttle(body.annotator)
-        stored = store.record(Submission(**body.model_dump()))
+        stored = store.record(submission(body))
         return {"stored": stored, **progress(body.image_id)}
 
     @app.put("/api/labels")
     def relabel(body: LabelBody) -> dict[str, object]:
         throttle(body.annotator)
-        store.relabel(Submission(**body.model_dump()))
+        store.relabel(submission(body))
         return progress(body.image_id)
 
     @app.post("/api/undo")
@@ -270,7 +321,7 @@ def _closed_json(closed: ClosedInfo | None) -> dict[str, str] | None:
     return {"closed_at": closed.closed_at.isoformat(), "note": closed.note}
 
 
-def _add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
+def _add_error_handlers(app: FastAPI, max_body_bytes: int, closed_counts) -> None:  # noqa: ANN001
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         detail, path, headers = error.detail, request.url.path, dict(error.headers or {})
@@ -289,7 +340,7 @@ def _add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
     @app.exception_handler(JobClosedError)
     async def closed(request: Request, error: JobClosedError) -> JSONResponse:
         info = {"closed_at": error.closed_at.isoformat(), "note": error.note}
-        return JSONResponse({"detail": str(error), "closed": info}, status_code=409)
+        return JSONResponse({"detail": str(error), "closed": info, **closed_counts()}, status_code=409)
 
     @app.exception_handler(PixelConflictError)
     async def conflict(request: Request, error: PixelConflictError) -> JSONResponse:

@@ -9,6 +9,11 @@
  * the outbox is empty. Changes the server has not acknowledged are also kept in localStorage, so a reload or a
  * closed tab loses none: the next page for the same job and annotator sends them again (the server stores a
  * retried submission once) before it asks for new pixels.
+ *
+ * Claimed pixels are held from others only while the page is open: it sends a heartbeat every 15 s, and a beacon
+ * that gives them back when it closes. While it waits for pixels others hold it asks the server every 2 s, so the
+ * counts and the "done" message are the server's, and it says when the first held pixel comes back.
+ * After round 0 each pixel may carry the model's class (`suggested`): it is highlighted in the legend and Tab takes it.
  */
 
 const PREFETCH = 6; // pixels claimed ahead of the one on screen (kept small: claimed pixels are held from others)
@@ -22,6 +27,9 @@ const BACKDROP = "#0d0f12";
 const NAME_STORAGE = "pixelpick.annotator";
 const ZOOM_STORAGE = "pixelpick.zoom";
 const PENDING_STORAGE = "pixelpick.pending"; // + job id and annotator: changes not yet acknowledged
+const HEARTBEAT_MS = 15000; // the server gives an unheard-from page's pixels back after 60 s
+const WAITING_POLL_MS = 2000; // how often a page with nothing to label asks for pixels and counts
+const ACCEPT_KEY = "Tab"; // takes the model's suggestion; not a printable character, so no class key collides
 
 const $ = (id) => document.getElementById(id);
 const pixelKey = (pixel) => `${pixel.image_id}\n${pixel.y}\n${pixel.x}`;
@@ -52,6 +60,9 @@ const state = {
   loading: new Map(), // image_id -> Promise
   shownCount: 0,
   closed: null, // the server's message once the job is closed (its labels were ingested)
+  token: null, // from ?token=, for the closing beacon (which also carries the cookie)
+  nextReleaseAt: null, // Date.now() when the first pixel someone else holds comes back, if they do not label it
+  waitTimer: null,
 };
 // For measuring in a browser (e.g. driven by Playwright): key press -> next pixel drawn, in ms.
 window.pixelpick = { state, latencies: [] };
@@ -139,6 +150,7 @@ async function resendPending() {
 /** The job's labels were ingested and it accepts no more changes: say so instead of showing a pixel. */
 function jobClosed(data) {
   state.closed = data.detail || "This job is closed.";
+  if (typeof data.done === "number") syncCounts(data); // the closed panel shows what the server stored
   state.queue = [];
   state.reviewIndex = null;
   state.outbox = state.outbox.filter((op) => !op.persist);
@@ -180,6 +192,9 @@ function syncCounts(data) {
   if (typeof data.total === "number") state.total = data.total;
   if (data.image_id !== undefined) state.doneByImage.set(data.image_id, data.image_done);
   if (data.done_by_image) state.doneByImage = new Map(Object.entries(data.done_by_image));
+  if (data.next_release_s !== undefined) {
+    state.nextReleaseAt = data.next_release_s === null ? null : Date.now() + data.next_release_s * 1000;
+  }
   showProgress();
 }
 
@@ -206,6 +221,43 @@ async function requestClaims() {
   addClaims(result.data.pixels);
 }
 
+/** Nothing to label: ask again every few seconds, so pixels others give back, the job's count and "done" arrive
+ *  from the server without waiting for a key. */
+function waitForPixels() {
+  if (state.waitTimer !== null || state.closed) return;
+  state.waitTimer = setTimeout(() => {
+    state.waitTimer = null;
+    if (state.closed || current().pixel) return;
+    Promise.resolve(requestClaims()).then(() => {
+      if (!current().pixel) render();
+    });
+  }, WAITING_POLL_MS);
+}
+
+function heartbeat() {
+  if (!state.annotator || state.closed) return;
+  api("POST", "api/heartbeat", { annotator: state.annotator }).then((result) => {
+    if (result.data.closed) return jobClosed(result.data);
+    if (result.ok && !state.outbox.length) syncCounts(result.data);
+  }, () => {});
+}
+
+/** The page is closing: give its unlabelled pixels back at once. Not while changes are unsent, or their pixels
+ *  could go to someone else before the next visit sends them; those lapse 60 s after the last heartbeat. */
+function releasePixels() {
+  if (!state.annotator || state.closed || state.outbox.some((op) => op.persist)) return;
+  const query = state.token ? `?token=${encodeURIComponent(state.token)}` : "";
+  navigator.sendBeacon(`api/release${query}`, JSON.stringify({ annotator: state.annotator }));
+}
+
+/** Back from the back-forward cache or a long time hidden: the pixels queued here may have gone to others. */
+function reclaim() {
+  if (!state.annotator || state.closed || state.outbox.length) return;
+  state.queue.forEach((pixel) => state.known.delete(pixelKey(pixel)));
+  state.queue = [];
+  requestClaims();
+}
+
 function addClaims(pixels) {
   const wasEmpty = !current().pixel;
   for (const pixel of pixels) {
@@ -215,7 +267,7 @@ function addClaims(pixels) {
   }
   prefetchImages();
   if (wasEmpty) render();
-  if (!state.queue.length && state.done < state.total) setTimeout(requestClaims, 15000); // others may give up
+  if (!state.queue.length) waitForPixels(); // others may give up, or finish the job
 }
 
 /* ---------------------------------------------------------------- images */
@@ -275,7 +327,7 @@ function render() {
   const { pixel, mode } = current();
   const crop = $("crop");
   showProgress();
-  showLegendChoice(mode === "review" ? pixel.class_id : null);
+  showLegendChoice(mode === "review" ? pixel.class_id : null, mode === "label" && pixel ? pixel.suggested ?? null : null);
   $("review-banner").hidden = mode !== "review";
   if (!pixel) return renderEmpty();
   const image = state.loaded.get(pixel.image_id);
@@ -318,11 +370,21 @@ function renderEmpty() {
   $("pixel-info").textContent = "";
   $("progress-image").textContent = "–";
   if (state.closed) return setOverlay(state.closed, "closed");
+  // The counts are the server's only once nothing is unsent; until then say so rather than guess.
+  if (state.outbox.length) return setOverlay("Saving your last labels…", "waiting");
   if (state.claiming || state.total === 0) return setOverlay("Loading…", "loading");
   if (state.done >= state.total) {
     return setOverlay(`All ${state.total} pixels of this job are labelled. Thank you!`, "done");
   }
-  setOverlay("The remaining pixels are with other annotators. Checking again shortly…", "waiting");
+  waitForPixels();
+  const left = state.total - state.done;
+  let when = "Checking every few seconds…";
+  if (state.nextReleaseAt !== null) {
+    const seconds = Math.max(0, Math.ceil((state.nextReleaseAt - Date.now()) / 1000));
+    const at = new Date(state.nextReleaseAt).toLocaleTimeString();
+    when = `Unless they label them, the first come back in ${seconds} s (at ${at}); checking every few seconds…`;
+  }
+  setOverlay(`The remaining ${left} pixels are with other annotators. ${when}`, "waiting");
 }
 
 function setOverlay(text, mode) {
@@ -436,10 +498,14 @@ function showProgress() {
   }
 }
 
-function showLegendChoice(classId) {
+function showLegendChoice(classId, suggested = null) {
   for (const item of $("legend").children) {
     item.classList.toggle("chosen", classId !== null && Number(item.dataset.classId) === classId);
+    item.classList.toggle("suggested", suggested !== null && Number(item.dataset.classId) === suggested);
   }
+  const hint = $("suggestion");
+  hint.hidden = suggested === null;
+  if (suggested !== null) hint.textContent = `Model suggests “${className(suggested)}”: Tab accepts, a class key overrides.`;
 }
 
 function showSync(override) {
@@ -469,6 +535,7 @@ const NAVIGATION = {
   ArrowRight: { run: forward },
   Escape: { run: stopReviewing },
   Enter: { run: skipImage },
+  [ACCEPT_KEY]: { run: acceptSuggestion },
   "+": { run: () => zoom(-1), repeats: true },
   "=": { run: () => zoom(-1), repeats: true },
   "-": { run: () => zoom(+1), repeats: true },
@@ -493,7 +560,13 @@ function onKeyDown(event) {
   if (!event.repeat) answer(classId, event); // holding a key down must not label a run of pixels
 }
 
-function answer(classId, event) {
+function acceptSuggestion(event) {
+  const { pixel, mode } = current();
+  if (mode !== "label" || !pixel || pixel.suggested === null || pixel.suggested === undefined) return;
+  answer(pixel.suggested, event, true);
+}
+
+function answer(classId, event, accepted = false) {
   const { pixel, mode } = current();
   if (!pixel || !state.shown || state.shown.key !== pixelKey(pixel)) return;
   const seconds = Math.max(0, (event.timeStamp - state.shown.at) / 1000);
@@ -505,6 +578,7 @@ function answer(classId, event) {
     class_id: classId,
     seconds,
     submission_id: newSubmissionId(),
+    accepted,
   };
   state.pendingKeyAt = event.timeStamp;
   if (mode === "review") {
@@ -660,6 +734,7 @@ function reloadState() {
 async function start() {
   const url = new URL(window.location.href);
   if (url.searchParams.has("token")) {
+    state.token = url.searchParams.get("token");
     url.searchParams.delete("token"); // the server has set a cookie; keep the token out of history
     window.history.replaceState(null, "", url);
   }
@@ -680,7 +755,7 @@ async function start() {
   localStorage.setItem(NAME_STORAGE, annotator);
   state.annotator = annotator;
   $("annotator-name").textContent = `labelling as ${annotator}`;
-  if (job.closed) return jobClosed({ detail: closedMessage(job.closed) });
+  if (job.closed) return jobClosed({ detail: closedMessage(job.closed), done: job.done, total: job.total });
 
   await resendPending();
   if (state.closed) return;
@@ -696,6 +771,15 @@ function closedMessage(closed) {
 
 document.addEventListener("keydown", onKeyDown);
 window.addEventListener("resize", () => current().pixel && render());
+setInterval(heartbeat, HEARTBEAT_MS);
+window.addEventListener("pagehide", releasePixels);
+window.addEventListener("pageshow", (event) => event.persisted && reclaim());
+let hiddenAt = null;
+document.addEventListener("visibilitychange", () => {
+  // A hidden tab's timers are throttled (to once a minute in Chromium), so its leases may have lapsed meanwhile.
+  if (document.visibilityState === "hidden") hiddenAt = Date.now();
+  else if (hiddenAt !== null && Date.now() - hiddenAt > 45000) reclaim();
+});
 window.addEventListener("beforeunload", (event) => {
   if (state.outbox.length) event.preventDefault(); // a change is not on the server yet
 });
