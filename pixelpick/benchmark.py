@@ -96,11 +96,11 @@ PRESETS: dict[str, BenchmarkPreset] = {
         name="cpu",
         description="a 2-core CPU recipe: CamVid at 120x160, LR-ASPP MobileNetV3 from random initialisation, "
         "clicks spread over their SLIC superpixels (about 300 per image); round 0 trains 50 epochs, each later round "
-        "fine-tunes the previous round's model for 5; 20 px/img per round up to 100, 2 seeds.",
+        "fine-tunes the previous round's model for 5; 20 px/img per round up to 100, 3 seeds.",
         overrides={"data.dataset": "camvid", "data.image_size": [120, 160], "model.arch": "lraspp_mobilenetv3",
                    "train.preset": "cpu-camvid", "train.initial_epochs": 50, "train.epochs": 5,
                    "train.superpixels": 300, "acquire.top_fraction": 0.05},
-        step=20, rounds=5, strategies=("margin", "random"), seeds=(0, 1), warm_start=True,
+        step=20, rounds=5, strategies=("margin", "random"), seeds=(0, 1, 2), warm_start=True,
     ),
 }
 
@@ -170,12 +170,32 @@ def plan_runs(
     return list(dict.fromkeys(runs))
 
 
+# Where a benchmark trains and what it is measured on. `tune` chooses settings: it trains on 80% of `train` and
+# evaluates on the other, fixed 20% (`pixelpick.datasets.camvid.tuning_names`), so val is never looked at while
+# choosing; `report` measures the chosen settings: all of `train`, evaluated on val.
+PROTOCOLS: dict[str, dict[str, str]] = {
+    "report": {"data.train_split": "train", "data.eval_split": "val"},
+    "tune": {"data.train_split": "train-tune", "data.eval_split": "tune"},
+}
+
+
+def protocol_of(settings: Settings) -> str:
+    """`tune` or `report` when the splits are one of `PROTOCOLS`, else `<train split>-><eval split>`."""
+    splits = {"data.train_split": settings.data.train_split, "data.eval_split": settings.data.eval_split}
+    return next((name for name, chosen in PROTOCOLS.items() if chosen == splits),
+                f"{settings.data.train_split}->{settings.data.eval_split}")
+
+
 def benchmark_settings(
-    params: str | Path, preset: BenchmarkPreset, workdir: Path, overrides: dict[str, Any] | None = None
+    params: str | Path, preset: BenchmarkPreset, workdir: Path, overrides: dict[str, Any] | None = None,
+    protocol: str = "report",
 ) -> Settings:
-    """The benchmark's base settings: params.yaml, then the preset, then the caller's overrides."""
-    merged = {**preset.overrides, "train.warm_start": preset.warm_start, "campaign.workdir": str(workdir),
-              **(overrides or {})}
+    """The benchmark's base settings: params.yaml, then the preset, then the protocol's splits, then the caller's
+    overrides."""
+    if protocol not in PROTOCOLS:
+        raise BenchmarkError(f"unknown protocol {protocol!r}; choose one of {sorted(PROTOCOLS)}")
+    merged = {**preset.overrides, **PROTOCOLS[protocol], "train.warm_start": preset.warm_start,
+              "campaign.workdir": str(workdir), **(overrides or {})}
     return load_settings(params, merged)
 
 
@@ -260,7 +280,8 @@ def run_benchmark_run(base: Settings, preset: BenchmarkPreset, spec: RunSpec, pr
         trained = trained + row["epochs"] if settings.train.warm_start else row["epochs"]
         row["epochs"] = trained  # epochs trained in all, up to this round
     context = {"dataset": settings.data.dataset, "preset": preset.name, "strategy": spec.label, "seed": spec.seed,
-               "arch": settings.model.arch, "image_size": _image_size(campaign), "device": str(campaign.device),
+               "protocol": protocol_of(settings), "arch": settings.model.arch,
+               "image_size": _image_size(campaign), "device": str(campaign.device),
                "epochs_per_round": settings.train.epochs,
                "epochs_round_0": settings.train.initial_epochs or settings.train.epochs}
     return write_json({"rows": [{**context, **row} for row in rows]}, result_path)
