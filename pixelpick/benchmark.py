@@ -35,6 +35,7 @@ from pixelpick.settings import Settings, load_settings
 
 FULL = "full"  # the strategy name of the fully supervised reference
 STAGES = ("inference", "scoring", "selection", "labelling", "training", "evaluation")
+EXPANSION_PREFIXES = ("superpixel_", "propagation_")  # the train step's expansion metrics (`pixelpick.expansion`)
 
 # Short names of the settings a variant may change, as they appear in run names (`margin+cb1+sp300-s0`).
 VARIANT_KEYS = {
@@ -43,6 +44,9 @@ VARIANT_KEYS = {
     "md": "acquire.min_distance",  # picks at least d pixels apart
     "sp": "train.superpixels",  # superpixel expansion, about n superpixels per image
     "st": "train.self_training_threshold",  # self-training on predictions at least this confident
+    "ss": "train.superpixel_sieve",  # drop superpixel expansion the previous model gives the class below this
+    "fp": "train.propagation_threshold",  # feature-space propagation: cosine similarity at least this
+    "fr": "train.propagation_radius",  # ... within this many pixels of the click (0: anywhere in the image)
 }
 _SELECTION_VARIANTS = {"mc", "cb", "md"}  # mean nothing to random selection or full supervision
 
@@ -154,7 +158,7 @@ def plan_runs(
     """Every run, seed by seed (full supervision last), so a benchmark cut short still holds whole seeds.
 
     Each variant runs every strategy it means something to: selection variants (mc, cb, md) the uncertainty
-    strategies only, training variants (sp, st) every strategy. A variant with MC-dropout passes adds BALD.
+    strategies only, training variants (sp, st, ss, fp, fr) every strategy. A variant with MC-dropout passes adds BALD.
     """
     strategies = tuple(strategies or preset.strategies)
     runs = []
@@ -333,9 +337,12 @@ def _round_row(campaign: Campaign, round_id: int, results: list) -> dict[str, An
             seconds[stage] = seconds.get(stage, 0.0) + value
     metrics = json.loads(campaign.files(round_id).metrics.read_text())
     ious = {f"iou_{name}": iou for name, iou in zip(metrics["class_names"], metrics["iou_per_class"])}
-    epochs = next((r.details.get("epochs") for r in results if r.step.startswith("train")), None)
+    details = next((r.details for r in results if r.step.startswith("train")), {})
+    # How many labels each click's expansions added and how many of them the ground truth agrees with.
+    expansion = {key: value for key, value in details.items() if key.startswith(EXPANSION_PREFIXES)}
     return {"round": round_id, "pixels_per_image": metrics["pixels_per_image"], "miou": metrics["miou"], **ious,
-            "epochs": epochs, **{f"{stage}_s": round(seconds[stage], 3) for stage in STAGES}}
+            "epochs": details.get("epochs"), **expansion,
+            **{f"{stage}_s": round(seconds[stage], 3) for stage in STAGES}}
 
 
 def _image_size(campaign: Campaign) -> str:
