@@ -74,6 +74,11 @@ class BenchmarkPreset:
         return self.rounds if self.warm_start else 1
 
 
+# The `cpu` preset's extra supervision per click, beyond superpixels: the switch a tuning-split comparison flips
+# (e.g. {"train.superpixel_sieve": 0.1}). Empty until evidence from `--protocol tune` says otherwise; see
+# docs/benchmarks/README.md, "Choosing the default".
+CPU_DEFAULT_EXPANSION: dict[str, Any] = {}
+
 PRESETS: dict[str, BenchmarkPreset] = {
     "paper": BenchmarkPreset(
         name="paper",
@@ -103,7 +108,7 @@ PRESETS: dict[str, BenchmarkPreset] = {
         "fine-tunes the previous round's model for 5; 20 px/img per round up to 100, 3 seeds.",
         overrides={"data.dataset": "camvid", "data.image_size": [120, 160], "model.arch": "lraspp_mobilenetv3",
                    "train.preset": "cpu-camvid", "train.initial_epochs": 50, "train.epochs": 5,
-                   "train.superpixels": 300, "acquire.top_fraction": 0.05},
+                   "train.superpixels": 300, "acquire.top_fraction": 0.05, **CPU_DEFAULT_EXPANSION},
         step=20, rounds=5, strategies=("margin", "random"), seeds=(0, 1, 2), warm_start=True,
     ),
 }

@@ -139,8 +139,15 @@ def markdown_report(frame: pd.DataFrame, summary: pd.DataFrame, plot_name: str, 
         "",
         f"- Recipe: {first['arch']} at {first['image_size']}, {epochs}, on {first['device']}; seeds "
         f"{', '.join(map(str, seeds))}. Rows are named by strategy and the settings they change from the preset: "
-        "`+sp0` without superpixel expansion, `+st0.9` with self-training, `+cb1` class-balanced, `+mc8` MC dropout.",
+        "`+sp0` without superpixel expansion, `+st0.9` with self-training, `+cb1` class-balanced, `+mc8` MC dropout, "
+        "`+ss0.1` sieved superpixels, `+fp0.9` feature-space propagation (`+fr16` within 16 px).",
     ]
+    if "protocol" in frame and frame["protocol"].notna().any():
+        protocol = frame["protocol"].dropna().iloc[0]
+        lines.append(f"- Protocol `{protocol}`: " + {
+            "tune": "trained on 80% of CamVid train, evaluated on the fixed other 20% (the tuning split); for "
+                    "choosing settings, not for reporting.",
+            "report": "trained on CamVid train, evaluated on val."}.get(protocol, "custom splits."))
     if len(full):
         last = full.iloc[-1]
         lines.append(f"- Full supervision: {last['mean']:.1f}" + (f" ± {last['std']:.1f}" if last["count"] > 1 else "")
