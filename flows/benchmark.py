@@ -5,6 +5,7 @@ logged to MLflow, reported in docs/benchmarks/.
     pixelpick benchmark --preset cpu --variant sp300 --variant sp300+st0.9   # ablation rows: superpixels, self-training
     pixelpick benchmark --preset gpu-quick --camvid-root /data/camvid          # the paper's model, on a GPU
     pixelpick benchmark --preset cpu --report-only                             # rebuild the report from finished runs
+    pixelpick benchmark --preset cpu --protocol tune --variant sp300+ss0.1     # choose settings on the tuning split
 
 An interrupted benchmark resumes where it stopped when started again with the same arguments. The presets and
 their cost are in docs/benchmarks/README.md.
@@ -17,7 +18,7 @@ from prefect import flow, task
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.parameters import PROJECT
-from pixelpick.benchmark import PRESETS, benchmark_settings, parse_variant, plan_runs, run_settings
+from pixelpick.benchmark import PRESETS, PROTOCOLS, benchmark_settings, parse_variant, plan_runs, run_settings
 from pixelpick.errors import BenchmarkError
 from tasks.benchmark import (
     benchmark_run,
@@ -36,6 +37,8 @@ class BenchmarkChoice(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     preset: str = Field("cpu", description=f"one of {sorted(PRESETS)}")
+    protocol: str = Field("report", description=f"one of {sorted(PROTOCOLS)}: tune trains on 80% of train and "
+                          "evaluates on the other 20%; report trains on train and evaluates on val")
     params: str = Field("params.yaml", description="base settings; a relative path is relative to the project")
     overrides: dict[str, Any] = Field(default_factory=dict, description="settings to change over the preset")
     strategies: list[str] | None = Field(None, description="default: the preset's")
@@ -57,8 +60,11 @@ def plan_benchmark(choice: BenchmarkChoice) -> dict[str, Any]:
     if choice.preset not in PRESETS:
         raise BenchmarkError(f"unknown preset {choice.preset!r}; choose one of {sorted(PRESETS)}")
     preset = PRESETS[choice.preset]
+    # A tuning benchmark has its own runs and report: the same run names, other splits.
+    suffix = "" if choice.protocol == "report" else f"-{choice.protocol}"
     settings = benchmark_settings(_project_path(choice.params), preset,
-                                  _project_path(choice.workdir) / preset.name, choice.overrides)
+                                  _project_path(choice.workdir) / f"{preset.name}{suffix}", choice.overrides,
+                                  protocol=choice.protocol)
     if settings.data.dataset == "camvid" and not (settings.data.root / "train").is_dir():
         raise BenchmarkError(f"no CamVid at {settings.data.root} (data.root): pass --camvid-root or set "
                              "PIXELPICK_CAMVID_ROOT")
@@ -66,7 +72,7 @@ def plan_benchmark(choice: BenchmarkChoice) -> dict[str, Any]:
                      seeds=tuple(choice.seeds) if choice.seeds is not None else None,
                      variants=tuple(parse_variant(v) for v in choice.variants))
     return {"settings_json": settings.model_dump_json(), "preset": preset_dict(preset),
-            "plan": [spec_dict(spec) for spec in plan], "stem": f"{settings.data.dataset}-{preset.name}"}
+            "plan": [spec_dict(spec) for spec in plan], "stem": f"{settings.data.dataset}-{preset.name}{suffix}"}
 
 
 @task(task_run_name="finished-result-{spec[strategy]}-s{spec[seed]}")

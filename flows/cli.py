@@ -98,6 +98,9 @@ def get_parser() -> argparse.ArgumentParser:
 
     benchmark = commands.add_parser("benchmark", help="the label-efficiency benchmark")
     benchmark.add_argument("--preset", default="cpu")
+    benchmark.add_argument("--protocol", choices=("tune", "report"), default="report",
+                           help="tune: train on 80%% of train, evaluate on the fixed other 20%% (choosing settings); "
+                                "report: train on train, evaluate on val (default)")
     benchmark.add_argument("--camvid-root", default=os.environ.get("PIXELPICK_CAMVID_ROOT"),
                            help="the CamVid folder (default: $PIXELPICK_CAMVID_ROOT)")
     benchmark.add_argument("--strategies", help="comma-separated, default: the preset's")
@@ -237,7 +240,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
     if args.camvid_root:
         overrides.setdefault("data.root", str(Path(args.camvid_root).resolve()))
     choice = BenchmarkChoice(
-        preset=args.preset, params=str(Path(args.params).resolve()), overrides=overrides,
+        preset=args.preset, protocol=args.protocol, params=str(Path(args.params).resolve()), overrides=overrides,
         strategies=args.strategies.split(",") if args.strategies else None,
         seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None, variants=args.variants,
         workdir=str(Path(args.workdir).resolve()), report_dir=str(Path(args.report_dir).resolve()),

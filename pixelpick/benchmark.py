@@ -35,6 +35,7 @@ from pixelpick.settings import Settings, load_settings
 
 FULL = "full"  # the strategy name of the fully supervised reference
 STAGES = ("inference", "scoring", "selection", "labelling", "training", "evaluation")
+EXPANSION_PREFIXES = ("superpixel_", "propagation_")  # the train step's expansion metrics (`pixelpick.expansion`)
 
 # Short names of the settings a variant may change, as they appear in run names (`margin+cb1+sp300-s0`).
 VARIANT_KEYS = {
@@ -43,6 +44,9 @@ VARIANT_KEYS = {
     "md": "acquire.min_distance",  # picks at least d pixels apart
     "sp": "train.superpixels",  # superpixel expansion, about n superpixels per image
     "st": "train.self_training_threshold",  # self-training on predictions at least this confident
+    "ss": "train.superpixel_sieve",  # drop superpixel expansion the previous model gives the class below this
+    "fp": "train.propagation_threshold",  # feature-space propagation: cosine similarity at least this
+    "fr": "train.propagation_radius",  # ... within this many pixels of the click (0: anywhere in the image)
 }
 _SELECTION_VARIANTS = {"mc", "cb", "md"}  # mean nothing to random selection or full supervision
 
@@ -70,6 +74,11 @@ class BenchmarkPreset:
         return self.rounds if self.warm_start else 1
 
 
+# The `cpu` preset's extra supervision per click, beyond superpixels: the switch a tuning-split comparison flips
+# (e.g. {"train.superpixel_sieve": 0.1}). Empty until evidence from `--protocol tune` says otherwise; see
+# docs/benchmarks/README.md, "Choosing the default".
+CPU_DEFAULT_EXPANSION: dict[str, Any] = {}
+
 PRESETS: dict[str, BenchmarkPreset] = {
     "paper": BenchmarkPreset(
         name="paper",
@@ -96,11 +105,11 @@ PRESETS: dict[str, BenchmarkPreset] = {
         name="cpu",
         description="a 2-core CPU recipe: CamVid at 120x160, LR-ASPP MobileNetV3 from random initialisation, "
         "clicks spread over their SLIC superpixels (about 300 per image); round 0 trains 50 epochs, each later round "
-        "fine-tunes the previous round's model for 5; 20 px/img per round up to 100, 2 seeds.",
+        "fine-tunes the previous round's model for 5; 20 px/img per round up to 100, 3 seeds.",
         overrides={"data.dataset": "camvid", "data.image_size": [120, 160], "model.arch": "lraspp_mobilenetv3",
                    "train.preset": "cpu-camvid", "train.initial_epochs": 50, "train.epochs": 5,
-                   "train.superpixels": 300, "acquire.top_fraction": 0.05},
-        step=20, rounds=5, strategies=("margin", "random"), seeds=(0, 1), warm_start=True,
+                   "train.superpixels": 300, "acquire.top_fraction": 0.05, **CPU_DEFAULT_EXPANSION},
+        step=20, rounds=5, strategies=("margin", "random"), seeds=(0, 1, 2), warm_start=True,
     ),
 }
 
@@ -154,7 +163,7 @@ def plan_runs(
     """Every run, seed by seed (full supervision last), so a benchmark cut short still holds whole seeds.
 
     Each variant runs every strategy it means something to: selection variants (mc, cb, md) the uncertainty
-    strategies only, training variants (sp, st) every strategy. A variant with MC-dropout passes adds BALD.
+    strategies only, training variants (sp, st, ss, fp, fr) every strategy. A variant with MC-dropout passes adds BALD.
     """
     strategies = tuple(strategies or preset.strategies)
     runs = []
@@ -170,12 +179,32 @@ def plan_runs(
     return list(dict.fromkeys(runs))
 
 
+# Where a benchmark trains and what it is measured on. `tune` chooses settings: it trains on 80% of `train` and
+# evaluates on the other, fixed 20% (`pixelpick.datasets.camvid.tuning_names`), so val is never looked at while
+# choosing; `report` measures the chosen settings: all of `train`, evaluated on val.
+PROTOCOLS: dict[str, dict[str, str]] = {
+    "report": {"data.train_split": "train", "data.eval_split": "val"},
+    "tune": {"data.train_split": "train-tune", "data.eval_split": "tune"},
+}
+
+
+def protocol_of(settings: Settings) -> str:
+    """`tune` or `report` when the splits are one of `PROTOCOLS`, else `<train split>-><eval split>`."""
+    splits = {"data.train_split": settings.data.train_split, "data.eval_split": settings.data.eval_split}
+    return next((name for name, chosen in PROTOCOLS.items() if chosen == splits),
+                f"{settings.data.train_split}->{settings.data.eval_split}")
+
+
 def benchmark_settings(
-    params: str | Path, preset: BenchmarkPreset, workdir: Path, overrides: dict[str, Any] | None = None
+    params: str | Path, preset: BenchmarkPreset, workdir: Path, overrides: dict[str, Any] | None = None,
+    protocol: str = "report",
 ) -> Settings:
-    """The benchmark's base settings: params.yaml, then the preset, then the caller's overrides."""
-    merged = {**preset.overrides, "train.warm_start": preset.warm_start, "campaign.workdir": str(workdir),
-              **(overrides or {})}
+    """The benchmark's base settings: params.yaml, then the preset, then the protocol's splits, then the caller's
+    overrides."""
+    if protocol not in PROTOCOLS:
+        raise BenchmarkError(f"unknown protocol {protocol!r}; choose one of {sorted(PROTOCOLS)}")
+    merged = {**preset.overrides, **PROTOCOLS[protocol], "train.warm_start": preset.warm_start,
+              "campaign.workdir": str(workdir), **(overrides or {})}
     return load_settings(params, merged)
 
 
@@ -260,7 +289,8 @@ def run_benchmark_run(base: Settings, preset: BenchmarkPreset, spec: RunSpec, pr
         trained = trained + row["epochs"] if settings.train.warm_start else row["epochs"]
         row["epochs"] = trained  # epochs trained in all, up to this round
     context = {"dataset": settings.data.dataset, "preset": preset.name, "strategy": spec.label, "seed": spec.seed,
-               "arch": settings.model.arch, "image_size": _image_size(campaign), "device": str(campaign.device),
+               "protocol": protocol_of(settings), "arch": settings.model.arch,
+               "image_size": _image_size(campaign), "device": str(campaign.device),
                "epochs_per_round": settings.train.epochs,
                "epochs_round_0": settings.train.initial_epochs or settings.train.epochs}
     return write_json({"rows": [{**context, **row} for row in rows]}, result_path)
@@ -312,9 +342,12 @@ def _round_row(campaign: Campaign, round_id: int, results: list) -> dict[str, An
             seconds[stage] = seconds.get(stage, 0.0) + value
     metrics = json.loads(campaign.files(round_id).metrics.read_text())
     ious = {f"iou_{name}": iou for name, iou in zip(metrics["class_names"], metrics["iou_per_class"])}
-    epochs = next((r.details.get("epochs") for r in results if r.step.startswith("train")), None)
+    details = next((r.details for r in results if r.step.startswith("train")), {})
+    # How many labels each click's expansions added and how many of them the ground truth agrees with.
+    expansion = {key: value for key, value in details.items() if key.startswith(EXPANSION_PREFIXES)}
     return {"round": round_id, "pixels_per_image": metrics["pixels_per_image"], "miou": metrics["miou"], **ious,
-            "epochs": epochs, **{f"{stage}_s": round(seconds[stage], 3) for stage in STAGES}}
+            "epochs": details.get("epochs"), **expansion,
+            **{f"{stage}_s": round(seconds[stage], 3) for stage in STAGES}}
 
 
 def _image_size(campaign: Campaign) -> str:

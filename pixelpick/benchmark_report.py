@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pixelpick.benchmark import FULL, STAGES  # noqa: E402
+from pixelpick.benchmark import EXPANSION_PREFIXES, FULL, STAGES  # noqa: E402
 from pixelpick.io import atomic_write, write_csv  # noqa: E402
 
 # The paper: DeepLabv3+ MobileNetV2 on CamVid 360x480, margin sampling, mean of 5 runs (mIoU %).
@@ -71,6 +71,46 @@ def full_by_round(frame: pd.DataFrame) -> pd.DataFrame:
         mean=("miou", "mean"), std=("miou", "std"), count=("miou", "count"), epochs=("epochs", "max"))
 
 
+def paired_comparison(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each strategy against random selection trained the same way (`random_counterpart`), seed by seed: per
+    budget, the mean and std over seeds of (strategy - random) mIoU points, and in how many seeds it wins.
+    Seeds share round 0 and the images, so the paired difference removes what the seeds have in common."""
+    al = frame[frame["strategy"] != FULL].assign(budget=lambda f: f["pixels_per_image"].round().astype(int))
+    table = al.pivot_table(index=["budget", "seed"], columns="strategy", values="miou", aggfunc="mean") * 100
+    rows = []
+    for strategy in table.columns:
+        reference = None if strategy.startswith("random") else random_counterpart(strategy, list(table.columns))
+        if reference is None:
+            continue
+        for budget, diffs in (table[strategy] - table[reference]).groupby(level="budget"):
+            diffs = diffs.dropna()
+            if len(diffs):
+                rows.append({"strategy": strategy, "reference": reference, "budget": budget, "seeds": len(diffs),
+                             "mean_diff": diffs.mean(), "std_diff": diffs.std() if len(diffs) > 1 else np.nan,
+                             "wins": int((diffs > 0).sum())})
+    return pd.DataFrame(rows, columns=["strategy", "reference", "budget", "seeds", "mean_diff", "std_diff", "wins"])
+
+
+def _paired_table(paired: pd.DataFrame) -> str:
+    cells = {f"{row['strategy']} − {row['reference']}": {} for _, row in paired.iterrows()}
+    for _, row in paired.iterrows():
+        spread = f" ± {row['std_diff']:.1f}" if not np.isnan(row["std_diff"]) else ""
+        cells[f"{row['strategy']} − {row['reference']}"][f"{row['budget']} px/img"] = \
+            f"{row['mean_diff']:+.1f}{spread} ({row['wins']}/{row['seeds']})"
+    return pd.DataFrame(cells).T.fillna("").to_markdown()
+
+
+def expansion_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mean over seeds of the expansion metrics (labels added per click, precision against the ground truth) per
+    strategy and budget; empty when no run expanded its clicks."""
+    columns = [c for c in frame.columns if c.startswith(EXPANSION_PREFIXES)]
+    al = frame[frame["strategy"] != FULL]
+    if not columns or al[columns].isna().all().all():
+        return pd.DataFrame()
+    al = al.assign(budget=al["pixels_per_image"].round().astype(int))
+    return al.groupby(["strategy", "budget"])[columns].mean().dropna(how="all")
+
+
 def write_report(frame: pd.DataFrame, out_dir: Path, stem: str, command: str = "") -> dict[str, Path]:
     """Write `<stem>.csv`, `<stem>.md` and `<stem>.png` into `out_dir`; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -99,8 +139,15 @@ def markdown_report(frame: pd.DataFrame, summary: pd.DataFrame, plot_name: str, 
         "",
         f"- Recipe: {first['arch']} at {first['image_size']}, {epochs}, on {first['device']}; seeds "
         f"{', '.join(map(str, seeds))}. Rows are named by strategy and the settings they change from the preset: "
-        "`+sp0` without superpixel expansion, `+st0.9` with self-training, `+cb1` class-balanced, `+mc8` MC dropout.",
+        "`+sp0` without superpixel expansion, `+st0.9` with self-training, `+cb1` class-balanced, `+mc8` MC dropout, "
+        "`+ss0.1` sieved superpixels, `+fp0.9` feature-space propagation (`+fr16` within 16 px).",
     ]
+    if "protocol" in frame and frame["protocol"].notna().any():
+        protocol = frame["protocol"].dropna().iloc[0]
+        lines.append(f"- Protocol `{protocol}`: " + {
+            "tune": "trained on 80% of CamVid train, evaluated on the fixed other 20% (the tuning split); for "
+                    "choosing settings, not for reporting.",
+            "report": "trained on CamVid train, evaluated on val."}.get(protocol, "custom splits."))
     if len(full):
         last = full.iloc[-1]
         lines.append(f"- Full supervision: {last['mean']:.1f}" + (f" ± {last['std']:.1f}" if last["count"] > 1 else "")
@@ -119,6 +166,18 @@ def markdown_report(frame: pd.DataFrame, summary: pd.DataFrame, plot_name: str, 
         lines += ["The same, as % of the full-supervision model trained exactly as long (the same round):", "",
                   _strategy_table(summary, full, "pct_of_full"), ""]
     lines += _verdicts(summary)
+    paired = paired_comparison(frame)
+    if len(paired):
+        lines += ["", "## Paired against random, seed by seed", "",
+                  "Mean ± std over seeds of the strategy's mIoU minus that of random selection trained the same way "
+                  "(same seed, same round-0 draw), in points; in brackets, the seeds it wins.", "",
+                  _paired_table(paired), ""]
+    expansion = expansion_summary(frame)
+    if len(expansion):
+        lines += ["## More supervision per click: labels added and their precision", "",
+                  "Mean over seeds, per round: `*_per_click` expanded labels per click, `*_precision` the share of "
+                  "them the ground truth agrees with (void pixels left out), `superpixel_sieved_share` the share "
+                  "of superpixel expansion the sieve dropped.", "", expansion.round(3).to_markdown(), ""]
     budgets = sorted(summary["budget"].unique())
     for label, budget in (("the smallest", budgets[0]), ("the largest", budgets[-1])):
         lines += ["", f"## IoU (%) per class at {label} budget ({budget} px/img)", "",

@@ -50,7 +50,8 @@ TRAIN = ("train.epochs", "train.initial_epochs", "train.batch_size", "train.opti
          "train.lr_head", "train.weight_decay", "train.momentum", "train.schedule", "train.milestones", "train.gamma",
          "train.crop_size", "train.scale_range", "train.hflip_p", "train.photometric", "train.warm_start",
          "train.superpixels", "train.superpixel_compactness", "train.superpixel_weight",
-         "train.self_training_threshold", "train.self_training_weight", "train.processes")
+         "train.self_training_threshold", "train.self_training_weight", "train.processes", "train.superpixel_sieve",
+         "train.propagation_threshold", "train.propagation_radius", "train.propagation_weight")
 ACQUIRE = ("acquire.strategy", "acquire.pixels_per_image", "acquire.top_fraction", "acquire.mc_samples",
            "acquire.class_balance", "acquire.min_distance", "acquire.exclude_void")
 
@@ -108,7 +109,8 @@ def _batch(c: Campaign, r: int) -> Path:
 
 def _train_inputs(c: Campaign, r: int) -> Paths:
     t = c.settings.train
-    uses_previous = t.warm_start or t.self_training_threshold > 0
+    uses_previous = (t.warm_start or t.self_training_threshold > 0 or t.superpixel_sieve > 0
+                     or t.propagation_threshold > 0)
     pretrained = c.settings.model.pretrained_path
     return {"snapshot": c.files(r).snapshot, **_pool(c, r), **_pools_so_far(c, r),
             **(_previous(c, r, "model") if uses_previous else {}), **({"pretrained": pretrained} if pretrained else {})}
@@ -147,7 +149,9 @@ INGEST = Step(
 )
 def _train_settings(c: Campaign, r: int) -> tuple[str, ...]:
     # Round 0 has no previous model to warm-start from or learn pseudo-labels of, and runs `initial_epochs`.
-    unread = {"train.warm_start", "train.self_training_threshold", "train.self_training_weight"} if r == 0 else set()
+    unread = {"train.warm_start", "train.self_training_threshold", "train.self_training_weight",
+              "train.superpixel_sieve", "train.propagation_threshold", "train.propagation_radius",
+              "train.propagation_weight"} if r == 0 else set()
     if r > 0 or c.settings.train.initial_epochs is not None:
         unread.add("train.initial_epochs" if r > 0 else "train.epochs")
     return tuple(key for key in (*DATA, *MODEL, *TRAIN, "campaign.seed") if key not in unread)

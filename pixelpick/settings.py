@@ -123,6 +123,15 @@ class TrainSettings(_Section):
     superpixels: StrictInt = Field(0, ge=0)
     superpixel_compactness: Float = Field(10.0, gt=0)
     superpixel_weight: Float = Field(1.0, gt=0)
+    # More supervision per click from the previous round's model (`pixelpick.expansion`); 0 = off, and round 0 (no
+    # previous model) does neither. Sieve: drop superpixel-expanded pixels the previous model gives the click's class
+    # a probability below this. Propagation: a click's class goes to the pixels of its image whose embedding has
+    # cosine similarity >= the threshold with the click's, within the radius (px; 0 = anywhere in the image); a
+    # click's propagated pixels share `propagation_weight`.
+    superpixel_sieve: Float = Field(0.0, ge=0, lt=1)
+    propagation_threshold: Float = Field(0.0, ge=0, lt=1)
+    propagation_radius: StrictInt = Field(0, ge=0)
+    propagation_weight: Float = Field(0.5, gt=0)
     # Self-training: > 0 adds the previous round's confident predictions (max probability >= this) on unlabelled
     # pixels as extra targets, their loss weighted `self_training_weight`. 0 = off.
     self_training_threshold: Float = Field(0.0, ge=0, lt=1)

@@ -33,7 +33,8 @@ from pixelpick.checkpoints import label_space_record, load_previous, read_checkp
 from pixelpick.digests import file_md5, value_digest
 from pixelpick.distributed import is_main_process, launch, rank_and_size
 from pixelpick.errors import StepInputError
-from pixelpick.inference import InferenceTimings, infer_to_store, pool_batches
+from pixelpick.expansion import Expander
+from pixelpick.inference import InferenceTimings, infer_to_store, pool_batches, predict_batches
 from pixelpick.io import write_json, write_parquet
 from pixelpick.labels import LabelStore, check_batch_for_round, read_labels
 from pixelpick.pools import stale_labels
@@ -323,6 +324,7 @@ def train(campaign: Campaign, round_id: int, *, snapshot: Path | None, previous_
         pseudo = predict_pseudo_labels(teacher, campaign.pool, sorted(set(labels["image_id"])), labels,
                                        train_settings.self_training_threshold, campaign.device,
                                        train_settings.eval_batch_size)
+    expander = _expander(campaign, previous_model) if labels is not None else None
     # A resume point for exactly this training: the same inputs and settings, or it is ignored.
     key = value_digest({"snapshot": file_md5(snapshot) if snapshot else None, "epochs": epochs, "seed": seed,
                         "previous": file_md5(previous_model) if previous_model else None,
@@ -330,7 +332,8 @@ def train(campaign: Campaign, round_id: int, *, snapshot: Path | None, previous_
     resume = ResumePoint(campaign.files(round_id).training_state, key, every=train_settings.checkpoint_every)
     started = time.perf_counter()
     result = fit(model, campaign.pool, labels, train_settings.model_copy(update={"epochs": epochs}), campaign.device,
-                 seed=seed, superpixels=superpixels, pseudo_labels=pseudo, resume=resume, progress=progress)
+                 seed=seed, superpixels=superpixels, pseudo_labels=pseudo, resume=resume, progress=progress,
+                 expander=expander)
     seconds = time.perf_counter() - started
     space = campaign.pool.label_space
     if not is_main_process():
@@ -343,7 +346,27 @@ def train(campaign: Campaign, round_id: int, *, snapshot: Path | None, previous_
                     history=result.history)
     return {"seconds": {"training": seconds},
             "details": {"epochs": epochs, "seconds_per_epoch": result.seconds_per_epoch, "stale_labels_left_out": stale,
-                        "resumed_after_epoch": result.resumed_from_epoch, "device": str(campaign.device)}}
+                        "resumed_after_epoch": result.resumed_from_epoch, "device": str(campaign.device),
+                        **result.expansion}}
+
+
+def _expander(campaign: Campaign, previous_model: Path | None) -> Expander | None:
+    """What sieves and propagates clicks (from the previous model) and measures every expansion against the ground
+    truth of a simulated campaign; None when the settings expand nothing."""
+    t = campaign.settings.train
+    if not (t.superpixels or t.propagation_threshold):
+        return None
+    teacher = None
+    if (t.superpixel_sieve or t.propagation_threshold) and previous_model is not None:
+        model, pool, device = campaign.load_model(previous_model), campaign.pool, campaign.device
+
+        def teacher(image_id: str) -> np.ndarray:
+            return next(predict_batches(model, pool, [image_id], device, batch_size=1))[1][0].numpy()
+
+    truth = campaign.pool.load_mask if campaign.simulated and campaign.pool.has_masks else None
+    return Expander(campaign.pool.label_space.ignore_index, teacher=teacher, sieve=t.superpixel_sieve,
+                    propagation_threshold=t.propagation_threshold, propagation_radius=t.propagation_radius,
+                    propagation_weight=t.propagation_weight, truth=truth)
 
 
 # ------------------------------------------------------------------------------------------------------ evaluate

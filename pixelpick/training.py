@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from pixelpick.datasets.base import SegmentationDataset
 from pixelpick.distributed import rank_and_size
+from pixelpick.expansion import Expander
 from pixelpick.inference import predict_batches, same_size_batches
 from pixelpick.io import atomic_write
 from pixelpick.metrics import ConfusionMatrix
@@ -54,7 +55,9 @@ class LabelledImages(Dataset):
       (`pixelpick.superpixels.expand_clicks`); the expanded pixels of one superpixel share the weight
       `expansion_weight` (a click weighs 1), so a large region adds context without drowning the clicks;
     - `pseudo_labels` (image id -> class map, `ignore_index` where there is none): a dense map of extra targets,
-      returned as the sample's `pseudo_mask`.
+      returned as the sample's `pseudo_mask`;
+    - `expander` (`pixelpick.expansion.Expander`): sieves the superpixel expansion, adds feature-space propagation
+      from the previous model, and counts how many expanded labels the ground truth agrees with.
 
     Each item's augmentation draws from its own generator seeded by (seed, epoch, index), so a run is
     reproducible whatever the number of loader workers. Decoded images are kept in memory (up to
@@ -72,12 +75,13 @@ class LabelledImages(Dataset):
         expansion_weight: float = 0.5,
         pseudo_labels: Mapping[str, np.ndarray] | None = None,
         cache_bytes: int = 1 << 30,
+        expander: Expander | None = None,
     ) -> None:
         self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
         self.pseudo_labels = pseudo_labels
         self._images: dict[str, np.ndarray] = {}
         self._cache_left = cache_bytes
-        self.weighted = superpixels is not None
+        self.weighted = superpixels is not None or (expander is not None and expander.propagation is not None)
         if labels is None:
             self.image_ids = list(dataset.image_ids)
             self.pixels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
@@ -87,13 +91,25 @@ class LabelledImages(Dataset):
         for image_id, rows in labels.groupby("image_id", sort=True):
             pixels, classes = rows[["y", "x"]].to_numpy(np.int64), rows["class_id"].to_numpy(np.int64)
             weights = np.ones(len(pixels), np.float32)
+            clicks, click_classes = pixels, classes
+            if expander is not None:
+                expander.clicks += int((classes != ignore).sum())
             if superpixels is not None:
                 segments = superpixels(image_id)
                 extra, extra_classes = expand_clicks(segments, pixels, classes, ignore)
+                if expander is not None:
+                    keep = expander.sieve(image_id, extra, extra_classes)
+                    extra, extra_classes = extra[keep], extra_classes[keep]
+                    expander.record("superpixel", image_id, extra, extra_classes)
                 region = segments[extra[:, 0], extra[:, 1]]
                 share = expansion_weight / np.bincount(region)[region]  # a region's pixels share its weight
                 pixels, classes = np.concatenate([pixels, extra]), np.concatenate([classes, extra_classes])
                 weights = np.concatenate([weights, share.astype(np.float32)])
+            if expander is not None and expander.propagation is not None:
+                extra, extra_classes, share = expander.propagate(image_id, clicks, click_classes, taken=pixels)
+                expander.record("propagation", image_id, extra, extra_classes)
+                pixels, classes = np.concatenate([pixels, extra]), np.concatenate([classes, extra_classes])
+                weights = np.concatenate([weights, share])
             trainable = classes != ignore
             if trainable.any():
                 self.pixels[image_id] = (pixels[trainable], classes[trainable], weights[trainable])
@@ -229,6 +245,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds_per_epoch: float = math.nan
     resumed_from_epoch: int = 0  # epochs a resume point had already trained
+    expansion: dict[str, float | None] = field(default_factory=dict)  # `Expander.summary`: per click, precision
 
 
 @dataclass(frozen=True)
@@ -268,6 +285,7 @@ def fit(
     superpixels: Callable[[str], np.ndarray] | None = None,
     pseudo_labels: Mapping[str, np.ndarray] | None = None,
     resume: ResumePoint | None = None,
+    expander: Expander | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = False,
 ) -> FitResult:
@@ -290,7 +308,8 @@ def fit(
         ignore_index=space.ignore_index,
     )
     train_set = LabelledImages(dataset, transform, labels, seed=seed, superpixels=superpixels,
-                               expansion_weight=settings.superpixel_weight, pseudo_labels=pseudo_labels)
+                               expansion_weight=settings.superpixel_weight, pseudo_labels=pseudo_labels,
+                               expander=expander)
     if len(train_set) == 0:
         raise ValueError("no labelled pixels to train on: the label snapshot is empty")
     rank, processes = rank_and_size()
@@ -318,7 +337,7 @@ def fit(
         optimizer, lambda it: lr_factor(settings, it, iters_per_epoch)
     )
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
-    result = FitResult()
+    result = FitResult(expansion=expander.summary() if expander is not None else {})
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     saved = resume.load() if resume is not None else None
     if saved is not None:
