@@ -32,6 +32,7 @@ from pixelpick.digests import file_md5, tree_md5, value_digest
 from pixelpick.errors import StepInputError
 from pixelpick.io import write_json
 from pixelpick.reporting import write_progress
+from pixelpick.settings import step_reads
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,10 @@ def _steps():
 
     return steps
 
-# Settings keys, grouped by what reads them.
-DATA = ("data.dataset", "data.train_split", "data.image_size", "data.cityscapes_downsample")
-MODEL = ("model.arch", "model.dropout_p")
-TRAIN = ("train.epochs", "train.initial_epochs", "train.batch_size", "train.optimizer", "train.lr_backbone",
-         "train.lr_head", "train.weight_decay", "train.momentum", "train.schedule", "train.milestones", "train.gamma",
-         "train.crop_size", "train.scale_range", "train.hflip_p", "train.photometric", "train.warm_start",
-         "train.superpixels", "train.superpixel_compactness", "train.superpixel_weight",
-         "train.self_training_threshold", "train.self_training_weight", "train.processes")
-ACQUIRE = ("acquire.strategy", "acquire.pixels_per_image", "acquire.top_fraction", "acquire.mc_samples",
-           "acquire.class_balance", "acquire.min_distance", "acquire.exclude_void")
+def _reads(step: str) -> Callable[[Campaign, int], tuple[str, ...]]:
+    """The recipe keys `step` reads in a round, as pixelpick/settings.py declares them: the step's key."""
+    return lambda c, r: step_reads(step, r, role="recipe")
+
 
 Paths = dict[str, Path]
 
@@ -87,13 +82,6 @@ def _reads_void(c: Campaign) -> bool:
     return c.simulated and c.settings.acquire.exclude_void
 
 
-def _query_settings(c: Campaign, r: int) -> tuple[str, ...]:
-    common = (*DATA, "campaign.seed", "campaign.annotator", "acquire.exclude_void")
-    if r == 0:
-        return (*common, "campaign.initial_pixels_per_image")
-    return tuple(dict.fromkeys((*common, *MODEL, *ACQUIRE)))
-
-
 def _query_inputs(c: Campaign, r: int) -> Paths:
     return {**_pool_images(c), **(_pool_masks(c) if _reads_void(c) else {}), **_previous(c, r, "model"),
             **_previous(c, r, "snapshot")}
@@ -125,17 +113,17 @@ def _evaluate_inputs(c: Campaign, r: int) -> Paths:
     return files
 
 
-QUERY = Step("query", _query_settings, _query_inputs, lambda c, r: {"queries": c.files(r).queries}, _run_query)
+QUERY = Step("query", _reads("query"), _query_inputs, lambda c, r: {"queries": c.files(r).queries}, _run_query)
 ANNOTATE = Step(
     "annotate",
-    lambda c, r: (*DATA, "campaign.error_rate", "campaign.seed"),
+    _reads("annotate"),
     lambda c, r: {"queries": c.files(r).queries, **_pool_masks(c)},
     lambda c, r: {"annotations": c.files(r).annotations},
     lambda c, r, i, o, progress: _steps().annotate(c, r, queries=i["queries"], out=o["annotations"]),
 )
 INGEST = Step(
     "ingest",
-    lambda c, r: DATA,
+    _reads("ingest"),
     lambda c, r: {"batch": _batch(c, r), "queries": c.files(r).queries, **_previous(c, r, "snapshot"),
                   **_pool_images(c)},
     lambda c, r: {"snapshot": c.files(r).snapshot},
@@ -143,11 +131,13 @@ INGEST = Step(
                                               out=o["snapshot"], queries=i["queries"]),
 )
 def _train_settings(c: Campaign, r: int) -> tuple[str, ...]:
-    # Round 0 has no previous model to warm-start from or learn pseudo-labels of, and runs `initial_epochs`.
-    unread = {"train.warm_start", "train.self_training_threshold", "train.self_training_weight"} if r == 0 else set()
-    if r > 0 or c.settings.train.initial_epochs is not None:
-        unread.add("train.initial_epochs" if r > 0 else "train.epochs")
-    return tuple(key for key in (*DATA, *MODEL, *TRAIN, "campaign.seed") if key not in unread)
+    # Which epochs key a round trains depends on a value: round 0 trains `initial_epochs` when it is set (and
+    # reads both while it is None), later rounds `epochs`.
+    if r > 0:
+        unread = "train.initial_epochs"
+    else:
+        unread = "train.epochs" if c.settings.train.initial_epochs is not None else None
+    return tuple(key for key in step_reads("train", r, role="recipe") if key != unread)
 
 
 TRAIN_STEP = Step(
@@ -160,7 +150,7 @@ TRAIN_STEP = Step(
 )
 EVALUATE = Step(
     "evaluate",
-    lambda c, r: (*DATA, "data.eval_split", *MODEL),
+    _reads("evaluate"),
     _evaluate_inputs,
     lambda c, r: {"metrics": c.files(r).metrics},
     lambda c, r, i, o, progress: _steps().evaluate(c, r, model=i["model"], snapshot=i["snapshot"], out=o["metrics"],
