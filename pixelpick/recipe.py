@@ -31,7 +31,7 @@ from pixelpick.campaign import Campaign
 from pixelpick.digests import file_md5, tree_md5, value_digest
 from pixelpick.errors import StepInputError
 from pixelpick.io import write_json
-from pixelpick.reporting import write_progress
+from pixelpick.reporting import read_metrics, write_progress
 from pixelpick.settings import step_reads
 
 log = logging.getLogger(__name__)
@@ -328,7 +328,7 @@ def run_campaign(campaign: Campaign, *, progress: bool = False,
     results = []
     for round_id in range(campaign.settings.campaign.rounds + 1):
         run_round(campaign, round_id, progress=progress)
-        metrics = json.loads(campaign.files(round_id).metrics.read_text())
+        metrics = read_metrics(campaign.files(round_id).metrics)
         results.append(metrics)
         write_progress(campaign)
         if on_round is not None:

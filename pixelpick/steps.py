@@ -353,7 +353,8 @@ def evaluate(campaign: Campaign, round_id: int, *, model: Path, snapshot: Path |
     metrics: dict[str, Any] = {
         "round": round_id,
         "labelled_pixels": int((classes != space.ignore_index).sum()),
-        "pixels_per_image": asked / len(campaign.pool),
+        # Labelled so far, over all rounds; each round after round 0 asks `acquire.pixels_per_image` more.
+        "labelled_per_image": asked / len(campaign.pool),
         "labels_per_class": {c.name: int((classes == i).sum()) for i, c in enumerate(space.classes)},
         "class_names": list(space.names),
     }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,7 +13,7 @@ from pixelpick.campaign import Campaign, open_campaign
 from pixelpick.errors import CampaignError
 from pixelpick.locking import campaign_lock, holds
 from pixelpick.recipe import finished_round, mark_finished, nothing_to_do, pending_rounds, round_steps
-from pixelpick.reporting import write_progress
+from pixelpick.reporting import read_metrics, write_progress
 from tasks.steps import open_for_task
 from tasks.tracking import campaign_run, end_campaign_run, log_round
 from tasks.versioning import write_pipeline
@@ -89,8 +88,8 @@ def finished_summaries(campaign_dir: str) -> list[dict[str, Any]] | None:
 
 
 def summary_of(campaign: Campaign, round_id: int, model_version: str | None) -> dict[str, Any]:
-    metrics = json.loads(campaign.files(round_id).metrics.read_text())
-    summary = {key: metrics.get(key) for key in ("round", "labelled_pixels", "pixels_per_image", "miou",
+    metrics = read_metrics(campaign.files(round_id).metrics)
+    summary = {key: metrics.get(key) for key in ("round", "labelled_pixels", "labelled_per_image", "miou",
                                                   "not_measured")}
     return {**summary, "model_version": model_version}
 

@@ -192,6 +192,19 @@ def test_progress_table_and_plot_are_the_same_bytes_for_the_same_rounds(finished
     assert pd.read_csv(table)["miou"].tolist() == pytest.approx([r["miou"] for r in results])
 
 
+def test_labelled_pixels_per_image_is_the_running_total_and_old_metrics_files_still_read(finished, tmp_path):
+    from pixelpick.reporting import read_metrics
+
+    campaign, results = finished
+    # Each round's budget is acquire.pixels_per_image (10); the metrics count what is labelled so far.
+    assert [r["labelled_per_image"] for r in results] == [10.0, 20.0]
+    assert all("pixels_per_image" not in r for r in results)
+    old = json.loads(campaign.files(1).metrics.read_text())
+    old["pixels_per_image"] = old.pop("labelled_per_image")
+    (tmp_path / "metrics.json").write_text(json.dumps(old))
+    assert read_metrics(tmp_path / "metrics.json")["labelled_per_image"] == 20.0
+
+
 # --------------------------------------------------------------------------------------------- opening a campaign
 
 
