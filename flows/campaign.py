@@ -27,7 +27,7 @@ def campaign_flow(campaign: CampaignChoice = CampaignChoice(), cluster: ClusterC
         for round_id in range(opened["rounds"] + 1):
             summary = on_cluster(cluster)(campaign, round_id, cluster)
             miou = "n/a" if summary["miou"] is None else f"{100 * summary['miou']:.1f}"
-            print(f"{round_id:>5} {summary['labelled_pixels']:>9} {summary['pixels_per_image']:>7.1f} {miou:>6}  "
+            print(f"{round_id:>5} {summary['labelled_pixels']:>9} {summary['labelled_per_image']:>7.1f} {miou:>6}  "
                   f"v{summary['model_version']}")
             results.append(summary)
     return results

@@ -178,7 +178,7 @@ def run_campaign(args: argparse.Namespace) -> None:
         print(f"{'round':>5} {'px/img':>7} {'labelled':>9} {'mIoU':>6}")
         with campaign_lock(campaign.layout.lock, campaign.name):
             run_plain(campaign, progress=True, on_round=lambda r, m: print(
-                f"{r:>5} {m['pixels_per_image']:>7.1f} {m['labelled_pixels']:>9d} "
+                f"{r:>5} {m['labelled_per_image']:>7.1f} {m['labelled_pixels']:>9d} "
                 f"{'n/a' if m['miou'] is None else format(100 * m['miou'], '.1f'):>6}", flush=True))
         return
     from pixelpick.recipe import nothing_to_do, pending_rounds

@@ -30,8 +30,9 @@ from pixelpick import steps
 from pixelpick.campaign import Campaign, load_record, prepare_data, recipe_differences, write_record
 from pixelpick.errors import BenchmarkError
 from pixelpick.io import write_json
-from pixelpick.recipe import DATA, MODEL, TRAIN, Step, round_steps, run_step
-from pixelpick.settings import Settings, load_settings
+from pixelpick.recipe import Step, round_steps, run_step
+from pixelpick.reporting import read_metrics
+from pixelpick.settings import Settings, load_settings, step_reads
 
 FULL = "full"  # the strategy name of the fully supervised reference
 STAGES = ("inference", "scoring", "selection", "labelling", "training", "evaluation")
@@ -246,7 +247,7 @@ def _eval_files(c: Campaign) -> dict[str, Path]:
 # The fully supervised reference, as steps of the same kind as the recipe's: dense training, then evaluation.
 DENSE_TRAIN = Step(
     "train-dense",
-    lambda c, r: (*DATA, *MODEL, *TRAIN, "campaign.seed"),
+    lambda c, r: step_reads("train", role="recipe"),  # what training reads in any round
     lambda c, r: {**_pool_files(c), **({"previous_model": c.files(r - 1).model}
                                        if r > 0 and c.settings.train.warm_start else {})},
     lambda c, r: {"model": c.files(r).model},
@@ -254,7 +255,7 @@ DENSE_TRAIN = Step(
 )
 DENSE_EVALUATE = Step(
     "evaluate-dense",
-    lambda c, r: (*DATA, "data.eval_split", *MODEL),
+    lambda c, r: step_reads("evaluate", role="recipe"),
     lambda c, r: {"model": c.files(r).model, **_pool_files(c), **_eval_files(c)},
     lambda c, r: {"metrics": c.files(r).metrics},
     _full_evaluate,
@@ -340,12 +341,13 @@ def _round_row(campaign: Campaign, round_id: int, results: list) -> dict[str, An
         for part, value in result.seconds.items():
             stage = part if part in seconds else _STAGE_OF_STEP.get(result.step, part)
             seconds[stage] = seconds.get(stage, 0.0) + value
-    metrics = json.loads(campaign.files(round_id).metrics.read_text())
+    metrics = read_metrics(campaign.files(round_id).metrics)
     ious = {f"iou_{name}": iou for name, iou in zip(metrics["class_names"], metrics["iou_per_class"])}
     details = next((r.details for r in results if r.step.startswith("train")), {})
     # How many labels each click's expansions added and how many of them the ground truth agrees with.
     expansion = {key: value for key, value in details.items() if key.startswith(EXPANSION_PREFIXES)}
-    return {"round": round_id, "pixels_per_image": metrics["pixels_per_image"], "miou": metrics["miou"], **ious,
+    # The benchmark's budget axis, as in the paper: labelled pixels per image so far.
+    return {"round": round_id, "pixels_per_image": metrics["labelled_per_image"], "miou": metrics["miou"], **ious,
             "epochs": details.get("epochs"), **expansion,
             **{f"{stage}_s": round(seconds[stage], 3) for stage in STAGES}}
 

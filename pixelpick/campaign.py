@@ -29,18 +29,30 @@ from pixelpick.label_space import check_label_space
 from pixelpick.labels import LabelStore, read_labels
 from pixelpick.layout import CampaignLayout, RoundFiles
 from pixelpick.pools import check_unchanged, compare, describe_pool, read_manifest, write_manifest
-from pixelpick.settings import Settings, flatten, load_settings
+from pixelpick.settings import (
+    Settings,
+    SettingsView,
+    flatten,
+    keys_with,
+    load_settings,
+    roles,
+    step_reads,
+)
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-# Keys that say how fast or on what to run, not what to compute: they never make a campaign "another recipe".
-RUNTIME_KEYS = ("train.device", "train.num_workers", "train.eval_batch_size", "train.checkpoint_every")
-# Keys a campaign may change after it started: no output depends on them, so no output may record them either.
-CHANGEABLE_KEYS = ("campaign.rounds", "campaign.store_url", "campaign.keep_stores", *RUNTIME_KEYS)
-_PATH_KEYS = ("data.root", "data.classes_file", "data.cache_dir", "model.pretrained_path", "campaign.workdir")
+# Derived from the roles pixelpick/settings.py declares. Runtime keys say how fast or on what to run, not what to
+# compute: they never make a campaign "another recipe".
+RUNTIME_KEYS = keys_with("runtime")
+# What a recorded campaign takes a new value of: no step's output depends on it (runtime keys, the number of
+# rounds, where stores go).
+CHANGEABLE_KEYS = tuple(key for key, role in roles().items() if role.may_change)
+_PATH_KEYS = tuple(key for key, role in roles().items() if role.is_path)
+# A preset is shorthand for the train keys it fills: the record spells those out and holds no preset.
+_PRESET_KEY = "train.preset"
 
 
 
@@ -178,6 +190,12 @@ class Campaign:
         return record
 
 
+def as_step_sees_it(campaign: Campaign, step: str, round_id: int) -> Campaign:
+    """The campaign with only the settings `step` declares for round `round_id` readable (pixelpick/settings.py):
+    reading any other raises `UndeclaredSetting`. What checks that a step's key holds everything it reads."""
+    return Campaign(SettingsView(campaign.settings, step_reads(step, round_id)))  # type: ignore[arg-type]
+
+
 # -------------------------------------------------------------------------------------------------------------------
 # Opening a campaign
 
@@ -262,7 +280,7 @@ def _reopen(settings: Settings, layout: CampaignLayout, given: set[str] | None) 
     """The recorded campaign, checked against the settings given: every key, or only the dotted keys in `given`."""
     recorded = load_record(layout)
     check_label_space(recorded, layout)  # before anything is written: a changed class refuses the whole run
-    prefixes = {"train" if key == "train.preset" else key for key in given or ()}  # a preset sets the section
+    prefixes = {"train" if key == _PRESET_KEY else key for key in given or ()}  # a preset sets the section
 
     def was_given(key: str) -> bool:
         return given is None or any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
@@ -274,24 +292,39 @@ def _reopen(settings: Settings, layout: CampaignLayout, given: set[str] | None) 
             f"campaign {settings.campaign.name!r} was started with other settings ({listed}). Give a new campaign "
             f"another name (--set campaign.name=...), or edit {layout.params} and run `dvc repro` in that folder "
             "to redo what the change affects")
-    # The number of rounds, where stores go and the runtime keys may change: no step's output depends on them.
-    runtime = {key.split(".")[1]: getattr(settings.train, key.split(".")[1]) for key in RUNTIME_KEYS if was_given(key)}
-    changeable = {key: getattr(settings.campaign, key) for key in ("rounds", "store_url", "keep_stores")
-                  if was_given(f"campaign.{key}")}
-    updated = recorded.model_copy(update={
-        "campaign": recorded.campaign.model_copy(update=changeable),
-        "train": recorded.train.model_copy(update=runtime)})
+    updated = with_values(recorded, {key: _value(settings, key) for key in CHANGEABLE_KEYS if was_given(key)})
     if updated != recorded:
         write_record(updated, layout)
     return Campaign(updated)
 
 
 def recipe_differences(recorded: Settings, given: Settings) -> dict[str, tuple[str, str]]:
-    """{key: (recorded, given)} for every setting that differs, ignoring `campaign.rounds` and runtime keys."""
-    ignored = {"train.preset", *CHANGEABLE_KEYS}
+    """{key: (recorded, given)} for every setting that differs, ignoring those a recorded campaign may change."""
+    ignored = {_PRESET_KEY, *CHANGEABLE_KEYS}
     old, new = (flatten(json.loads(s.model_dump_json())) for s in (recorded, given))
     return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
             if key not in ignored and old.get(key) != new.get(key)}
+
+
+def _value(settings: Settings, dotted: str) -> Any:
+    node: Any = settings
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def with_values(settings: Settings, values: dict[str, Any]) -> Settings:
+    """`settings` with the dotted keys in `values` replaced (already validated values, of a `Settings`)."""
+    for dotted, value in values.items():
+        *sections, leaf = dotted.split(".")
+        chain = [settings]
+        for part in sections:
+            chain.append(getattr(chain[-1], part))
+        node = chain[-1].model_copy(update={leaf: value})
+        for parent, part in zip(reversed(chain[:-1]), reversed(sections)):
+            node = parent.model_copy(update={part: node})
+        settings = node
+    return settings
 
 
 def settings_record(settings: Settings, base: Path) -> dict[str, Any]:

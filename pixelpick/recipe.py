@@ -32,7 +32,8 @@ from pixelpick.digests import file_md5, tree_md5, value_digest
 from pixelpick.errors import StepInputError
 from pixelpick.io import write_json
 from pixelpick.provenance import code_digest, code_version
-from pixelpick.reporting import write_progress
+from pixelpick.reporting import read_metrics, write_progress
+from pixelpick.settings import step_reads
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +44,10 @@ def _steps():
 
     return steps
 
-# Settings keys, grouped by what reads them.
-DATA = ("data.dataset", "data.train_split", "data.image_size", "data.cityscapes_downsample")
-MODEL = ("model.arch", "model.dropout_p")
-TRAIN = ("train.epochs", "train.initial_epochs", "train.batch_size", "train.optimizer", "train.lr_backbone",
-         "train.lr_head", "train.weight_decay", "train.momentum", "train.schedule", "train.milestones", "train.gamma",
-         "train.crop_size", "train.scale_range", "train.hflip_p", "train.photometric", "train.warm_start",
-         "train.superpixels", "train.superpixel_compactness", "train.superpixel_weight",
-         "train.self_training_threshold", "train.self_training_weight", "train.processes", "train.superpixel_sieve",
-         "train.propagation_threshold", "train.propagation_radius", "train.propagation_weight")
-ACQUIRE = ("acquire.strategy", "acquire.pixels_per_image", "acquire.top_fraction", "acquire.mc_samples",
-           "acquire.class_balance", "acquire.min_distance", "acquire.exclude_void")
+def _reads(step: str) -> Callable[[Campaign, int], tuple[str, ...]]:
+    """The recipe keys `step` reads in a round, as pixelpick/settings.py declares them: the step's key."""
+    return lambda c, r: step_reads(step, r, role="recipe")
+
 
 Paths = dict[str, Path]
 
@@ -87,11 +81,6 @@ def _previous(c: Campaign, r: int, what: str) -> Paths:
     return {} if r == 0 else {f"previous_{what}": getattr(c.files(r - 1), what)}
 
 
-def _query_settings(c: Campaign, r: int) -> tuple[str, ...]:
-    common = (*DATA, "campaign.seed", "campaign.annotator", "acquire.exclude_void")
-    if r == 0:
-        return (*common, "campaign.initial_pixels_per_image")
-    return tuple(dict.fromkeys((*common, *MODEL, *ACQUIRE)))
 
 
 def _query_inputs(c: Campaign, r: int) -> Paths:
@@ -126,12 +115,17 @@ def _evaluate_inputs(c: Campaign, r: int) -> Paths:
     return files
 
 
-QUERY = Step("query", _query_settings, _query_inputs, lambda c, r: {"queries": c.files(r).queries}, _run_query)
+def _annotate_settings(c: Campaign, r: int) -> tuple[str, ...]:
+    # suggestion_trust is named only when set, so the recipes of campaigns without suggestions stay as they were.
+    trusting = r > 0 and c.settings.campaign.suggestion_trust
+    return tuple(key for key in step_reads("annotate", r, role="recipe")
+                 if key != "campaign.suggestion_trust" or trusting)
+
+
+QUERY = Step("query", _reads("query"), _query_inputs, lambda c, r: {"queries": c.files(r).queries}, _run_query)
 ANNOTATE = Step(
     "annotate",
-    # suggestion_trust is named only when set, so the recipes of campaigns without suggestions stay as they were.
-    lambda c, r: (*DATA, "campaign.error_rate", "campaign.seed",
-                  *(("campaign.suggestion_trust",) if r > 0 and c.settings.campaign.suggestion_trust else ())),
+    _annotate_settings,
     # Suggestions come from the previous model's probabilities: a person who trusts them answers after that model.
     lambda c, r: {"queries": c.files(r).queries, **_pool(c, r),
                   **(_previous(c, r, "model") if c.settings.campaign.suggestion_trust else {})},
@@ -140,7 +134,7 @@ ANNOTATE = Step(
 )
 INGEST = Step(
     "ingest",
-    lambda c, r: DATA,
+    _reads("ingest"),
     lambda c, r: {"batch": _batch(c, r), "queries": c.files(r).queries, **_previous(c, r, "snapshot"),
                   **_pool(c, r)},
     lambda c, r: {"snapshot": c.files(r).snapshot},
@@ -148,13 +142,13 @@ INGEST = Step(
                                               out=o["snapshot"], queries=i["queries"]),
 )
 def _train_settings(c: Campaign, r: int) -> tuple[str, ...]:
-    # Round 0 has no previous model to warm-start from or learn pseudo-labels of, and runs `initial_epochs`.
-    unread = {"train.warm_start", "train.self_training_threshold", "train.self_training_weight",
-              "train.superpixel_sieve", "train.propagation_threshold", "train.propagation_radius",
-              "train.propagation_weight"} if r == 0 else set()
-    if r > 0 or c.settings.train.initial_epochs is not None:
-        unread.add("train.initial_epochs" if r > 0 else "train.epochs")
-    return tuple(key for key in (*DATA, *MODEL, *TRAIN, "campaign.seed") if key not in unread)
+    # Which epochs key a round trains depends on a value: round 0 trains `initial_epochs` when it is set (and
+    # reads both while it is None), later rounds `epochs`.
+    if r > 0:
+        unread = "train.initial_epochs"
+    else:
+        unread = "train.epochs" if c.settings.train.initial_epochs is not None else None
+    return tuple(key for key in step_reads("train", r, role="recipe") if key != unread)
 
 
 TRAIN_STEP = Step(
@@ -167,7 +161,7 @@ TRAIN_STEP = Step(
 )
 EVALUATE = Step(
     "evaluate",
-    lambda c, r: (*DATA, "data.eval_split", *MODEL),
+    _reads("evaluate"),
     _evaluate_inputs,
     lambda c, r: {"metrics": c.files(r).metrics},
     lambda c, r, i, o, progress: _steps().evaluate(c, r, model=i["model"], snapshot=i["snapshot"], out=o["metrics"],
@@ -372,7 +366,7 @@ def run_campaign(campaign: Campaign, *, progress: bool = False,
     results = []
     for round_id in range(campaign.settings.campaign.rounds + 1):
         run_round(campaign, round_id, progress=progress)
-        metrics = json.loads(campaign.files(round_id).metrics.read_text())
+        metrics = read_metrics(campaign.files(round_id).metrics)
         results.append(metrics)
         write_progress(campaign)
         if on_round is not None:

@@ -15,7 +15,18 @@ from pixelpick.labels import read_labels
 from pixelpick.probstore import ProbabilityStore
 from pixelpick.visualise import progress_plot, query_panel
 
-PROGRESS_COLUMNS = ["round", "labelled_pixels", "pixels_per_image", "miou"]
+# `labelled_per_image`: labelled pixels per pool image so far (cumulative), not `acquire.pixels_per_image`, the
+# budget of one round.
+PROGRESS_COLUMNS = ["round", "labelled_pixels", "labelled_per_image", "miou"]
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    """A round's metrics file. Files written before the cumulative count was renamed called it `pixels_per_image`,
+    the name of the per-round budget; they read as the new ones."""
+    metrics = json.loads(Path(path).read_text())
+    if "pixels_per_image" in metrics and "labelled_per_image" not in metrics:
+        metrics["labelled_per_image"] = metrics.pop("pixels_per_image")
+    return metrics
 
 
 def query_statistics(campaign: Campaign, round_id: int) -> dict[str, Any]:
@@ -56,12 +67,13 @@ def query_figure(campaign: Campaign, round_id: int, num_images: int = 3) -> byte
 
 
 def progress_rows(campaign: Campaign) -> list[dict[str, Any]]:
-    """One row per evaluated round: round, labelled pixels, pixels per image, mIoU (None when not measured)."""
+    """One row per evaluated round: round, labelled pixels, labelled pixels per image, mIoU (None when not
+    measured)."""
     rows = []
     for round_id in campaign.layout.rounds_present():
         path = campaign.files(round_id).metrics
         if path.is_file():
-            metrics = json.loads(path.read_text())
+            metrics = read_metrics(path)
             rows.append({key: metrics.get(key) for key in PROGRESS_COLUMNS})
     return rows
 

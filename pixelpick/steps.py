@@ -15,9 +15,11 @@ Each step reads the files it is given and writes its output atomically, and retu
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from pixelpick.io import write_json, write_parquet
 from pixelpick.labels import LabelStore, check_batch_for_round, read_labels
 from pixelpick.pools import stale_labels
 from pixelpick.probstore import ProbabilityStore, create_store, mark_complete, remove_store, store_bytes
+from pixelpick.settings import step_reads
 from pixelpick.superpixels import SuperpixelCache, SuperpixelParams
 from pixelpick.training import ResumePoint, fit, predict_pseudo_labels
 from pixelpick.training import evaluate as evaluate_model
@@ -306,7 +309,7 @@ def train(campaign: Campaign, round_id: int, *, snapshot: Path | None, previous_
     seed = round_seed(settings.campaign.seed, round_id)
     torch.manual_seed(seed)
     model = campaign.new_model()
-    if train_settings.warm_start and previous_model is not None:
+    if previous_model is not None and train_settings.warm_start:  # round 0 has none, and reads no warm_start
         load_previous(model, read_checkpoint(previous_model), previous_model)  # grows it if classes were appended
     labels = read_labels(snapshot) if snapshot is not None else None
     stale = 0
@@ -319,16 +322,19 @@ def train(campaign: Campaign, round_id: int, *, snapshot: Path | None, previous_
         params = SuperpixelParams(train_settings.superpixels, train_settings.superpixel_compactness)
         superpixels = SuperpixelCache(campaign.pool, params, settings.data.cache_dir)
     pseudo = None
-    if train_settings.self_training_threshold and previous_model is not None and labels is not None:
+    if previous_model is not None and labels is not None and train_settings.self_training_threshold:
         teacher = campaign.load_model(previous_model)
         pseudo = predict_pseudo_labels(teacher, campaign.pool, sorted(set(labels["image_id"])), labels,
                                        train_settings.self_training_threshold, campaign.device,
                                        train_settings.eval_batch_size)
     expander = _expander(campaign, previous_model) if labels is not None else None
-    # A resume point for exactly this training: the same inputs and settings, or it is ignored.
+    # A resume point for exactly this training: the same inputs and recipe settings, or it is ignored. Runtime
+    # settings are not in it: a training killed on one device or with another `checkpoint_every` continues.
+    pretrained = settings.model.pretrained_path
     key = value_digest({"snapshot": file_md5(snapshot) if snapshot else None, "epochs": epochs, "seed": seed,
                         "previous": file_md5(previous_model) if previous_model else None,
-                        "settings": {k: campaign.recorded_settings()[k] for k in ("data", "model", "train")}})
+                        "pretrained": file_md5(pretrained) if pretrained else None,
+                        "settings": _recorded_values(campaign, step_reads("train", role="recipe"))})
     resume = ResumePoint(campaign.files(round_id).training_state, key, every=train_settings.checkpoint_every)
     started = time.perf_counter()
     result = fit(model, campaign.pool, labels, train_settings.model_copy(update={"epochs": epochs}), campaign.device,
@@ -369,6 +375,11 @@ def _expander(campaign: Campaign, previous_model: Path | None) -> Expander | Non
                     propagation_weight=t.propagation_weight, truth=truth)
 
 
+def _recorded_values(campaign: Campaign, keys: Iterable[str]) -> dict[str, Any]:
+    record = campaign.recorded_settings()
+    return {key: reduce(operator.getitem, key.split("."), record) for key in keys}
+
+
 # ------------------------------------------------------------------------------------------------------ evaluate
 
 
@@ -388,7 +399,8 @@ def evaluate(campaign: Campaign, round_id: int, *, model: Path, snapshot: Path |
     metrics: dict[str, Any] = {
         "round": round_id,
         "labelled_pixels": int((classes != space.ignore_index).sum()),
-        "pixels_per_image": asked / len(campaign.pool),
+        # Labelled so far, over all rounds; each round after round 0 asks `acquire.pixels_per_image` more.
+        "labelled_per_image": asked / len(campaign.pool),
         "labels_per_class": {c.name: int((classes == i).sum()) for i, c in enumerate(space.classes)},
         "class_names": list(space.names),
     }

@@ -289,9 +289,10 @@ def fit(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = False,
 ) -> FitResult:
-    """Train `model` on the labelled pixels in `labels` (dense masks when None) for `settings.epochs` epochs;
-    `seed` fixes the shuffling and every augmentation. With `resume`, training continues from the state saved
-    there, if any, and saves its state every few epochs (the result is the same as an uninterrupted run).
+    """Train `model` on the labelled pixels in `labels` (dense masks when None) for `settings.epochs` epochs, the
+    epochs of this one training (the train step passes the round's: `train.initial_epochs` in round 0); `seed`
+    fixes the shuffling and every augmentation. With `resume`, training continues from the state saved there, if
+    any, and saves its state every few epochs (the result is the same as an uninterrupted run).
 
     `superpixels` (image id -> segment map) turns on superpixel expansion, weighted `settings.superpixel_weight`;
     `pseudo_labels` (image id -> class map) adds self-training targets weighted `settings.self_training_weight`.

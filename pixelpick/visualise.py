@@ -49,7 +49,7 @@ def progress_plot(rows: Sequence[dict], title: str) -> bytes:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     measured = [row for row in rows if row.get("miou") is not None]
     if measured:
-        x = [row["pixels_per_image"] for row in measured]
+        x = [row["labelled_per_image"] for row in measured]
         ax.plot(x, [100 * row["miou"] for row in measured], marker="o")
         for row, xi in zip(measured, x):
             ax.annotate(f"r{row['round']}", (xi, 100 * row["miou"]), textcoords="offset points", xytext=(4, -10),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +14,7 @@ from pixelpick.campaign import Campaign, open_campaign
 from pixelpick.errors import CampaignError
 from pixelpick.locking import campaign_lock, holds
 from pixelpick.recipe import finished_round, mark_finished, nothing_to_do, pending_rounds, round_steps
-from pixelpick.reporting import write_progress
+from pixelpick.reporting import read_metrics, write_progress
 from tasks.artifacts import publish_round_artifacts
 from tasks.servers import crash_abandoned_flow_runs
 from tasks.steps import open_for_task
@@ -99,8 +98,8 @@ def finished_summaries(campaign_dir: str) -> list[dict[str, Any]] | None:
 
 
 def summary_of(campaign: Campaign, round_id: int, model_version: str | None) -> dict[str, Any]:
-    metrics = json.loads(campaign.files(round_id).metrics.read_text())
-    summary = {key: metrics.get(key) for key in ("round", "labelled_pixels", "pixels_per_image", "miou",
+    metrics = read_metrics(campaign.files(round_id).metrics)
+    summary = {key: metrics.get(key) for key in ("round", "labelled_pixels", "labelled_per_image", "miou",
                                                   "not_measured")}
     return {**summary, "model_version": model_version}
 

@@ -25,7 +25,7 @@ from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 from pixelpick.campaign import Campaign
 from pixelpick.digests import file_md5
 from pixelpick.provenance import code_version
-from pixelpick.recipe import STEPS, read_record
+from pixelpick.recipe import STEPS, read_record, round_steps, settings_values
 from pixelpick.reporting import query_statistics
 from pixelpick.settings import flatten
 
@@ -149,13 +149,11 @@ def log_round(campaign: Campaign, round_id: int) -> str:
 def _log_round_data(client: MlflowClient, run_id: str, campaign: Campaign, round_id: int, metrics: dict) -> None:
     from pixelpick.checkpoints import read_checkpoint
 
-    settings = campaign.settings
-    for key, value in {
-        "round": round_id, "strategy": settings.acquire.strategy, "pixels_per_image": settings.acquire.pixels_per_image,
-        "top_fraction": settings.acquire.top_fraction, "arch": settings.model.arch, "epochs": settings.train.epochs,
-        "warm_start": settings.train.warm_start, "superpixels": settings.train.superpixels,
-        "labelled_pixels": metrics["labelled_pixels"],
-    }.items():
+    # The settings the round's steps read, as their keys hold them: round 0 logs the `train.initial_epochs` it
+    # trained and no `train.epochs`, and no acquisition settings (its queries are random).
+    used = {key: value for step in round_steps(campaign)
+            for key, value in settings_values(campaign, step.settings(campaign, round_id)).items()}
+    for key, value in {"round": round_id, **used, "labelled_pixels": metrics["labelled_pixels"]}.items():
         client.log_param(run_id, key, value)
     for epoch in read_checkpoint(campaign.files(round_id).model)["history"]:
         for key in ("loss", "lr_head"):

@@ -53,13 +53,28 @@ def tiny_settings(tmp_path):
     return settings
 
 
+@pytest.fixture(scope="session")
+def reference_campaign(tmp_path_factory) -> Path:
+    """The tiny campaign (TINY_PARAMS) run once, uninterrupted, with the plain loop: the files every crash and
+    resume test must end with. Its folder is shared by the session: copy it before changing anything in it."""
+    from pixelpick.campaign import open_campaign
+    from pixelpick.recipe import run_campaign
+
+    folder = tmp_path_factory.mktemp("reference")
+    (folder / "params.yaml").write_text(TINY_PARAMS)
+    # A resume point after every epoch, as crash tests run: a runtime setting, but checkpoints record it.
+    run_campaign(open_campaign(folder / "params.yaml", {"train.checkpoint_every": 1}))
+    return folder
+
+
+# The default architecture (params.yaml), the fastest; DeepLabv3+ runs where a test needs it to learn in 2 epochs.
 TINY_PARAMS = """
 data:
   dataset: synthetic
   root: data/synthetic
   synthetic: {num_train: 24, num_val: 12, height: 48, width: 64, seed: 0}
 model:
-  arch: deeplabv3plus_mobilenetv2
+  arch: lraspp_mobilenetv3
 train:
   preset: cpu-synthetic
   epochs: 2

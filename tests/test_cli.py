@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import TINY_PARAMS
 from tests.test_flows import scratch_repo
 
 pytestmark = pytest.mark.slow
@@ -53,10 +54,14 @@ def test_the_readme_commands_run(prefect_server, tmp_path):
     (("campaign", "--set", "data.dataset=camvid", "--set", "data.root=/no/such/camvid"), "/no/such/camvid"),
     (("round", "3", "--campaign", "never-started"), "has not started"),
 ])
-def test_bad_input_is_one_line_and_debug_shows_the_traceback(tmp_path, args, problem):
+def test_bad_input_is_one_line_and_debug_shows_the_traceback(prefect_server, tmp_path, args, problem):
     import re
 
-    repo = scratch_repo(tmp_path / "repo")
+    # Refused before anything is versioned: a folder holding the params file is enough (no git, no DVC to set up);
+    # the session's Prefect server spares a flow command its own temporary one.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "params.yaml").write_text(TINY_PARAMS)
     done = pixelpick(*args, cwd=repo, ok=False)
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]

@@ -33,10 +33,17 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def test_a_campaigns_records_are_committable_and_its_rounds_files_are_not(tmp_path):
-    # DVC refuses a git-ignored dvc.lock: a campaign's records must be committable, its rounds' files not.
-    repo = scratch_repo(tmp_path / "repo")
+@pytest.fixture(scope="module")
+def piped(tmp_path_factory) -> Path:
+    """A scratch repository whose default campaign has its pipeline written (and nothing run)."""
+    repo = scratch_repo(tmp_path_factory.mktemp("piped") / "repo")
     run("pixelpick", "pipeline", cwd=repo)
+    return repo
+
+
+def test_a_campaigns_records_are_committable_and_its_rounds_files_are_not(piped):
+    # DVC refuses a git-ignored dvc.lock: a campaign's records must be committable, its rounds' files not.
+    repo = piped
 
     def ignored(path: str) -> bool:
         return subprocess.run(["git", "check-ignore", "-q", path], cwd=repo).returncode == 0
@@ -81,9 +88,8 @@ def test_dvc_repro_runs_a_campaign_and_reproduces_a_round_bit_for_bit(tmp_path):
     assert "<img" in page and "<script" not in page
 
 
-def test_a_step_run_by_hand_in_the_campaign_folder_is_the_stage_dvc_runs(tmp_path):
-    repo = scratch_repo(tmp_path / "repo")
-    run("pixelpick", "pipeline", cwd=repo)
+def test_a_step_run_by_hand_in_the_campaign_folder_is_the_stage_dvc_runs(piped):
+    repo = piped  # the last of this module's tests to use it: it runs steps in it
     campaign = repo / "data/runs/tiny"
     for step in ("query", "annotate", "ingest"):
         run("pixelpick", "step", step, "--round", "0", cwd=campaign)

@@ -49,7 +49,8 @@ def choice(folder: Path, **overrides) -> CampaignChoice:
 
 def test_a_campaign_is_versioned_tracked_and_cached_by_content(prefect_server, tmp_path):
     repo = scratch_repo(tmp_path / "repo")
-    results = campaign_flow(choice(repo, **{"campaign.name": "flow-lineage"}))
+    # Round 0 trains 3 epochs (train.initial_epochs), later rounds 2 (train.epochs).
+    results = campaign_flow(choice(repo, **{"campaign.name": "flow-lineage", "train.initial_epochs": 3}))
     assert [r["round"] for r in results] == [0, 1]
     campaign = open_recorded(repo / "data" / "runs" / "flow-lineage")
 
@@ -77,6 +78,11 @@ def test_a_campaign_is_versioned_tracked_and_cached_by_content(prefect_server, t
     round_run = client.get_run(versions[1].run_id)
     assert round_run.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
     assert round_run.data.metrics["query_queried_pixels"] == 10 * len(campaign.pool)
+    # The params are what each round's steps keyed on: round 0 trained initial_epochs and queried at random.
+    first, second = (client.get_run(v.run_id).data.params for v in versions)
+    assert first["train.initial_epochs"] == "3" and "train.epochs" not in first and "acquire.strategy" not in first
+    assert second["train.epochs"] == "2" and "train.initial_epochs" not in second
+    assert second["acquire.pixels_per_image"] == "10" and "train.device" not in second
 
     # A registered version is a model MLflow loads and predicts with.
     model = mlflow.pyfunc.load_model(f"models:/{name}@best")
@@ -128,13 +134,15 @@ class Killed(Exception):
     """Stands for the process dying at that point."""
 
 
-def test_a_round_killed_inside_a_step_reruns_to_the_same_snapshot(prefect_server, tmp_path, monkeypatch):
+def test_a_round_killed_inside_a_step_reruns_to_the_same_snapshot(prefect_server, tmp_path, monkeypatch,
+                                                                  reference_campaign):
     import pixelpick.labels as labels_module
     import pixelpick.steps as steps_module
 
-    reference = scratch_repo(tmp_path / "a")
-    expected = [r["labelled_pixels"] for r in campaign_flow(choice(reference, **{"campaign.name": "ref"}))]
-    reference_snapshot = (reference / "data/runs/ref/rounds/r01/labels.parquet").read_bytes()
+    # What the same settings give uninterrupted (the plain loop runs the same steps as the flow).
+    reference = reference_campaign / "data/runs/tiny/rounds"
+    expected = [json.loads((reference / f"r{r:02d}/metrics.json").read_text())["labelled_pixels"] for r in (0, 1)]
+    reference_snapshot = (reference / "r01/labels.parquet").read_bytes()
 
     repo = scratch_repo(tmp_path / "b")
     with monkeypatch.context() as patch:  # round 0 dies while training

@@ -47,26 +47,68 @@ def round_files(repo: Path) -> dict[str, bytes]:
             if p.name in ("queries.parquet", "annotations.parquet", "labels.parquet", "model.pt")}
 
 
-def test_killed_at_any_step_a_campaign_reruns_to_the_same_files(tmp_path):
-    reference = scratch_repo(tmp_path / "reference")
-    assert finish(start("campaign", "--plain", *LONGER, cwd=reference))[0] == 0
-    expected = round_files(reference)
+class Killed(BaseException):
+    """Stands for the process dying at that point (a BaseException, as a signal's, so no handler swallows it)."""
 
+
+def test_killed_at_any_step_a_campaign_reruns_to_the_same_files(tmp_path, monkeypatch, reference_campaign):
+    import pixelpick.recipe as recipe
+    import pixelpick.training as training
+    from pixelpick.campaign import open_campaign
+
+    expected = round_files(reference_campaign)
     repo = scratch_repo(tmp_path / "repo")
     rounds = repo / "data/runs/tiny/rounds"
-    # kill -9 while round 0 trains (after its first resume point), while round 1 infers into Zarr, right after
-    # round 1's snapshot is written, and while round 1 trains.
-    kill_points = [rounds / "r00/train.resume.pt", rounds / "r01/probs.zarr", rounds / "r01/labels.parquet",
-                   rounds / "r01/train.resume.pt"]
-    for trigger in kill_points:
-        process = start("campaign", "--plain", *LONGER, cwd=repo)
-        wait_for(lambda t=trigger, p=process: t.exists() or p.poll() is not None, what=str(trigger))
-        process.kill()
-        process.wait()
-    assert finish(start("campaign", "--plain", *LONGER, cwd=repo))[0] == 0
+    resume_often = {"train.checkpoint_every": 1}  # runtime: a resume point after every epoch, same results
+
+    def run_in_process_until(point: str, patch) -> None:
+        with monkeypatch.context() as patched:
+            patch(patched)
+            with pytest.raises(Killed):
+                recipe.run_campaign(open_campaign(repo / "params.yaml", resume_often))
+        assert not (rounds / "r01/steps/evaluate.json").exists(), f"{point}: the campaign must not have finished"
+
+    real_epoch = training.train_one_epoch
+
+    def dies_in_second_epoch_of(round_dir: str):
+        epochs = []
+
+        def epoch(*args, **kwargs):
+            if (rounds / round_dir / "train.resume.pt").exists():  # after its first resume point
+                epochs.append(1)
+                raise Killed()
+            return real_epoch(*args, **kwargs)
+
+        return lambda patched: patched.setattr(training, "train_one_epoch", epoch)
+
+    # Three deaths simulated in-process: while round 0 trains (after its first resume point) ...
+    run_in_process_until("r00 training", dies_in_second_epoch_of("r00"))
+    assert (rounds / "r00/train.resume.pt").is_file() and not (rounds / "r00/model.pt").exists()
+
+    # ... one real kill -9, while round 1 infers into Zarr (a store partly written by a dead process) ...
+    process = start("campaign", "--plain", "--set", "train.checkpoint_every=1", cwd=repo)
+    wait_for(lambda: (rounds / "r01/probs.zarr").exists() or process.poll() is not None, what="round 1's store")
+    process.kill()
+    process.wait()
+
+    # ... right after round 1's snapshot is written, before its record is ...
+    real_record = recipe.record_step
+
+    def dies_recording_ingest(campaign, step, round_id, key, measured):
+        if step.name == "ingest" and round_id == 1:
+            raise Killed()
+        return real_record(campaign, step, round_id, key, measured)
+
+    run_in_process_until("r01 snapshot", lambda patched: patched.setattr(recipe, "record_step", dies_recording_ingest))
+    assert (rounds / "r01/labels.parquet").is_file() and not (rounds / "r01/steps/ingest.json").exists()
+
+    # ... and while round 1 trains.
+    run_in_process_until("r01 training", dies_in_second_epoch_of("r01"))
+
+    assert finish(start("campaign", "--plain", "--set", "train.checkpoint_every=1", cwd=repo))[0] == 0
     assert round_files(repo) == expected
     record = json.loads((rounds / "r01/steps/train.json").read_text())
-    assert record["details"]["resumed_after_epoch"] >= 1  # the last kill's training continued, it did not restart
+    assert record["details"]["resumed_after_epoch"] >= 1  # the last death's training continued, it did not restart
 
 
 def test_a_second_run_of_a_campaign_is_refused_and_sigterm_stops_the_first_within_seconds(tmp_path):
