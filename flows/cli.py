@@ -120,7 +120,7 @@ def get_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, required=True, help="where the label maps (palette PNGs) go")
 
     step = commands.add_parser("step", help="one step of a round, in a campaign folder (what dvc repro runs)")
-    step.add_argument("step", help="query, annotate, ingest, train, evaluate, or progress")
+    step.add_argument("step", help="pool, query, annotate, ingest, train, evaluate, or progress")
     step.add_argument("--round", type=int)
     step.add_argument("--campaign-dir", type=Path, default=Path("."))
 
@@ -290,6 +290,10 @@ def run_step(args: argparse.Namespace) -> None:
             return
         if args.round is None:
             raise SystemExit("error: step needs --round N")
+        if args.step == "pool":  # the round starts: its pool is frozen (nothing is rewritten once it is)
+            campaign.freeze_pool(args.round)
+            print(f"pool of round {args.round}: {campaign.layout.pool(args.round)}")
+            return
         result = execute_step(campaign, args.step, args.round, progress=True)
     print(f"{args.step} of round {args.round}: {'up to date' if result.fresh else 'done'}")
 

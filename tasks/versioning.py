@@ -41,6 +41,7 @@ STEP_COMMAND = "pixelpick step {step} --round {round}"
 # from restoring outputs behind the lock's back: DVC never restores persistent outputs from it.)
 KEPT = {"persist": True}
 PROGRESS_STAGE = "progress"
+POOL_STAGE = "pool"
 
 
 class VersioningError(PixelPickError):
@@ -60,16 +61,27 @@ def find_dvc_root(path: Path) -> Path | None:
 
 
 def pipeline_rounds(campaign: Campaign) -> list[tuple[int, list[Step]]]:
-    """The rounds (and their steps) the pipeline lists: the rounds that have started (their pool is frozen: a
-    round's stages depend on it); for a human campaign, the steps after `query` once the round's batch exists."""
-    started = [r for r in campaign.layout.rounds_present() if campaign.layout.pool(r).is_file()]
+    """The rounds (and their steps) the pipeline lists: every planned round of a simulated campaign; for a human
+    campaign, the rounds that have started, with the steps after `query` once the round's batch exists."""
     if campaign.simulated:
-        return [(r, round_steps(campaign)) for r in started]
+        return [(r, round_steps(campaign)) for r in range(campaign.settings.campaign.rounds + 1)]
     listed = []
-    for r in started:
+    for r in campaign.layout.rounds_present():
         chosen = round_steps(campaign) if campaign.layout.batch(r).is_file() else round_steps(campaign)[:1]
         listed.append((r, chosen))
     return listed
+
+
+def pool_stage(campaign: Campaign, round_id: int, relative) -> dict:
+    """The stage that freezes a round's pool when the round starts (`Campaign.freeze_pool`). Its outputs are
+    history: kept (`persist`), in git (not DVC's cache), never rewritten once there. It depends on the previous
+    round's model only so that DVC starts it after that round, when the round it opens starts."""
+    frozen = [campaign.layout.pool(round_id)]
+    if getattr(campaign.pool, "classes_file", None):
+        frozen.append(campaign.layout.pool_classes(round_id))
+    previous = [relative(campaign.files(round_id - 1).model)] if round_id > 0 else []
+    return {"cmd": STEP_COMMAND.format(step=POOL_STAGE, round=round_id), **({"deps": previous} if previous else {}),
+            "outs": [{relative(path): {"persist": True, "cache": False}} for path in frozen]}
 
 
 def pipeline(campaign: Campaign) -> dict:
@@ -86,6 +98,7 @@ def pipeline(campaign: Campaign) -> dict:
     stages: dict[str, dict] = {}
     evaluated = []  # the metrics of evaluated rounds, which the progress stage reads
     for round_id, steps in pipeline_rounds(campaign):
+        stages[stage_name(POOL_STAGE, round_id)] = pool_stage(campaign, round_id, relative)
         for step in steps:
             history = is_history(campaign, step, round_id)
             code = [relative(PACKAGE)] if code_inside and not history else []  # the code a derived stage runs
@@ -178,7 +191,7 @@ def commit_stages(campaign: Campaign, stage_names: list[str]) -> dict[str, str]:
 
 def commit_round(campaign: Campaign, round_id: int) -> dict[str, str]:
     """Commit every stage of a finished round, and the progress stage."""
-    names = [stage_name(step.name, round_id) for step in round_steps(campaign)]
+    names = [stage_name(name, round_id) for name in (POOL_STAGE, *(step.name for step in round_steps(campaign)))]
     return commit_stages(campaign, names + [PROGRESS_STAGE])
 
 
@@ -207,4 +220,4 @@ def version_query(campaign_dir: str, round_id: int) -> dict[str, str]:
     """Commit a human round's query stage (the rest of the round waits for its labels)."""
     from tasks.steps import open_for_task
 
-    return commit_stages(open_for_task(campaign_dir), [stage_name("query", round_id)])
+    return commit_stages(open_for_task(campaign_dir), [stage_name(POOL_STAGE, round_id), stage_name("query", round_id)])
