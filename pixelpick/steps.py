@@ -241,12 +241,12 @@ def annotate(campaign: Campaign, round_id: int, *, queries: Path, out: Path) -> 
     started = time.perf_counter()
     asked = pd.read_parquet(queries)
     space = campaign.pool.label_space
-    trust = campaign.settings.campaign.suggestion_trust
+    trust = campaign.settings.campaign.suggestion_trust if round_id > 0 else 0.0  # round 0 has no model to suggest
     annotations = simulate_annotations(
         asked[["image_id", "y", "x"]], campaign.pool.load_mask, num_classes=space.num_classes,
         ignore_index=space.ignore_index, round_id=round_id, error_rate=campaign.settings.campaign.error_rate,
         generator=np.random.default_rng(round_seed(campaign.settings.campaign.seed, round_id)),
-        suggestions=_suggested_classes(campaign, round_id, asked) if trust and round_id > 0 else None,
+        suggestions=_suggested_classes(campaign, round_id, asked) if trust else None,
         suggestion_trust=trust)
     if round_id == 0:
         annotations["source"] = "initial-random"
@@ -327,7 +327,7 @@ def train(campaign: Campaign, round_id: int, *, snapshot: Path | None, previous_
         pseudo = predict_pseudo_labels(teacher, campaign.pool, sorted(set(labels["image_id"])), labels,
                                        train_settings.self_training_threshold, campaign.device,
                                        train_settings.eval_batch_size)
-    expander = _expander(campaign, previous_model) if labels is not None else None
+    expander = _expander(campaign, round_id, previous_model) if labels is not None else None
     # A resume point for exactly this training: the same inputs and recipe settings, or it is ignored. Runtime
     # settings are not in it: a training killed on one device or with another `checkpoint_every` continues.
     pretrained = settings.model.pretrained_path
@@ -356,23 +356,27 @@ def train(campaign: Campaign, round_id: int, *, snapshot: Path | None, previous_
                         **result.expansion}}
 
 
-def _expander(campaign: Campaign, previous_model: Path | None) -> Expander | None:
+def _expander(campaign: Campaign, round_id: int, previous_model: Path | None) -> Expander | None:
     """What sieves and propagates clicks (from the previous model) and measures every expansion against the ground
-    truth of a simulated campaign; None when the settings expand nothing."""
+    truth of a simulated campaign; None when the settings expand nothing. Round 0 has no previous model: it only
+    expands over superpixels, and reads no sieve or propagation setting."""
     t = campaign.settings.train
-    if not (t.superpixels or t.propagation_threshold):
+    later = round_id > 0 and previous_model is not None
+    sieve = t.superpixel_sieve if later else 0.0
+    threshold = t.propagation_threshold if later else 0.0
+    if not (t.superpixels or threshold):
         return None
     teacher = None
-    if (t.superpixel_sieve or t.propagation_threshold) and previous_model is not None:
+    if sieve or threshold:
         model, pool, device = campaign.load_model(previous_model), campaign.pool, campaign.device
 
         def teacher(image_id: str) -> np.ndarray:
             return next(predict_batches(model, pool, [image_id], device, batch_size=1))[1][0].numpy()
 
     truth = campaign.pool.load_mask if campaign.simulated and campaign.pool.has_masks else None
-    return Expander(campaign.pool.label_space.ignore_index, teacher=teacher, sieve=t.superpixel_sieve,
-                    propagation_threshold=t.propagation_threshold, propagation_radius=t.propagation_radius,
-                    propagation_weight=t.propagation_weight, truth=truth)
+    return Expander(campaign.pool.label_space.ignore_index, teacher=teacher, sieve=sieve,
+                    propagation_threshold=threshold, propagation_radius=t.propagation_radius if threshold else 0,
+                    propagation_weight=t.propagation_weight if threshold else 1.0, truth=truth)
 
 
 def _recorded_values(campaign: Campaign, keys: Iterable[str]) -> dict[str, Any]:

@@ -46,8 +46,9 @@ def test_a_step_on_a_full_disk_is_one_line_and_the_rerun_recovers(tmp_path, monk
     assert stopped.value.code == cli.EXIT_BAD_INPUT
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "the disk is full: writing" in errors[0] and "queries.parquet" in errors[0], err
-    assert "Traceback" not in err and not campaign.files(0).queries.exists()
+    # The round's first write is its frozen pool, then its queries: whichever the disk refused is named.
+    assert len(errors) == 1 and "the disk is full: writing" in errors[0] and "pools/r00.csv" in errors[0], err
+    assert "Traceback" not in err and not campaign.files(0).queries.exists() and not campaign.layout.pool(0).exists()
 
     cli.main([*step, str(campaign.layout.dir)])  # space is back
     cli.main([*step, str(reference.layout.dir)])
