@@ -9,7 +9,7 @@ from prefect import flow
 
 from flows.parameters import CampaignChoice, ClusterChoice
 from flows.round import on_cluster
-from tasks.campaigns import finished_summaries, hold_campaign, start_campaign
+from tasks.campaigns import finished_summaries, finished_summary, hold_campaign, start_campaign
 
 
 @flow(name="pixelpick-campaign", flow_run_name="campaign", log_prints=True)
@@ -25,7 +25,8 @@ def campaign_flow(campaign: CampaignChoice = CampaignChoice(), cluster: ClusterC
     results = []
     with hold_campaign(opened["dir"]):
         for round_id in range(opened["rounds"] + 1):
-            summary = on_cluster(cluster)(campaign, round_id, cluster)
+            # A finished, unchanged round is not run again (no subflow, no versioning, no MLflow call).
+            summary = finished_summary(opened["dir"], round_id) or on_cluster(cluster)(campaign, round_id, cluster)
             miou = "n/a" if summary["miou"] is None else f"{100 * summary['miou']:.1f}"
             print(f"{round_id:>5} {summary['labelled_pixels']:>9} {summary['labelled_per_image']:>7.1f} {miou:>6}  "
                   f"v{summary['model_version']}")

@@ -332,6 +332,9 @@ def main(argv: list[str] | None = None) -> None:
     args = get_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
     logging.getLogger("pixelpick").setLevel(logging.INFO)  # shown by Prefect's console handler, or the basic one
+    from tasks.servers import stop_orphaned_servers
+
+    stop_orphaned_servers()  # any command stops what a killed run left behind (it costs milliseconds)
     if args.command in FLOW_COMMANDS:  # the others answer without Prefect: its import alone takes a second
         if not args.debug:
             from prefect.logging.configuration import ensure_logging_setup
@@ -341,9 +344,8 @@ def main(argv: list[str] | None = None) -> None:
                 handler.addFilter(_OneLine())
         from prefect import tags
 
-        from tasks.servers import owner_tag, stop_orphaned_servers, temporary_server_apart
+        from tasks.servers import owner_tag, temporary_server_apart
 
-        stop_orphaned_servers()
         temporary_server_apart()
         scope = tags(owner_tag())  # the next run can tell this one's flow runs from a killed process's
     else:

@@ -326,8 +326,10 @@ def mark_finished(campaign: Campaign, round_id: int, **details: Any) -> None:
     """Record that the round is done, as every step's record says, and kept elsewhere (versioned, registered:
     `details`). A later run compares the round against this instead of asking DVC or MLflow."""
     keys = round_keys(campaign, round_id)
-    if keys is not None:
-        write_json({"round": round_id, "keys": keys, **details}, campaign.files(round_id).finished)
+    record = {"round": round_id, "keys": keys, **details}
+    path = campaign.files(round_id).finished
+    if keys is not None and (not path.is_file() or json.loads(path.read_text()) != json.loads(json.dumps(record))):
+        write_json(record, path)  # an unchanged record is left alone: a finished round's files keep their times
 
 
 def finished_round(campaign: Campaign, round_id: int) -> dict[str, Any] | None:

@@ -93,8 +93,15 @@ def finished_summaries(campaign_dir: str) -> list[dict[str, Any]] | None:
     if pending_rounds(campaign):
         return None
     print(nothing_to_do(campaign))
-    return [summary_of(campaign, r, finished_round(campaign, r)["model_version"])
-            for r in range(campaign.settings.campaign.rounds + 1)]
+    return [finished_summary.fn(campaign_dir, r) for r in range(campaign.settings.campaign.rounds + 1)]
+
+
+@task(task_run_name="finished-r{round_id:02d}")
+def finished_summary(campaign_dir: str, round_id: int) -> dict[str, Any] | None:
+    """The round's summary when it is finished and unchanged (from its records alone); None when it has work."""
+    campaign = open_for_task(campaign_dir)
+    finished = finished_round(campaign, round_id)
+    return None if finished is None else summary_of(campaign, round_id, finished["model_version"])
 
 
 def summary_of(campaign: Campaign, round_id: int, model_version: str | None) -> dict[str, Any]:

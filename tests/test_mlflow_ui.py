@@ -41,7 +41,7 @@ def log_campaign(client: MlflowClient) -> str:
         client.log_metric(run, "miou", miou, step=round_id)
         client.set_terminated(run)
         version = client.create_model_version(name, source=f"runs:/{run}/segmenter", run_id=run).version
-        _move_aliases(client, name, str(version), round_id, miou)
+        _move_aliases(client, name, str(version), round_id)
     client.set_terminated(parent)
     return experiment
 
