@@ -11,11 +11,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
-
-import pandas as pd
+from typing import IO, TYPE_CHECKING, Any
 
 from pixelpick.errors import DiskFullError
+
+if TYPE_CHECKING:  # pandas costs the annotator's server 100 MB: imported where a table is written
+    import pandas as pd
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 

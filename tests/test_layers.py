@@ -1,6 +1,8 @@
 """The library stays free of the orchestration stack: pixelpick <- tasks <- flows."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,3 +130,12 @@ def test_the_architecture_notes_list_every_module():
     missing = [str(path.relative_to(REPO)) for name in sections for path in sorted((REPO / name).rglob("*.py"))
                if f" {path.name}" not in sections[name] and f"{path.name}," not in sections[name]]
     assert missing == []
+
+
+def test_the_annotators_server_imports_no_pandas_or_torch():
+    """The annotator's server stays small: pandas (100 MB resident) and torch are imported only by what writes
+    tables or runs models, never by `pixelpick annotate serve`."""
+    code = ("import sys, pixelpick.annotation.cli, pixelpick.annotation.server; "
+            "print(sorted(m for m in ('pandas', 'pyarrow', 'torch') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert done.stdout.strip() == "[]"

@@ -111,7 +111,8 @@ def serve(args: argparse.Namespace) -> None:
     keys = resolve_key_bindings(job.classes, parse_key_overrides(args.keys) if args.keys else None)
     store = ProgressStore(args.db or default_progress_path(args.job), job, lease_seconds=args.lease_minutes * 60)
     root = args.dataset_root or Path(job.dataset.root)
-    found = round_suggestions(job, Path(args.job), probs=args.probs, use_model=not args.no_suggestions)
+    found = round_suggestions(job, Path(args.job), probs=args.probs, use_model=not args.no_suggestions,
+                              with_scores=False)
     app = create_app(
         job, store, root, class_keys=keys, token=token, default_annotator=args.annotator,
         allowed_hosts=[args.host, *args.allowed_host], max_body_bytes=args.max_body_kib * 1024,

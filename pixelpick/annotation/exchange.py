@@ -22,16 +22,17 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from pixelpick.annotation.jobs import Job, JobImage, load_job
 from pixelpick.annotation.progress import ProgressStore, check_labels_against_job, default_progress_path
 from pixelpick.errors import LabelImportError
 from pixelpick.io import atomic_write
-from pixelpick.labels import label_frame
+
+if TYPE_CHECKING:  # pandas costs the annotator's server 100 MB: imported by the functions that make tables
+    import pandas as pd
 
 FORMATS = ("label-studio", "cvat")
 EDGE_TOLERANCE = 1e-6  # in pixels: far above float error, far below anything a click can mean
@@ -73,14 +74,18 @@ class Suggestions:
     predicted: dict[tuple[str, int, int], tuple[int, float]] = field(default_factory=dict)
 
 
-def round_suggestions(job: Job, job_path: Path, *, probs: Path | None = None, use_model: bool = True) -> Suggestions:
-    """What the round folder beside the job holds: scores from `queries.parquet`, and after round 0 the model's
-    predictions from the round's probability store (`probs.zarr`, or `probs`) when it is still there."""
+def round_suggestions(job: Job, job_path: Path, *, probs: Path | None = None, use_model: bool = True,
+                      with_scores: bool = True) -> Suggestions:
+    """What the round folder beside the job holds: scores from `queries.parquet` (unless not `with_scores`: the
+    annotator needs none, and reading them costs its server pandas), and after round 0 the model's predictions from
+    the round's probability store (`probs.zarr`, or `probs`) when it is still there."""
     folder = job_path.parent
     pixels = [(image.image_id, y, x) for image in job.images for y, x in image.pixels]
     scores: dict[tuple[str, int, int], float] = {}
     queries = folder / "queries.parquet"
-    if queries.is_file():
+    if with_scores and queries.is_file():
+        import pandas as pd
+
         frame = pd.read_parquet(queries)
         if "score" in frame.columns:
             wanted = set(pixels)
@@ -261,6 +266,10 @@ def _number(value: Any, where: str, convert, size: int) -> int:
 
 
 def _label_rows(job: Job, rows: list[dict[str, Any]], *, source: str) -> pd.DataFrame:
+    import pandas as pd
+
+    from pixelpick.labels import label_frame
+
     times = pd.to_datetime(pd.Series([row["time"] for row in rows], dtype=object), utc=True, format="ISO8601",
                            errors="coerce")
     now = pd.Timestamp.now(tz="UTC")

@@ -11,9 +11,8 @@ import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
-import pandas as pd
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -28,6 +27,9 @@ from pydantic import (
 
 from pixelpick.errors import AnnotationJobError
 from pixelpick.io import atomic_write
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 JOB_FORMAT = "pixelpick-annotation-job"
 JOB_VERSION = 1

@@ -34,9 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NamedTuple
-
-import pandas as pd
+from typing import TYPE_CHECKING, NamedTuple
 
 from pixelpick.annotation.jobs import Job, load_job
 from pixelpick.errors import (
@@ -47,7 +45,9 @@ from pixelpick.errors import (
     SubmissionRejectedError,
 )
 from pixelpick.io import remove_stale_temporaries, write_parquet
-from pixelpick.labels import label_frame
+
+if TYPE_CHECKING:  # pandas costs the annotator's server 100 MB: imported by the functions that make tables
+    import pandas as pd
 
 DEFAULT_LEASE_SECONDS = 60.0  # the page renews its leases every 15 s while it is open
 DEFAULT_BUSY_TIMEOUT = 30.0  # how long an operation waits for another writer before "database is locked"
@@ -451,7 +451,8 @@ class ProgressStore:
             if pixel_id in seen:
                 raise PixelConflictError(f"{_describe(submission)} is given more than one label")
             seen.add(pixel_id)
-            stamp = row.time.isoformat(timespec="microseconds") if pd.notna(row.time) else _utc_now()
+            missing = row.time is None or row.time != row.time  # None, or NaT (which equals nothing)
+            stamp = _utc_now() if missing else row.time.isoformat(timespec="microseconds")
             checked.append((pixel_id, submission, stamp))
         stored = 0
         with self._transaction() as db:
@@ -621,6 +622,10 @@ class ProgressStore:
 
     def completed_labels(self) -> pd.DataFrame:
         """Every stored label in LABEL_COLUMNS, in job order: source "human", round from the job, UTC time."""
+        import pandas as pd
+
+        from pixelpick.labels import label_frame
+
         with self._transaction(write=False) as db:
             rows = db.execute(
                 """SELECT p.image_id, p.y, p.x, l.class_id, l.annotator, l.seconds, l.time
