@@ -98,6 +98,16 @@ def test_a_human_round_is_versioned_tracked_and_reproduced_from_its_batch(prefec
     assert (copy / "data/runs/people/rounds/r01/model.pt").read_bytes() == model
 
 
+# A human campaign on a folder of one's own images, without evaluation masks.
+OWN_IMAGES_PARAMS = """
+data: {dataset: folder, root: photos, eval_split: null}
+model: {arch: lraspp_mobilenetv3}
+train: {preset: cpu-synthetic, epochs: 1, batch_size: 4}
+acquire: {pixels_per_image: 5}
+campaign: {name: photos, annotator: human, initial_pixels_per_image: 5, rounds: 1}
+"""
+
+
 def write_own_images(root, count=8, size=(40, 56)):
     """A folder of one's own images and a classes file: no masks at all."""
     (root / "classes.yaml").parent.mkdir(parents=True, exist_ok=True)
@@ -108,13 +118,7 @@ def write_own_images(root, count=8, size=(40, 56)):
 
 
 def test_a_campaign_on_ones_own_images_without_any_mask_works_with_people(prefect_server, tmp_path):
-    repo = scratch_repo(tmp_path / "repo", params="""
-data: {dataset: folder, root: photos, eval_split: null}
-model: {arch: lraspp_mobilenetv3}
-train: {preset: cpu-synthetic, epochs: 1, batch_size: 4}
-acquire: {pixels_per_image: 5}
-campaign: {name: photos, annotator: human, initial_pixels_per_image: 5, rounds: 1}
-""")
+    repo = scratch_repo(tmp_path / "repo", params=OWN_IMAGES_PARAMS)
     write_own_images(repo / "photos")
     campaign_choice = choice(repo)
     rng = np.random.default_rng(0)
@@ -140,13 +144,7 @@ def test_rounds_labelled_in_cvat_and_label_studio_are_trained_like_any_other(pre
 
     from pixelpick.annotation.__main__ import main as annotate
 
-    repo = scratch_repo(tmp_path / "repo", params="""
-data: {dataset: folder, root: photos, eval_split: null}
-model: {arch: lraspp_mobilenetv3}
-train: {preset: cpu-synthetic, epochs: 1, batch_size: 4}
-acquire: {pixels_per_image: 5}
-campaign: {name: photos, annotator: human, initial_pixels_per_image: 5, rounds: 1}
-""")
+    repo = scratch_repo(tmp_path / "repo", params=OWN_IMAGES_PARAMS)
     write_own_images(repo / "photos", size=(37, 53))  # odd sizes: percent coordinates are not round numbers
     campaign_choice = choice(repo)
     answer = lambda image_id, y, x: (3 * y + x) % 3  # noqa: E731

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -28,7 +27,7 @@ from pixelpick.annotation import ProgressStore, default_progress_path, export_jo
 from pixelpick.annotation.__main__ import main as annotate
 from pixelpick.datasets.folder import FolderDataset
 from tests.test_annotator_browser import CHROMIUM, CHROMIUM_ARGS
-from tests.tools import tool_python
+from tests.tools import stop_process_group, tool_python
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -96,12 +95,7 @@ def label_studio(tmp_path_factory) -> Iterator[LabelStudio]:
         yield LabelStudio(url, data_root, api)
     finally:
         api.close()
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
+        stop_process_group(process, log, timeout=30)
 
 
 @pytest.fixture()

@@ -8,8 +8,6 @@ uses a fresh browser profile for that reason.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +21,7 @@ from mlflow import MlflowClient
 
 from tasks.tracking import _move_aliases, experiment_id_for, registered_model_name
 from tests.test_annotator_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.tools import stop_process_group
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -75,12 +74,7 @@ def mlflow_ui(tmp_path_factory) -> Iterator[tuple[str, str]]:
             time.sleep(0.5)
         yield url, experiment
     finally:
-        os.killpg(process.pid, signal.SIGTERM)  # the server and its uvicorn worker
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
+        stop_process_group(process, log, timeout=10)  # the server and its uvicorn worker
 
 
 @pytest.fixture()
