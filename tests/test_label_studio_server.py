@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from pixelpick.annotation import ProgressStore, default_progress_path, export_jo
 from pixelpick.annotation.__main__ import main as annotate
 from pixelpick.datasets.folder import FolderDataset
 from tests.test_annotator_browser import CHROMIUM, CHROMIUM_ARGS
-from tests.tools import stop_process_group, tool_python
+from tests.tools import stop_process_group, tool_python, wait_until_serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -82,16 +81,10 @@ def label_studio(tmp_path_factory) -> Iterator[LabelStudio]:
     url = f"http://127.0.0.1:{port}"
     api = httpx.Client(base_url=url, headers={"Authorization": f"Token {TOKEN}"}, timeout=60)
     try:
-        deadline = time.monotonic() + 300  # about 40-80 s on 2 busy cores: migrations run on first start
-        while True:
-            try:
-                if api.get("/health").status_code == 200 and api.get("/api/projects").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"Label Studio did not start:\n{(home / 'server.log').read_text()[-3000:]}")
-            time.sleep(1)
+        # About 40-80 s on 2 busy cores: migrations run on first start.
+        wait_until_serving(process, lambda: api.get("/health").status_code == 200
+                           and api.get("/api/projects").status_code == 200,
+                           timeout=300, log=home / "server.log", what="Label Studio", poll=1)
         yield LabelStudio(url, data_root, api)
     finally:
         api.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from mlflow import MlflowClient
 
 from tasks.tracking import _move_aliases, experiment_id_for, registered_model_name
 from tests.test_annotator_browser import CHROMIUM, CHROMIUM_ARGS
-from tests.tools import stop_process_group
+from tests.tools import stop_process_group, wait_until_serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -62,16 +61,8 @@ def mlflow_ui(tmp_path_factory) -> Iterator[tuple[str, str]]:
          "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_until_serving(process, lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200,
+                           timeout=120, log=home / "server.log", what="mlflow server")
         yield url, experiment
     finally:
         stop_process_group(process, log, timeout=10)  # the server and its uvicorn worker

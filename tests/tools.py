@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -29,3 +31,22 @@ def stop_process_group(process: subprocess.Popen, log: IO, timeout: float) -> No
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
     log.close()
+
+
+def wait_until_serving(process: subprocess.Popen, ready: Callable[[], bool], *, timeout: float, log: Path,
+                       what: str, poll: float = 0.5) -> None:
+    """Wait until `ready()` (connection errors count as not yet); fail the test with the server's log if the
+    server exits or `timeout` seconds pass."""
+    import httpx
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if ready():
+                return
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{what} did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(poll)
