@@ -41,6 +41,8 @@ class BenchmarkChoice(BaseModel):
                           "evaluates on the other 20%; report trains on train and evaluates on val")
     params: str = Field("params.yaml", description="base settings; a relative path is relative to the project")
     overrides: dict[str, Any] = Field(default_factory=dict, description="settings to change over the preset")
+    camvid_root: str | None = Field(None, description="the CamVid folder, used when the preset's dataset is CamVid "
+                                    "and the overrides name no data.root")
     strategies: list[str] | None = Field(None, description="default: the preset's")
     seeds: list[int] | None = Field(None, description="default: the preset's")
     variants: list[str] = Field(default_factory=list, description="extra rows, e.g. sp300, cb1, sp300+st0.9")
@@ -62,9 +64,14 @@ def plan_benchmark(choice: BenchmarkChoice) -> dict[str, Any]:
     preset = PRESETS[choice.preset]
     # A tuning benchmark has its own runs and report: the same run names, other splits.
     suffix = "" if choice.protocol == "report" else f"-{choice.protocol}"
-    settings = benchmark_settings(_project_path(choice.params), preset,
-                                  _project_path(choice.workdir) / f"{preset.name}{suffix}", choice.overrides,
+    workdir = _project_path(choice.workdir) / f"{preset.name}{suffix}"
+    settings = benchmark_settings(_project_path(choice.params), preset, workdir, choice.overrides,
                                   protocol=choice.protocol)
+    if settings.data.dataset == "camvid" and choice.camvid_root and "data.root" not in choice.overrides:
+        # Only a CamVid benchmark reads the folder: a synthetic preset keeps its own root whatever the environment.
+        settings = benchmark_settings(_project_path(choice.params), preset, workdir,
+                                      {**choice.overrides, "data.root": str(_project_path(choice.camvid_root))},
+                                      protocol=choice.protocol)
     if settings.data.dataset == "camvid" and not (settings.data.root / "train").is_dir():
         raise BenchmarkError(f"no CamVid at {settings.data.root} (data.root): pass --camvid-root or set "
                              "PIXELPICK_CAMVID_ROOT")

@@ -102,7 +102,7 @@ def get_parser() -> argparse.ArgumentParser:
                            help="tune: train on 80%% of train, evaluate on the fixed other 20%% (choosing settings); "
                                 "report: train on train, evaluate on val (default)")
     benchmark.add_argument("--camvid-root", default=os.environ.get("PIXELPICK_CAMVID_ROOT"),
-                           help="the CamVid folder (default: $PIXELPICK_CAMVID_ROOT)")
+                           help="the CamVid folder, for presets on CamVid (default: $PIXELPICK_CAMVID_ROOT)")
     benchmark.add_argument("--strategies", help="comma-separated, default: the preset's")
     benchmark.add_argument("--seeds", help="comma-separated, default: the preset's")
     benchmark.add_argument("--variant", dest="variants", action="append", default=[], metavar="VARIANT",
@@ -236,11 +236,10 @@ def run_annotate(args: argparse.Namespace) -> None:
 def run_benchmark(args: argparse.Namespace) -> None:
     from flows.benchmark import BenchmarkChoice, benchmark_flow
 
-    overrides = dict(parse_override(o) for o in args.overrides)
-    if args.camvid_root:
-        overrides.setdefault("data.root", str(Path(args.camvid_root).resolve()))
     choice = BenchmarkChoice(
-        preset=args.preset, protocol=args.protocol, params=str(Path(args.params).resolve()), overrides=overrides,
+        preset=args.preset, protocol=args.protocol, params=str(Path(args.params).resolve()),
+        overrides=dict(parse_override(o) for o in args.overrides),
+        camvid_root=str(Path(args.camvid_root).resolve()) if args.camvid_root else None,
         strategies=args.strategies.split(",") if args.strategies else None,
         seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None, variants=args.variants,
         workdir=str(Path(args.workdir).resolve()), report_dir=str(Path(args.report_dir).resolve()),

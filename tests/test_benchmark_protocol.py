@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from types import SimpleNamespace
 
@@ -183,11 +184,30 @@ def test_the_report_pairs_each_strategy_with_random_seed_by_seed(tmp_path):
     assert "| margin − random | +0.0 ± 0.0 (0/3) | +0.7 ± 1.5 (2/3) |" in text
 
 
+def test_the_camvid_folder_given_applies_to_camvid_presets_only(tmp_path, monkeypatch):
+    from flows.benchmark import BenchmarkChoice, plan_benchmark
+
+    monkeypatch.setitem(PRESETS, "tiny", TINY)  # on params.yaml's synthetic data
+    params = tmp_path / "params.yaml"
+    params.write_text(TINY_PARAMS)
+    camvid = _camvid(tmp_path).root
+
+    def planned_root(preset):
+        choice = BenchmarkChoice(preset=preset, params=str(params), workdir=str(tmp_path / "bench"),
+                                 camvid_root=str(camvid))
+        return json.loads(plan_benchmark.fn(choice)["settings_json"])["data"]["root"]
+
+    assert planned_root("cpu") == str(camvid)
+    assert planned_root("tiny") != str(camvid)
+
+
 @pytest.mark.slow
 def test_the_benchmark_command_runs_in_tune_mode(prefect_server, tmp_path, monkeypatch):
     from flows.cli import main
 
     monkeypatch.setitem(PRESETS, "tiny", TINY)
+    # A CamVid folder in the environment is for CamVid presets: this synthetic one keeps its own data.
+    monkeypatch.setenv("PIXELPICK_CAMVID_ROOT", str(_camvid(tmp_path).root))
     params = tmp_path / "params.yaml"
     params.write_text(TINY_PARAMS)
     main(["benchmark", "--preset", "tiny", "--protocol", "tune", "--params", str(params), "--strategies", "margin",
