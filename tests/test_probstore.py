@@ -114,3 +114,59 @@ def test_a_missing_chunk_reads_as_nan_and_is_reported_never_as_zeros(tmp_path):
     store = ProbabilityStore(tmp_path / "p.zarr")
     assert store.missing_images() == ["b"]
     assert np.isnan(store.scores("b")).all()
+
+
+def test_a_chunk_write_interrupted_midway_leaves_the_previous_chunk_or_none(tmp_path, monkeypatch):
+    """A writer that dies halfway through a chunk's bytes leaves the chunk as it was (or absent), never torn."""
+    import builtins
+
+    import pixelpick.probstore as probstore
+
+    class DiesHalfway:
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, data):
+            self.file.write(bytes(data)[: len(data) // 2])
+            self.file.flush()
+            raise OSError("killed midway")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    with ProbabilityWriter(tmp_path / "p.zarr", {"a": (4, 5), "b": (4, 5)}, num_classes=2, strategy="margin") as w:
+        w.write("a", np.full((2, 4, 5), 0.25), np.ones((4, 5)))
+        w.write("b", np.full((2, 4, 5), 0.25), np.ones((4, 5)))
+    folder = tmp_path / "p.zarr" / "probs" / "4x5"
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    (folder / "c.1.0.0.0").unlink()  # image b's chunk is gone: its rewrite must not leave a torn one
+    monkeypatch.setattr(probstore, "open", lambda *args: DiesHalfway(builtins.open(*args)), raising=False)
+    for image_id in ("a", "b"):
+        with pytest.raises(OSError, match="killed midway"):
+            with ProbabilityWriter(tmp_path / "p.zarr", images=[image_id]) as w:
+                w.write(image_id, np.full((2, 4, 5), 0.75), np.zeros((4, 5)))
+    del before["c.1.0.0.0"]
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # no temporary file left either
+    store = ProbabilityStore(tmp_path / "p.zarr")
+    assert store.missing_images() == ["b"] and store.damaged_images() == ["b"]
+    np.testing.assert_array_equal(store.probs("a"), np.full((2, 4, 5), 0.25))
+
+
+def test_missing_and_damaged_chunks_are_found_in_a_store_behind_a_url(tmp_path):
+    """Stores on other machines (fsspec URLs) are checked through fsspec, as local ones are."""
+    import fsspec
+
+    url = f"memory://{tmp_path.name}/p.zarr"
+    with ProbabilityWriter(url, {"a": (2, 3), "b": (2, 3), "c": (2, 3)}, num_classes=2, strategy="margin") as w:
+        for image_id in ("a", "b", "c"):
+            w.write(image_id, np.full((2, 2, 3), 0.5), np.ones((2, 3)))
+    store = ProbabilityStore(url)
+    assert store.missing_images() == [] and store.damaged_images() == []
+    fs = fsspec.filesystem("memory")
+    fs.rm(f"/{tmp_path.name}/p.zarr/scores/2x3/c.1.0.0")
+    fs.pipe_file(f"/{tmp_path.name}/p.zarr/probs/2x3/c.2.0.0.0", b"\0" * 16)
+    assert store.missing_images() == ["b"] and store.damaged_images() == ["b", "c"]
+    fs.rm(f"/{tmp_path.name}", recursive=True)
