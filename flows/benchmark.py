@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from pydantic import BaseModel, ConfigDict, Field
 
-from flows.parameters import PROJECT
-from pixelpick.benchmark import PRESETS, PROTOCOLS, benchmark_settings, parse_variant, plan_runs, run_settings
+from flows.parameters import PROJECT, BenchmarkChoice
+from pixelpick.benchmark import PRESETS, benchmark_settings, parse_variant, plan_runs, run_settings
 from pixelpick.errors import BenchmarkError
 from tasks.benchmark import (
     benchmark_run,
@@ -29,26 +28,6 @@ from tasks.benchmark import (
     spec_from,
     write_benchmark_report,
 )
-
-
-class BenchmarkChoice(BaseModel):
-    """What to benchmark: a preset, the dataset, and which strategies, seeds and variants."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    preset: str = Field("cpu", description=f"one of {sorted(PRESETS)}")
-    protocol: str = Field("report", description=f"one of {sorted(PROTOCOLS)}: tune trains on 80% of train and "
-                          "evaluates on the other 20%; report trains on train and evaluates on val")
-    params: str = Field("params.yaml", description="base settings; a relative path is relative to the project")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="settings to change over the preset")
-    camvid_root: str | None = Field(None, description="the CamVid folder, used when the preset's dataset is CamVid "
-                                    "and the overrides name no data.root")
-    strategies: list[str] | None = Field(None, description="default: the preset's")
-    seeds: list[int] | None = Field(None, description="default: the preset's")
-    variants: list[str] = Field(default_factory=list, description="extra rows, e.g. sp300, cb1, sp300+st0.9")
-    workdir: str = Field("data/benchmarks", description="where the runs' files go (a folder per preset)")
-    report_dir: str = Field("docs/benchmarks", description="where the report goes")
-    report_only: bool = Field(False, description="only rebuild the report from the finished runs")
 
 
 def _project_path(path: str) -> Path:

@@ -24,10 +24,14 @@ import shlex
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from pydantic import BaseModel
 
 import tasks  # noqa: F401  (sets the store locations before Prefect and MLflow are imported)
+from flows.parameters import BenchmarkChoice, CampaignChoice, ClusterChoice
 from pixelpick.annotation import cli as annotation_cli
 from pixelpick.errors import PixelPickError
 from pixelpick.settings import parse_override
@@ -35,26 +39,91 @@ from pixelpick.settings import parse_override
 EXIT_BAD_INPUT = 1
 EXIT_INTERRUPTED = 130
 FLOW_COMMANDS = {"campaign", "round", "human", "benchmark"}  # what runs Prefect flows
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def _here(path: str | None) -> str | None:
+    """A path given on the command line, from the current folder (a model's relative paths are the project's)."""
+    return str(Path(path).resolve()) if path else None
+
+
+def _camvid_root(path: str | None) -> str | None:
+    return _here(path or os.environ.get("PIXELPICK_CAMVID_ROOT"))
+
+
+def _comma_separated(text: str | None) -> list[str] | None:
+    return text.split(",") if text else None
+
+
+def _parsed_overrides(texts: list[str]) -> dict[str, Any]:
+    return dict(parse_override(text) for text in texts)
+
+
+@dataclass(frozen=True)
+class _Option:
+    """How a field of a flow's parameter model is given on the command line, where that is not `--field-name`
+    taking the value as it is: the flag, what becomes of the text (`parse`, applied when the model is built, so a
+    malformed --set is one line of bad input), what only the command line does (`note`, added to the help), and
+    argparse's own keywords."""
+
+    flag: str | None = None
+    parse: Callable[[Any], Any] | None = None
+    note: str = ""
+    argparse: dict[str, Any] = field(default_factory=dict)
+
+
+_PATH = _Option(parse=_here, note="given here, from the current folder")
+_SETTINGS = {"params": _PATH,
+             "overrides": _Option("--set", _parsed_overrides, "given here as KEY=VALUE, repeatable: --set "
+                                  "train.epochs=2", {"action": "append", "metavar": "KEY=VALUE"})}
+OPTIONS: dict[type[BaseModel], dict[str, _Option]] = {
+    CampaignChoice: _SETTINGS,
+    ClusterChoice: {"address": _Option("--dask-address")},
+    BenchmarkChoice: {
+        **_SETTINGS, "workdir": _PATH, "report_dir": _PATH,
+        "camvid_root": _Option(parse=_camvid_root, note=f"{_PATH.note}; default: $PIXELPICK_CAMVID_ROOT"),
+        "strategies": _Option(parse=_comma_separated, note="comma-separated"),
+        "seeds": _Option(parse=_comma_separated, note="comma-separated"),
+        "variants": _Option("--variant", note="repeatable", argparse={"action": "append", "metavar": "VARIANT"}),
+    },
+}
+
+
+def _model_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """An option for each field of `model` (a form in the Prefect UI): its default, its help (the field's
+    description) and its choices are the field's, so they are written once; `OPTIONS` says the rest."""
+    for name, info in model.model_fields.items():
+        option = OPTIONS[model].get(name, _Option())
+        default = info.get_default(call_default_factory=True)
+        kwargs: dict[str, Any] = {"default": default}
+        if default is False:
+            kwargs["action"] = "store_true"
+        elif get_origin(info.annotation) is Literal:
+            kwargs["choices"] = get_args(info.annotation)
+        elif info.annotation in (int, int | None):
+            kwargs["type"] = int
+        kwargs.update(option.argparse)
+        if kwargs.get("action") == "append":
+            kwargs["default"] = list(default)
+        shown = isinstance(default, str | int) and not isinstance(default, bool)
+        notes = "; ".join(filter(None, [option.note, f"default: {default}" if shown else ""]))
+        help_ = f"{info.description} ({notes})" if notes else info.description
+        parser.add_argument(option.flag or f"--{name.replace('_', '-')}", dest=name, help=help_.replace("%", "%%"),
+                            **kwargs)
+
+
+def _model_from(model: type[ModelT], args: argparse.Namespace, **given: Any) -> ModelT:
+    """`model` from the options `_model_options` added (each value through its `parse`), and the fields `given`."""
+    values = {}
+    for name in model.model_fields:
+        parse = OPTIONS[model].get(name, _Option()).parse
+        values[name] = getattr(args, name) if parse is None else parse(getattr(args, name))
+    return model(**{**values, **given})
 
 
 def _campaign_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="change a setting, e.g. --set train.epochs=2 (repeatable)")
+    _model_options(parser, CampaignChoice)
     parser.add_argument("--campaign", help="the campaign's name (the same as --set campaign.name=NAME)")
-
-
-def _cluster_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", type=int, default=0,
-                        help="run each round's query in shards on a local Dask cluster of N worker processes")
-    parser.add_argument("--dask-address", help="... or on an existing Dask cluster (tcp://scheduler:8786)")
-    parser.add_argument("--shards", type=int, help="shards of the pool (default: 4 per worker, or 16)")
-
-
-def _cluster(args: argparse.Namespace):
-    from flows.parameters import ClusterChoice
-
-    return ClusterChoice(workers=args.workers, address=args.dask_address, shards=args.shards)
 
 
 def _serve_options(parser: argparse.ArgumentParser, default_interval: float | None = None) -> None:
@@ -73,13 +142,13 @@ def get_parser() -> argparse.ArgumentParser:
     campaign = commands.add_parser("campaign", help="run a whole campaign")
     _campaign_options(campaign)
     campaign.add_argument("--plain", action="store_true", help="in this process only: no Prefect, MLflow or DVC")
-    _cluster_options(campaign)
+    _model_options(campaign, ClusterChoice)
     _serve_options(campaign)
 
     round_ = commands.add_parser("round", help="run one round of a campaign")
     round_.add_argument("round", type=int)
     _campaign_options(round_)
-    _cluster_options(round_)
+    _model_options(round_, ClusterChoice)
 
     human = commands.add_parser("human", help="a round labelled by people: query, then train")
     stages = human.add_subparsers(dest="stage", required=True)
@@ -97,22 +166,7 @@ def get_parser() -> argparse.ArgumentParser:
     annotation_cli.add_commands(annotate)
 
     benchmark = commands.add_parser("benchmark", help="the label-efficiency benchmark")
-    benchmark.add_argument("--preset", default="cpu")
-    benchmark.add_argument("--protocol", choices=("tune", "report"), default="report",
-                           help="tune: train on 80%% of train, evaluate on the fixed other 20%% (choosing settings); "
-                                "report: train on train, evaluate on val (default)")
-    benchmark.add_argument("--camvid-root", default=os.environ.get("PIXELPICK_CAMVID_ROOT"),
-                           help="the CamVid folder, for presets on CamVid (default: $PIXELPICK_CAMVID_ROOT)")
-    benchmark.add_argument("--strategies", help="comma-separated, default: the preset's")
-    benchmark.add_argument("--seeds", help="comma-separated, default: the preset's")
-    benchmark.add_argument("--variant", dest="variants", action="append", default=[], metavar="VARIANT",
-                           help="extra rows: cb1 (class-balanced), md8 (picks 8 px apart), mc8 (MC dropout, adds "
-                                "BALD), sp300 (superpixel expansion), st0.9 (self-training), or combined: sp300+st0.9")
-    benchmark.add_argument("--params", default="params.yaml")
-    benchmark.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    benchmark.add_argument("--workdir", default="data/benchmarks")
-    benchmark.add_argument("--report-dir", default="docs/benchmarks")
-    benchmark.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    _model_options(benchmark, BenchmarkChoice)
 
     predict = commands.add_parser("predict", help="write label maps for a folder of images with a registered model")
     predict.add_argument("--model", required=True, help="an MLflow model URI, e.g. models:/pixelpick-NAME@best")
@@ -131,7 +185,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    overrides = dict(parse_override(o) for o in args.overrides)
+    overrides = _parsed_overrides(args.overrides)
     if getattr(args, "campaign", None):
         overrides["campaign.name"] = args.campaign
     return overrides
@@ -151,11 +205,13 @@ def _opened(args: argparse.Namespace, round_id: int | None = None, *, create: bo
     return campaign
 
 
-def _choice(args: argparse.Namespace):
+def _choice(args: argparse.Namespace) -> CampaignChoice:
     """The flows' campaign parameter (for a campaign `_opened` has checked)."""
-    from flows.parameters import CampaignChoice
+    return _model_from(CampaignChoice, args, overrides=_overrides(args))
 
-    return CampaignChoice(params=str(Path(args.params).resolve()), overrides=_overrides(args))
+
+def _cluster(args: argparse.Namespace) -> ClusterChoice:
+    return _model_from(ClusterChoice, args)
 
 
 def _serve(flow_function, name: str, parameters: dict, args: argparse.Namespace) -> None:
@@ -234,16 +290,9 @@ def run_annotate(args: argparse.Namespace) -> None:
 
 
 def run_benchmark(args: argparse.Namespace) -> None:
-    from flows.benchmark import BenchmarkChoice, benchmark_flow
+    from flows.benchmark import benchmark_flow
 
-    choice = BenchmarkChoice(
-        preset=args.preset, protocol=args.protocol, params=str(Path(args.params).resolve()),
-        overrides=dict(parse_override(o) for o in args.overrides),
-        camvid_root=str(Path(args.camvid_root).resolve()) if args.camvid_root else None,
-        strategies=args.strategies.split(",") if args.strategies else None,
-        seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None, variants=args.variants,
-        workdir=str(Path(args.workdir).resolve()), report_dir=str(Path(args.report_dir).resolve()),
-        report_only=args.report_only)
+    choice = _model_from(BenchmarkChoice, args)
     command = shlex.join(["pixelpick", "benchmark", *(a for a in sys.argv[2:] if a != "--report-only")])
     paths = benchmark_flow(choice, command)
     print(f"report: {paths['markdown']}")
