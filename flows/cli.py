@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 import tasks  # noqa: F401  (sets the store locations before Prefect and MLflow are imported)
 from flows.parameters import BenchmarkChoice, CampaignChoice, ClusterChoice
 from pixelpick.annotation import cli as annotation_cli
-from pixelpick.errors import PixelPickError
+from pixelpick.errors import PixelPickError, SettingsError
 from pixelpick.settings import parse_override
 
 EXIT_BAD_INPUT = 1
@@ -118,7 +118,13 @@ def _model_from(model: type[ModelT], args: argparse.Namespace, **given: Any) -> 
     for name in model.model_fields:
         parse = OPTIONS[model].get(name, _Option()).parse
         values[name] = getattr(args, name) if parse is None else parse(getattr(args, name))
-    return model(**{**values, **given})
+    try:
+        return model(**{**values, **given})
+    except ValidationError as error:  # e.g. --seeds 0,x or --shards 0: one line naming the option
+        problem = error.errors()[0]
+        name = str(problem["loc"][0]) if problem["loc"] else "?"
+        flag = OPTIONS[model].get(name, _Option()).flag or f"--{name.replace('_', '-')}"
+        raise SettingsError(f"{flag}: {problem['msg']} (got {problem.get('input')!r})") from None
 
 
 def _campaign_options(parser: argparse.ArgumentParser) -> None:

@@ -81,6 +81,18 @@ def test_a_bad_protocol_is_refused_by_the_parser(capsys):
     assert stopped.value.code == 2 and "invalid choice: 'final'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "flag"), [(["benchmark", "--seeds", "0,x"], "--seeds"),
+                                             (["round", "1", "--shards", "0"], "--shards")])
+def test_a_value_the_model_refuses_is_one_line_naming_the_option(in_project, argv, flag):
+    from pixelpick.errors import SettingsError
+
+    args = get_parser().parse_args(argv)
+    model = BenchmarkChoice if argv[0] == "benchmark" else ClusterChoice
+    with pytest.raises(SettingsError, match=rf"^{flag}: ") as refused:
+        _model_from(model, args)
+    assert "\n" not in str(refused.value)
+
+
 def test_the_command_line_does_not_import_torch():
     import subprocess
     import sys
