@@ -30,7 +30,7 @@ from pixelpick import steps
 from pixelpick.campaign import Campaign, load_record, prepare_data, recipe_differences, write_record
 from pixelpick.errors import BenchmarkError
 from pixelpick.io import write_json
-from pixelpick.recipe import Step, round_steps, run_step
+from pixelpick.recipe import Step, run_round
 from pixelpick.reporting import read_metrics
 from pixelpick.settings import Settings, load_settings, step_reads
 
@@ -276,14 +276,11 @@ def run_benchmark_run(base: Settings, preset: BenchmarkPreset, spec: RunSpec, pr
     if result_path.exists():
         return result_path
     if spec.strategy == FULL:
-        rows = [_round_row(campaign, r, [run_step(campaign, step, r, progress=progress)
-                                         for step in (DENSE_TRAIN, DENSE_EVALUATE)])
+        rows = [_round_row(campaign, r, run_round(campaign, r, progress=progress, steps=(DENSE_TRAIN, DENSE_EVALUATE)))
                 for r in range(preset.full_supervision_rounds)]
     else:
         _start_from_shared_round_zero(campaign, spec)
-        rows = [_round_row(campaign, r, [run_step(campaign, step, r, progress=progress)
-                                         for step in round_steps(campaign)])
-                for r in range(preset.rounds)]
+        rows = [_round_row(campaign, r, run_round(campaign, r, progress=progress)) for r in range(preset.rounds)]
     trained = 0
     for row in rows:  # the budget a row stands for: full supervision's rounds are the references of the AL rounds'
         row["budget"] = preset.budgets[row["round"]] if len(rows) > 1 else None

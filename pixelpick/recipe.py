@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -356,10 +356,11 @@ def pending_rounds(campaign: Campaign) -> list[int]:
 # ----------------------------------------------------------------------------------------------- the plain loop
 
 
-def run_round(campaign: Campaign, round_id: int, *, progress: bool = False) -> list[StepResult]:
-    """Every step of one round, in order, in this process. A human round stops with StepInputError until its
-    batch has been collected."""
-    return [run_step(campaign, step, round_id, progress=progress) for step in round_steps(campaign)]
+def run_round(campaign: Campaign, round_id: int, *, progress: bool = False,
+              steps: Sequence[Step] | None = None) -> list[StepResult]:
+    """Every step of one round (the recipe's, or `steps`: the benchmark's dense reference), in order, in this
+    process. A human round stops with StepInputError until its batch has been collected."""
+    return [run_step(campaign, step, round_id, progress=progress) for step in steps or round_steps(campaign)]
 
 
 def run_campaign(campaign: Campaign, *, progress: bool = False,

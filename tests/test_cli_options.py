@@ -4,6 +4,7 @@ an empty command line builds the model's defaults, and each option's text reache
 from __future__ import annotations
 
 import argparse
+import re
 from typing import get_args
 
 import pytest
@@ -67,12 +68,14 @@ def test_each_option_reaches_its_field(in_project, monkeypatch, tmp_path):
 
 def test_the_benchmark_models_names_are_the_librarys():
     # Named in flows.parameters without importing pixelpick.benchmark (torch), which the command line must not.
-    from pixelpick.benchmark import PRESETS, PROTOCOLS
+    from pixelpick.benchmark import PRESETS, PROTOCOLS, VARIANT_KEYS
 
     assert set(get_args(BenchmarkChoice.model_fields["protocol"].annotation)) == set(PROTOCOLS)
     preset_help = BenchmarkChoice.model_fields["preset"].description
     assert all(name in preset_help for name in PRESETS), preset_help
     assert BenchmarkChoice().preset in PRESETS
+    variant_help = BenchmarkChoice.model_fields["variants"].description
+    assert set(re.findall(r"\b([a-z]{2})[0-9.]+\b", variant_help)) == set(VARIANT_KEYS), variant_help
 
 
 def test_a_bad_protocol_is_refused_by_the_parser(capsys):

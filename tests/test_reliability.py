@@ -216,14 +216,21 @@ def _campaign_run_statuses() -> list[str]:
     return [run.info.status for run in runs]
 
 
+def _hear_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "group-sigterm"])
 def test_ctrl_c_or_a_group_signal_stops_a_prefect_campaign_as_a_signal_to_the_process_does(tmp_path, signum):
     # Ctrl-C and systemd/docker send the signal to the whole process group, the temporary server included.
     repo = scratch_repo(tmp_path / "repo")
     home, environment = _temporary_server_environment(tmp_path)
+    # As in a terminal, where Ctrl-C is heard: a suite started in the background (`make test &`) inherits SIGINT
+    # ignored, and Python then installs no handler for it.
     process = subprocess.Popen(["pixelpick", "campaign", *LONGER], cwd=repo, text=True, env=environment,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                               preexec_fn=_hear_ctrl_c)
     wait_for(lambda: (repo / "data/runs/tiny/rounds/r00/train.resume.pt").exists() or process.poll() is not None,
              what="training under Prefect")
     assert process.poll() is None, process.communicate()
