@@ -470,8 +470,9 @@ def _mlflow_database() -> Path | None:
 
 def _is_missing_database(error: BaseException) -> bool:
     text = str(error).lower()
+    # "readonly": what SQLite says when the file of an open connection was deleted (a long run, a benchmark).
     return any(sign in text for sign in ("no such table", "unable to open database file", "disk i/o error",
-                                         "database disk image is malformed"))
+                                         "database disk image is malformed", "attempt to write a readonly database"))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def test_a_step_on_a_full_disk_is_one_line_and_the_rerun_recovers(tmp_path, monk
     assert pd.read_parquet(campaign.files(0).queries).equals(pd.read_parquet(reference.files(0).queries))
 
 
-@pytest.mark.parametrize("what", ["deleted", "emptied"])
+@pytest.mark.parametrize("what", ["deleted", "emptied", "deleted-while-open"])
 def test_a_vanished_mlflow_database_is_one_line_naming_it(tmp_path, monkeypatch, what):
     import sqlalchemy
 
@@ -63,16 +63,21 @@ def test_a_vanished_mlflow_database_is_one_line_naming_it(tmp_path, monkeypatch,
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
     if what == "emptied":
         database.write_bytes(b"")
-    else:
+    elif what == "deleted":
         database.parent.joinpath("gone").mkdir()
         database = tmp_path / "gone" / "sub" / "mlflow.db"  # a folder that vanished: SQLite cannot even create it
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
     engine = sqlalchemy.create_engine(f"sqlite:///{database}")
     with pytest.raises(sqlalchemy.exc.OperationalError) as failed, engine.connect() as connection:
+        if what == "deleted-while-open":  # a long run's open connection then reads the file as read-only
+            connection.execute(sqlalchemy.text("CREATE TABLE experiments (id INTEGER)"))
+            connection.commit()
+            database.unlink()
+            connection.execute(sqlalchemy.text("INSERT INTO experiments VALUES (1)"))
         connection.execute(sqlalchemy.text("SELECT * FROM experiments"))
     try:
         raise RuntimeError("logging the round failed") from failed.value
     except RuntimeError as wrapped:
         message = cli._one_line(wrapped)
     assert message is not None and "\n" not in message and str(database) in message
-    assert ("is gone" if what == "deleted" else "has lost its tables") in message
+    assert ("has lost its tables" if what == "emptied" else "is gone") in message
