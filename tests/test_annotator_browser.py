@@ -124,6 +124,13 @@ def shown(page) -> tuple[str, int, int] | None:
     return data["imageId"], int(data["y"]), int(data["x"])
 
 
+def settled(page) -> tuple[str, int, int] | None:
+    """The pixel on screen once the page stops waiting: with one annotator, "waiting" only means its last labels
+    are still being saved (slow on a loaded machine), never that pixels are with someone else."""
+    page.wait_for_function("() => !['waiting', 'loading'].includes(document.querySelector('#crop').dataset.mode)")
+    return shown(page)
+
+
 def press(page, key: str) -> None:
     """Press `key` and wait until the page has drawn what comes next (or says there is nothing left)."""
     before = page.get_attribute("#crop", "data-shown")
@@ -152,7 +159,7 @@ def stored(store: ProgressStore) -> dict[tuple[str, int, int], tuple[int, str]]:
 def test_label_a_whole_job_with_keys_only(open_page, store):
     page = open_page("ana")
     seen = []
-    while (pixel := shown(page)) is not None:
+    while (pixel := settled(page)) is not None:
         assert page.is_hidden("#overlay")  # nothing covers the crop while labelling
         seen.append(pixel)
         press(page, KEYS[truth(pixel)])
@@ -199,7 +206,7 @@ def test_skip_sends_the_rest_of_an_image_to_the_end(open_page, store):
     page = open_page("ana")
     press(page, "Enter")
     order = []
-    while (pixel := shown(page)) is not None:
+    while (pixel := settled(page)) is not None:
         order.append(pixel[0])
         press(page, KEYS[truth(pixel)])
     wait_saved(page)
