@@ -26,8 +26,9 @@ repro: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# One pytest-xdist worker per core (worksteal: the few long end-to-end tests do not leave a worker idle).
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist worksteal
 
 clean:
 	rm -rf data/runs/*/rounds data/prefect data/mlflow.db data/mlartifacts data/cache
