@@ -150,7 +150,7 @@ def markdown_report(frame: pd.DataFrame, summary: pd.DataFrame, plot_name: str, 
             "report": "trained on CamVid train, evaluated on val."}.get(protocol, "custom splits."))
     if len(full):
         last = full.iloc[-1]
-        lines.append(f"- Full supervision: {last['mean']:.1f}" + (f" ± {last['std']:.1f}" if last["count"] > 1 else "")
+        lines.append(f"- Full supervision: {last['mean']:.1f}" + _spread(last)
                      + f" mIoU over {int(last['count'])} run(s)"
                      + (f", trained {int(last['epochs'])} epochs in all" if not np.isnan(last["epochs"]) else "")
                      + (f", round by round like the active-learning runs, each round evaluated (row `{FULL}`)."
@@ -192,8 +192,7 @@ def markdown_report(frame: pd.DataFrame, summary: pd.DataFrame, plot_name: str, 
 def _strategy_table(summary: pd.DataFrame, full: pd.DataFrame, share: str) -> str:
     budgets = sorted(summary["budget"].unique())
     table = {
-        strategy: {row["budget"]: f"{row['mean']:.1f} ± {np.nan_to_num(row['std']):.1f} ({row[share]:.0f}%)"
-                   for _, row in rows.iterrows()}
+        strategy: {row["budget"]: f"{row['mean']:.1f}{_spread(row)} ({row[share]:.0f}%)" for _, row in rows.iterrows()}
         for strategy, rows in summary.groupby("strategy")
     }
     if len(full):
@@ -208,8 +207,13 @@ def _strategy_table(summary: pd.DataFrame, full: pd.DataFrame, share: str) -> st
     return frame.to_markdown()
 
 
+def _spread(row: pd.Series) -> str:
+    """' ± std' over seeds; nothing for one seed, which has no spread to show."""
+    return f" ± {row['std']:.1f}" if row["count"] > 1 else ""
+
+
 def _reference_cell(row: pd.Series, full: pd.DataFrame, share: str) -> str:
-    spread = f" ± {np.nan_to_num(row['std']):.1f}" if row["count"] > 1 else ""
+    spread = _spread(row)
     epochs = f", {int(row['epochs'])} ep" if not np.isnan(row["epochs"]) else ""
     percent = 100.0 if share == "pct_of_full" else 100 * row["mean"] / full["mean"].iloc[-1]
     return f"{row['mean']:.1f}{spread} ({percent:.0f}%{epochs})"

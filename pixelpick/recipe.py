@@ -360,7 +360,8 @@ def run_round(campaign: Campaign, round_id: int, *, progress: bool = False,
               steps: Sequence[Step] | None = None) -> list[StepResult]:
     """Every step of one round (the recipe's, or `steps`: the benchmark's dense reference), in order, in this
     process. A human round stops with StepInputError until its batch has been collected."""
-    return [run_step(campaign, step, round_id, progress=progress) for step in steps or round_steps(campaign)]
+    steps = round_steps(campaign) if steps is None else steps
+    return [run_step(campaign, step, round_id, progress=progress) for step in steps]
 
 
 def run_campaign(campaign: Campaign, *, progress: bool = False,

@@ -73,8 +73,8 @@ def runtime(*steps: str, **scoped: str) -> dict[str, Any]:
 
 
 def location(*steps: str, may_change: bool = False, **scoped: str) -> dict[str, Any]:
-    """`may_change`: a recorded campaign takes a new value (where stores go); other locations are refused, as
-    another data root or campaign folder is another campaign."""
+    """`may_change`: a recorded campaign takes a new value (where stores and caches go); other locations are
+    refused, as another data root or campaign folder is another campaign."""
     return _role("location", steps, scoped, may_change)
 
 
@@ -105,7 +105,7 @@ class DataSettings(_Section):
     image_size: Size | None = _field(None, recipe(*STEPS))  # working (H, W); None keeps the native size
     cityscapes_downsample: Annotated[Literal[1, 2, 4], BeforeValidator(_not_a_boolean)] = _field(4, recipe(*STEPS))
     # What is derived from the images once and kept (superpixels)
-    cache_dir: Path = _field(Path("data/cache"), location("train"))
+    cache_dir: Path = _field(Path("data/cache"), location("train", may_change=True))
     classes_file: Path | None = _field(None, location(*STEPS))
     synthetic: SyntheticSettings = SyntheticSettings()
 

@@ -10,13 +10,15 @@ straddles a boundary, so it is left alone), void ("unsure") answers never expand
 own label and full weight; the expanded pixels get the weight the caller gives them.
 
 Segmentations are computed once per image at the dataset's working size and cached as one small `.npy` file per
-image under a folder named after the dataset, the working size and the SLIC parameters.
+image, named after the image file's content (the md5 its round's frozen pool records), under a folder named after
+the working size and the SLIC parameters. A photo changed under the same name gets its own segmentation, and a cache
+folder shared by campaigns, or moved, is never wrong.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,15 +43,15 @@ def segment(image: np.ndarray, params: SuperpixelParams) -> np.ndarray:
 class SuperpixelCache:
     """Superpixels of a dataset's images, computed on first use and kept on disk (one `.npy` per image)."""
 
-    def __init__(self, dataset: SegmentationDataset, params: SuperpixelParams, cache_dir: Path) -> None:
-        self.dataset, self.params = dataset, params
-        # Named after what the segmentation depends on: the images (root and split), their size and SLIC's settings.
-        where = f"{Path(dataset.root).resolve()}|{dataset.split}|{dataset.working_size}"
-        key = hashlib.sha256(where.encode()).hexdigest()[:12]
-        self.folder = Path(cache_dir) / "superpixels" / f"{key}-n{params.segments}-c{params.compactness:g}"
+    def __init__(self, dataset: SegmentationDataset, params: SuperpixelParams, cache_dir: Path,
+                 contents: Mapping[str, str]) -> None:
+        """`contents`: each image id's file md5 (a frozen pool's), what a cached segmentation is named after."""
+        self.dataset, self.params, self.contents = dataset, params, contents
+        size = "native" if dataset.working_size is None else "x".join(map(str, dataset.working_size))
+        self.folder = Path(cache_dir) / "superpixels" / f"{size}-n{params.segments}-c{params.compactness:g}"
 
     def __call__(self, image_id: str) -> np.ndarray:
-        path = self.folder / f"{image_id}.npy"
+        path = self.folder / f"{self.contents[image_id]}.npy"
         if path.is_file():
             try:
                 return np.load(path)

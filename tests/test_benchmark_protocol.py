@@ -25,11 +25,13 @@ from pixelpick.benchmark import (
 from pixelpick.benchmark_report import paired_comparison, results_frame, summarise, write_report
 from pixelpick.datasets import get_dataset
 from pixelpick.datasets.camvid import tuning_names
+from pixelpick.digests import file_md5
 from pixelpick.expansion import Expander, class_embedding, propagate_clicks
+from pixelpick.superpixels import SuperpixelCache, SuperpixelParams, segment
 from pixelpick.training import LabelledImages
 from pixelpick.transforms import TrainTransform
 from tests.conftest import TINY_PARAMS
-from tests.fixtures import write_camvid
+from tests.fixtures import save_png, write_camvid
 
 TINY = BenchmarkPreset(
     # DeepLabv3+: the tiny LR-ASPP stays at chance for a few epochs, so its predictions would sieve every expansion.
@@ -134,6 +136,32 @@ def test_propagation_labels_pixels_of_the_clicked_image_only(tmp_path):
         expected, _, _ = propagate_clicks(class_embedding(views[image_id]), (4, 6), clicks, classes, 11, 0.9)
         assert len(images.pixels[image_id][0]) == len(clicks) + len(expected)
     assert 0 <= expander.summary()["propagation_precision"] <= 1
+
+
+def test_superpixels_are_cached_by_content_so_a_photo_changed_under_its_name_is_segmented_anew(tmp_path):
+    mask = np.zeros((24, 32), np.uint8)
+    dataset = get_dataset(SimpleNamespace(dataset="camvid", root=write_camvid(tmp_path / "camvid", {"train": {
+        "a.png": mask}}), image_size=None, cityscapes_downsample=4, classes_file=None, synthetic=None), "train")
+    params, (image_id,) = SuperpixelParams(segments=4), dataset.image_ids
+    halves = np.zeros((24, 32, 3), np.uint8)
+
+    def photo(left_right: bool) -> None:  # two flat halves: SLIC's segments follow their edge
+        halves[...] = 0
+        (halves[:, 16:] if left_right else halves[12:])[...] = 255
+        save_png(dataset.image_path(image_id), halves)
+
+    def cached() -> np.ndarray:  # as a round's training builds it: from the round's frozen pool's md5s
+        contents = {image_id: file_md5(dataset.image_path(image_id))}
+        return SuperpixelCache(dataset, params, tmp_path / "cache", contents)(image_id)
+
+    photo(left_right=True)
+    before = cached()
+    assert np.array_equal(cached(), before)  # read back from the cache
+    photo(left_right=False)
+    after = cached()
+    assert np.array_equal(after, segment(dataset.load_image(image_id), params))
+    assert not np.array_equal(after, before)
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 2  # one per content, not one per name
 
 
 @pytest.mark.slow

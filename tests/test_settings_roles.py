@@ -50,7 +50,7 @@ def test_every_key_a_step_declares_is_a_recipe_key_and_no_runtime_or_location_ke
 def test_the_derived_lists_follow_the_declared_roles():
     assert set(RUNTIME_KEYS) == {"train.device", "train.num_workers", "train.eval_batch_size",
                                  "train.checkpoint_every", "campaign.keep_stores"}
-    assert {"campaign.rounds", "campaign.store_url", *RUNTIME_KEYS} == set(CHANGEABLE_KEYS)
+    assert {"campaign.rounds", "campaign.store_url", "data.cache_dir", *RUNTIME_KEYS} == set(CHANGEABLE_KEYS)
     recorded = Settings()
     changed = Settings.model_validate({"train": {"device": "cpu", "epochs": 3}, "campaign": {"rounds": 9}})
     assert set(recipe_differences(recorded, changed)) == {"train.epochs"}
