@@ -328,15 +328,16 @@ def run_predict(args: argparse.Namespace) -> None:
 def run_step(args: argparse.Namespace) -> None:
     from pixelpick.campaign import open_recorded
     from pixelpick.locking import campaign_lock
+    from pixelpick.recipe import STEPS
+    from pixelpick.recipe import run_step as run_recipe_step
     from pixelpick.reporting import write_progress
-    from tasks.steps import execute_step
 
     campaign = open_recorded(args.campaign_dir)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # one process of a torchrun launch: train as part of the group
         from pixelpick.distributed import init_from_environment
 
         campaign.device = init_from_environment()
-        execute_step(campaign, args.step, args.round, progress=False)
+        run_recipe_step(campaign, STEPS[args.step], args.round, progress=False)
         return
     with campaign_lock(campaign.layout.lock, campaign.name):
         if args.step == "progress":
@@ -348,7 +349,11 @@ def run_step(args: argparse.Namespace) -> None:
             campaign.freeze_pool(args.round)
             print(f"pool of round {args.round}: {campaign.layout.pool(args.round)}")
             return
-        result = execute_step(campaign, args.step, args.round, progress=True)
+        result = run_recipe_step(campaign, STEPS[args.step], args.round, progress=True)
+        if args.step == "evaluate":  # a DVC stage: the round is logged here, where a flow logs it in its summary task
+            from tasks.tracking import log_round
+
+            log_round(campaign, args.round)
     print(f"{args.step} of round {args.round}: {'up to date' if result.fresh else 'done'}")
 
 

@@ -1,8 +1,8 @@
-"""The steps of a round as Prefect tasks, and the one entry point that both Prefect and `dvc repro` run.
+"""The steps of a round as Prefect tasks.
 
-`execute_step` runs one recipe step (skipped when fresh) and, for `evaluate` under `dvc repro`, logs the round to
-MLflow. A DVC stage runs it through `pixelpick step <step> --round N`; a Prefect task runs it in-process, and the
-flow logs the round in its summary task, where Prefect's retries cover a transient MLflow failure. The task's cache key
+A task runs the recipe's step (`pixelpick.recipe.run_step`, skipped when fresh), the same call a DVC stage makes
+through `pixelpick step <step> --round N`. Under `dvc repro` the command logs an evaluated round to MLflow; in a flow
+the round is logged in its summary task, where Prefect's retries cover a transient MLflow failure. The task's cache key
 is the step's key from the recipe (its settings values and input digests: no paths, no unread settings), and a
 cached result is used only while the step's outputs still have the digests its record holds.
 """
@@ -16,8 +16,7 @@ from prefect import task
 from prefect.context import TaskRunContext
 
 from pixelpick.campaign import Campaign, open_recorded
-from pixelpick.recipe import STEPS, StepResult, is_fresh, run_step, step_key
-from tasks.tracking import log_round
+from pixelpick.recipe import STEPS, is_fresh, run_step, step_key
 
 
 def open_for_task(campaign_dir: str) -> Campaign:
@@ -31,15 +30,6 @@ def _open(campaign_dir: str, record_version: int) -> Campaign:
     return open_recorded(campaign_dir)
 
 
-def execute_step(campaign: Campaign, step: str, round_id: int, *, progress: bool = False,
-                 log: bool = True) -> StepResult:
-    """Run step `step` of round `round_id` (unless fresh); with `log`, an evaluated round is also logged to MLflow."""
-    result = run_step(campaign, STEPS[step], round_id, progress=progress)
-    if step == "evaluate" and log:
-        log_round(campaign, round_id)
-    return result
-
-
 def _step_cache_key(context: TaskRunContext, parameters: dict) -> str:
     campaign = open_for_task(parameters["campaign_dir"])
     return step_key(campaign, STEPS[parameters["step"]], parameters["round_id"])
@@ -49,7 +39,7 @@ def _step_cache_key(context: TaskRunContext, parameters: dict) -> str:
       task_run_name="{step}-r{round_id:02d}")
 def step_task(campaign_dir: str, step: str, round_id: int) -> dict:
     """One step of one round; returns the md5 of each output and the seconds it took."""
-    result = execute_step(open_for_task(campaign_dir), step, round_id, progress=True, log=False)
+    result = run_step(open_for_task(campaign_dir), STEPS[step], round_id, progress=True)
     return {"step": step, "round": round_id, "outputs": result.outputs, "seconds": result.seconds}
 
 

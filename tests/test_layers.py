@@ -1,6 +1,7 @@
 """The library stays free of the orchestration stack: pixelpick <- tasks <- flows."""
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,16 @@ def test_the_annotators_server_imports_no_pandas_or_torch():
             "print(sorted(m for m in ('pandas', 'pyarrow', 'torch') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_dvc_stages_command_starts_without_prefect_mlflow_or_a_web_server(reference_campaign, tmp_path):
+    """`pixelpick step` is what every DVC stage runs: it pays for torch and the library, not for Prefect (about a
+    second to import), MLflow (needed to log an evaluated round only) or the annotator's server."""
+    shutil.copytree(reference_campaign, tmp_path / "project")  # the session's reference is never changed
+    folder = tmp_path / "project/data/runs/tiny"
+    code = ("import sys; from flows.cli import main; "
+            f"sys.argv = ['pixelpick', 'step', 'train', '--round', '1', '--campaign-dir', {str(folder)!r}]; main(); "
+            "print(sorted(m for m in ('prefect', 'mlflow', 'fastapi', 'uvicorn') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-2:] == ["train of round 1: up to date", "[]"]

@@ -22,6 +22,7 @@ from pixelpick.annotation import exchange
 from pixelpick.annotation.exchange import DEFAULT_IMAGE_URL, FORMATS, round_suggestions
 from pixelpick.annotation.guards import (
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_HELD,
     DEFAULT_RATE_LIMIT,
     TOKEN_ENV,
     WILDCARD_HOSTS,
@@ -30,7 +31,6 @@ from pixelpick.annotation.guards import (
 from pixelpick.annotation.jobs import load_job, split_job, write_job
 from pixelpick.annotation.keys import parse_key_overrides, resolve_key_bindings
 from pixelpick.annotation.progress import DEFAULT_LEASE_SECONDS, ProgressStore, default_progress_path, ingest_job_labels
-from pixelpick.annotation.server import DEFAULT_MAX_HELD, create_app
 from pixelpick.errors import PixelPickError
 
 
@@ -105,6 +105,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def serve(args: argparse.Namespace) -> None:
     import uvicorn  # only this command needs a web server
+
+    from pixelpick.annotation.server import create_app
 
     token, generated = choose_token(args.host, args.token)
     job = load_job(args.job)

@@ -32,6 +32,7 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::")
 DEFAULT_MAX_BODY_BYTES = 64 * 1024  # the page's largest body is well under 1 KiB
 DEFAULT_RATE_LIMIT = 20.0  # requests per second per annotator; a person labels about one pixel per second
+DEFAULT_MAX_HELD = 32  # unlabelled pixels one name may hold; the page keeps about 6 ahead of the one shown
 BURST_SECONDS = 3.0  # a name may save up this many seconds' worth of requests, e.g. for a page's catch-up
 # A Host header is a DNS name or an IPv4 address, or an IPv6 address in brackets, then an optional port.
 _HOST_HEADER = re.compile(r"(?:\[(?P<ipv6>[0-9a-fA-F:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::\d{1,5})?")

@@ -35,6 +35,7 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from pixelpick.annotation.guards import (
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_HELD,
     DEFAULT_RATE_LIMIT,
     DeclaredBodyLimit,
     HostAllowList,
@@ -51,7 +52,6 @@ STATIC_DIR = Path(__file__).parent / "static"
 TOKEN_COOKIE = "pixelpick_token"
 TOKEN_HEADER = "x-pixelpick-token"
 MAX_CLAIM = 64
-DEFAULT_MAX_HELD = 32  # unlabelled pixels one name may hold; the page keeps about 6 ahead of the one shown
 BUSY_RETRY_SECONDS = 2  # Retry-After when the progress database is locked by another writer
 
 log = logging.getLogger(__name__)
