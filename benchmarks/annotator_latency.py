@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/annotator_latency.py                  # 3 annotators, 240 pixels on generated frames
     .venv/bin/python benchmarks/annotator_latency.py --pace 1.0       # at a person's pace (about one label a second)
-    .venv/bin/python benchmarks/annotator_latency.py --camvid-root /work/shared/datasets/camvid
+    .venv/bin/python benchmarks/annotator_latency.py --camvid-root /path/to/camvid
 
 The server is a real `python -m pixelpick.annotation serve` process with its default limits (rate limit, pixels
 held, body size). Three simulated annotators label one job at once, each doing what static/annotator.js does: keep

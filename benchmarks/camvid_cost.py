@@ -1,6 +1,6 @@
 """CPU cost of one training epoch and one inference pass over real CamVid train. Prints figures.
 
-    python benchmarks/camvid_cost.py --camvid-root ../shared/datasets/camvid [--images 48]
+    python benchmarks/camvid_cost.py --camvid-root /path/to/camvid [--images 48]
 
 Times `--images` images (default 48) and scales linearly to the 367 of CamVid train, for each working size
 (360x480 native and 180x240) and model. Training uses 20 labelled pixels per image and the paper-camvid recipe's

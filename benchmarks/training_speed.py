@@ -1,8 +1,8 @@
 """Seconds per training epoch on this machine: float32 against bfloat16 autocast, with and without channels-last,
 and the cost of decoding images every epoch. Prints figures, asserts nothing (docs/benchmarks/README.md has them).
 
-    python benchmarks/training_speed.py --camvid-root ../shared/datasets/camvid              # the cpu preset's size
-    python benchmarks/training_speed.py --camvid-root ../shared/datasets/camvid --miou 10    # and mIoU after 10 epochs
+    python benchmarks/training_speed.py --camvid-root /path/to/camvid              # the cpu preset's size
+    python benchmarks/training_speed.py --camvid-root /path/to/camvid --miou 10    # and mIoU after 10 epochs
 
 Each variant trains LR-ASPP MobileNetV3 at 120x160 on 20 random labelled pixels per CamVid training image, with the
 same seed; batches are prepared once, so the timing is the model's alone. `--miou E` also trains E epochs of the

@@ -1,7 +1,7 @@
 """The label-efficiency benchmark as a Prefect flow: full supervision and each strategy over the budgets and seeds,
 logged to MLflow, reported in docs/benchmarks/.
 
-    pixelpick benchmark --preset cpu --camvid-root ../shared/datasets/camvid
+    pixelpick benchmark --preset cpu --camvid-root /path/to/camvid
     pixelpick benchmark --preset cpu --variant sp300 --variant sp300+st0.9   # ablation rows: superpixels, self-training
     pixelpick benchmark --preset gpu-quick --camvid-root /data/camvid          # the paper's model, on a GPU
     pixelpick benchmark --preset cpu --report-only                             # rebuild the report from finished runs
