@@ -26,9 +26,10 @@ repro: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# One pytest-xdist worker per core (worksteal: the few long end-to-end tests do not leave a worker idle).
+# One pytest-xdist worker per core, at most 4 (each loads torch, Prefect and MLflow, and starts servers); worksteal: the
+# few long end-to-end tests do not leave a worker idle.
 test: lint
-	$(PY) -m pytest -n auto --dist worksteal
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist worksteal
 
 clean:
 	rm -rf data/runs/*/rounds data/prefect data/mlflow.db data/mlartifacts data/cache
