@@ -28,7 +28,7 @@ from pixelpick.io import atomic_write, write_json
 from pixelpick.label_space import check_label_space
 from pixelpick.labels import LabelStore, read_labels
 from pixelpick.layout import CampaignLayout, RoundFiles
-from pixelpick.pools import check_unchanged, compare, describe_pool, read_manifest, write_manifest
+from pixelpick.pools import check_unchanged, compare, date, describe_pool, read_manifest, write_manifest
 from pixelpick.settings import (
     Settings,
     SettingsView,
@@ -108,9 +108,9 @@ class Campaign:
         pool = self._pool_now()
         current = describe_pool(pool, with_masks=self.simulated)
         report = None
-        previous = self.layout.pool(round_id - 1)
-        if round_id > 0 and previous.is_file():
-            change = compare(read_manifest(previous), current)
+        previous = self.pool_manifest(round_id - 1) if round_id > 0 else None
+        if previous is not None:
+            change = compare(previous, current)
             if change.changed or change.removed:
                 labels = read_labels(self.files(round_id - 1).snapshot)
                 labelled = labels.groupby("image_id")["round"].unique().map(list).to_dict()
@@ -120,7 +120,7 @@ class Campaign:
                 log.info("round %d's pool: %d new image(s)", round_id, len(change.added))
         if getattr(pool, "classes_file", None):  # classes from a file may grow: the round keeps its own
             write_json(label_space_record(pool.label_space), self.layout.pool_classes(round_id))
-        write_manifest(current, path)
+        write_manifest(date(current, previous, round_id), path)
         return report
 
     def for_round(self, round_id: int) -> Campaign:
@@ -146,9 +146,16 @@ class Campaign:
         # Listed afresh: a long-lived process (a served flow) must see the photos that arrived since it opened this.
         return get_dataset(self.settings.data, self.settings.data.train_split)
 
-    def pool_manifests(self, up_to: int) -> dict[int, pd.DataFrame]:
-        """The frozen pools of rounds 0..`up_to` that have one."""
-        return {r: read_manifest(self.layout.pool(r)) for r in range(up_to + 1) if self.layout.pool(r).is_file()}
+    def pool_manifest(self, round_id: int) -> pd.DataFrame | None:
+        """Round `round_id`'s frozen pool, dated (`pools.date`), or None before the round has started. A manifest
+        written before pools were dated is dated from the earlier rounds' manifests, which never change."""
+        path = self.layout.pool(round_id)
+        if round_id < 0 or not path.is_file():
+            return None
+        manifest = read_manifest(path)
+        if "since" in manifest:
+            return manifest
+        return date(manifest, self.pool_manifest(round_id - 1), round_id)
 
     def label_store(self, round_id: int) -> LabelStore:
         """The label table as of `round_id`: its file is that round's snapshot."""

@@ -2,13 +2,16 @@
 
 A campaign's folder of photos grows while the campaign runs. When a round starts, its pool manifest
 `pools/rNN.csv` records every image of the pool: its id, the md5 of its file (and of its mask, where the campaign
-reads masks), its height and width. Every step of the round works on exactly those images and depends on that file,
+reads masks), its height and width, and `since`: the round from which the image has been in the pool as it is now
+(the round it arrived, or last changed). Every step of the round works on exactly those images and depends on that file,
 not on the folder, so photos added later join at the next round and earlier rounds stay reproducible while the
 folder grows. The manifest is history: written once, never recomputed, committed with the campaign's records.
 
 A photo that an earlier round drew from and that has since changed or disappeared is reported, in one line, when the
 next round starts. Its earlier labels leave training from that round on (they describe pixels that are no longer
-there); the round's train record counts them. A changed photo is a new image to the rounds that follow.
+there); the round's train record counts them. A changed photo is a new image to the rounds that follow. So a label
+made in round k is current while its image is in the pool with `since` <= k: training reads its own round's
+manifest, and no earlier one.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from pixelpick.io import atomic_write
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["image_id", "md5", "mask_md5", "height", "width"]
+COLUMNS = ["image_id", "md5", "mask_md5", "height", "width", "since"]
+# Manifests written before `since` existed; it is filled on reading from the earlier rounds' manifests.
+UNDATED_COLUMNS = COLUMNS[:-1]
 
 
 class PoolChangedError(DatasetError):
@@ -35,21 +40,35 @@ class PoolChangedError(DatasetError):
 
 
 def describe_pool(dataset: SegmentationDataset, *, with_masks: bool) -> pd.DataFrame:
-    """One row per image of `dataset`: id, file md5, mask md5 (empty without masks or when not read), size."""
+    """One row per image of `dataset`: id, file md5, mask md5 (empty without masks or when not read), size (no
+    `since` yet: `date`)."""
     rows = []
     for image_id in dataset.image_ids:
         mask = dataset.mask_path(image_id) if with_masks else None
         height, width = dataset.image_size(image_id)
         rows.append((image_id, file_md5(dataset.image_path(image_id)), file_md5(mask) if mask else "", height, width))
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return pd.DataFrame(rows, columns=UNDATED_COLUMNS)
+
+
+def date(current: pd.DataFrame, previous: pd.DataFrame | None, round_id: int) -> pd.DataFrame:
+    """`current` with its `since` column: an image as it was in the previous round's pool keeps its `since`; one
+    new or changed is current from `round_id`. Without a previous manifest (round 0, or a campaign that started
+    before pools were frozen) every image counts as current from round 0: there is nothing to compare with."""
+    if previous is None:
+        return current.assign(since=0)
+    content = previous["md5"] + previous["mask_md5"]
+    kept = dict(zip(previous["image_id"] + "\0" + content, previous["since"]))
+    keys = current["image_id"] + "\0" + current["md5"] + current["mask_md5"]
+    return current.assign(since=[int(kept.get(key, round_id)) for key in keys])
 
 
 def read_manifest(path: Path) -> pd.DataFrame:
+    """The manifest at `path`; one written before `since` existed comes without that column (`date` fills it)."""
     try:
         manifest = pd.read_csv(path, dtype={"image_id": str, "md5": str, "mask_md5": str}, keep_default_na=False)
     except (OSError, ValueError) as error:
         raise DatasetError(f"cannot read the pool manifest {path}: {error}") from None
-    if list(manifest.columns) != COLUMNS:
+    if list(manifest.columns) not in (COLUMNS, UNDATED_COLUMNS):
         raise DatasetError(f"{path} is not a pool manifest: its columns are {list(manifest.columns)}, not {COLUMNS}")
     return manifest
 
@@ -107,13 +126,10 @@ def check_unchanged(dataset: SegmentationDataset, manifest: pd.DataFrame, round_
                                    "cannot be reproduced from it (restore it, or start a new round)")
 
 
-def stale_labels(labels: pd.DataFrame, manifests: dict[int, pd.DataFrame], round_id: int) -> pd.Series:
-    """True for each label whose image is no longer, in round `round_id`'s pool, what it was when it was labelled
-    (changed or removed since): training must not pair such a label with today's pixels."""
-    if round_id not in manifests:
-        return pd.Series(False, index=labels.index, dtype=bool)
-    now = dict(zip(manifests[round_id]["image_id"], manifests[round_id]["md5"]))
-    then = {r: dict(zip(m["image_id"], m["md5"])) for r, m in manifests.items()}
-    # A round without a manifest (a campaign started before pools were frozen) cannot be compared: kept.
-    return pd.Series([r in then and then[r].get(i) != now.get(i) for i, r in zip(labels["image_id"], labels["round"])],
+def stale_labels(labels: pd.DataFrame, manifest: pd.DataFrame) -> pd.Series:
+    """True for each label whose image is no longer, in the (dated) pool `manifest`, what it was when it was
+    labelled: removed since, or changed after the label's round. Training must not pair such a label with today's
+    pixels."""
+    since = dict(zip(manifest["image_id"], manifest["since"]))
+    return pd.Series([i not in since or since[i] > r for i, r in zip(labels["image_id"], labels["round"])],
                      index=labels.index, dtype=bool)

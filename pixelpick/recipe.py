@@ -72,11 +72,6 @@ def _pool(c: Campaign, r: int) -> Paths:
     return {"pool": c.layout.pool(r), **({"classes": frozen_classes} if frozen_classes else {})}
 
 
-def _pools_so_far(c: Campaign, r: int) -> Paths:
-    # Training compares each label's image as it was labelled with the image now (`pools.stale_labels`).
-    return {f"pool_r{k:02d}": c.layout.pool(k) for k in range(r)}
-
-
 def _previous(c: Campaign, r: int, what: str) -> Paths:
     return {} if r == 0 else {f"previous_{what}": getattr(c.files(r - 1), what)}
 
@@ -101,7 +96,8 @@ def _train_inputs(c: Campaign, r: int) -> Paths:
     uses_previous = (t.warm_start or t.self_training_threshold > 0 or t.superpixel_sieve > 0
                      or t.propagation_threshold > 0)
     pretrained = c.settings.model.pretrained_path
-    return {"snapshot": c.files(r).snapshot, **_pool(c, r), **_pools_so_far(c, r),
+    # The round's pool dates each image (`pools.date`): it is all training needs to leave stale labels out.
+    return {"snapshot": c.files(r).snapshot, **_pool(c, r),
             **(_previous(c, r, "model") if uses_previous else {}), **({"pretrained": pretrained} if pretrained else {})}
 
 

@@ -312,17 +312,16 @@ def train(campaign: Campaign, round_id: int, *, snapshot: Path | None, previous_
     if previous_model is not None and train_settings.warm_start:  # round 0 has none, and reads no warm_start
         load_previous(model, read_checkpoint(previous_model), previous_model)  # grows it if classes were appended
     labels = read_labels(snapshot) if snapshot is not None else None
-    stale, manifests = 0, campaign.pool_manifests(round_id)
+    stale, manifest = 0, campaign.pool_manifest(round_id)
     if labels is not None:  # labels of photos changed or removed since they were labelled leave training
-        dropped = stale_labels(labels, manifests, round_id)
+        dropped = stale_labels(labels, manifest)
         labels, stale = labels[~dropped].reset_index(drop=True), int(dropped.sum())
     epochs = train_settings.initial_epochs if round_id == 0 and train_settings.initial_epochs else train_settings.epochs
     superpixels = None
     if train_settings.superpixels and labels is not None:
         params = SuperpixelParams(train_settings.superpixels, train_settings.superpixel_compactness)
-        pool = manifests[round_id]
         superpixels = SuperpixelCache(campaign.pool, params, settings.data.cache_dir,
-                                      dict(zip(pool["image_id"], pool["md5"])))
+                                      dict(zip(manifest["image_id"], manifest["md5"])))
     pseudo = None
     if previous_model is not None and labels is not None and train_settings.self_training_threshold:
         teacher = campaign.load_model(previous_model)

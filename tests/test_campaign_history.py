@@ -16,7 +16,8 @@ import pytest
 from flows.campaign import campaign_flow
 from flows.human import query_flow, train_flow
 from pixelpick.campaign import open_campaign, open_recorded
-from pixelpick.recipe import run_round
+from pixelpick.pools import date, stale_labels
+from pixelpick.recipe import TRAIN_STEP, run_round
 from tests.fixtures import CLASSES_YAML, random_image, save_png
 from tests.test_flows import choice, run, scratch_repo
 from tests.test_human_flows import label_through_the_api
@@ -137,6 +138,39 @@ def test_changed_and_removed_photos_are_reported_once_and_their_labels_leave_tra
     stale = labels["image_id"].isin(["images/photo_03.png", "images/photo_05.png"]).sum()
     assert train.details["stale_labels_left_out"] == stale > 0
     assert "images/photo_05.png" not in queried_images(campaign, 2)
+
+
+def test_each_pool_dates_its_images_so_that_training_reads_its_own_rounds_pool_only(tmp_path):
+    repo = folder_repo(tmp_path, "dated", "simulated")
+    campaign = open_campaign(repo / "params.yaml", {"campaign.rounds": 3})
+    campaign.freeze_pool(0)
+    new = add_photos(repo / "photos", 8, 2)
+    campaign.freeze_pool(1)
+    dated = campaign.pool_manifest(1)
+    assert dict(zip(dated["image_id"], dated["since"])) == {**{i: 0 for i in campaign.pool_manifest(0)["image_id"]},
+                                                            **{i: 1 for i in new}}
+
+    # A photo changed in round 2 is current from round 2: labels made on it before are stale, as are those of a
+    # photo that is gone.
+    edited = dated.drop(columns="since")
+    edited.loc[edited["image_id"] == "images/photo_00.png", "md5"] = "0" * 32
+    redated = date(edited, dated, 2)
+    assert redated.loc[redated["image_id"] == "images/photo_00.png", "since"].item() == 2
+    assert redated["since"].tolist()[1:] == dated["since"].tolist()[1:]
+    labels = pd.DataFrame({"image_id": ["images/photo_00.png", "images/photo_00.png", "images/photo_01.png",
+                                        "images/gone.png"], "round": [1, 2, 0, 0]})
+    assert stale_labels(labels, redated).tolist() == [True, False, False, True]
+
+    # Manifests written before pools were dated are dated on reading, from the earlier rounds', and left as they are.
+    for r in (0, 1):
+        path = campaign.layout.pool(r)
+        pd.read_csv(path).drop(columns="since").to_csv(path, index=False)
+    legacy = campaign.layout.pool(1).read_bytes()
+    pd.testing.assert_frame_equal(campaign.pool_manifest(1), dated)
+    assert campaign.layout.pool(1).read_bytes() == legacy
+
+    # So a round's training depends on its own pool, whatever the round.
+    assert set(TRAIN_STEP.inputs(campaign, 3)) == set(TRAIN_STEP.inputs(campaign, 1)) == {"snapshot", "pool", "classes"}
 
 
 def test_a_code_change_makes_the_derived_stages_stale_and_records_carry_the_code(tmp_path):
