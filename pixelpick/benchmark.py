@@ -76,8 +76,8 @@ class BenchmarkPreset:
 
 
 # The `cpu` preset's extra supervision per click, beyond superpixels: the switch a tuning-split comparison flips
-# (e.g. {"train.superpixel_sieve": 0.1}). Empty until evidence from `--protocol tune` says otherwise; see
-# docs/benchmarks/README.md, "Choosing the default".
+# (e.g. {"train.superpixel_sieve": 0.1}). Empty: on the tuning split no sieve or propagation gained more over the
+# preset than its spread over 3 seeds (docs/benchmarks/README.md, "Choosing the default on the tuning split").
 CPU_DEFAULT_EXPANSION: dict[str, Any] = {}
 
 PRESETS: dict[str, BenchmarkPreset] = {
