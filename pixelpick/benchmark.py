@@ -30,6 +30,7 @@ from pixelpick import steps
 from pixelpick.campaign import Campaign, load_record, prepare_data, recipe_differences, write_record
 from pixelpick.errors import BenchmarkError
 from pixelpick.io import write_json
+from pixelpick.layout import CampaignLayout
 from pixelpick.recipe import Step, run_round
 from pixelpick.reporting import read_metrics
 from pixelpick.settings import Settings, load_settings, step_reads
@@ -318,12 +319,12 @@ def _start_from_shared_round_zero(campaign: Campaign, spec: RunSpec) -> None:
     if target.exists():
         return
     for sibling in sorted(campaign.layout.dir.parent.glob(f"*-s{spec.seed}")):
-        source = sibling / "rounds" / "r00"
-        if sibling.name.startswith(f"{FULL}-") or not (source / "steps" / "evaluate.json").is_file():
+        source = CampaignLayout(sibling).round(0)
+        if sibling.name.startswith(f"{FULL}-") or not source.step_record("evaluate").is_file():
             continue
         staging = target.with_name(f".{target.name}.copying")
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(source, staging, ignore=shutil.ignore_patterns("probs.zarr", ".*"))
+        shutil.copytree(source.dir, staging, ignore=shutil.ignore_patterns(source.probs.name, ".*"))
         staging.rename(target)
         return
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from pixelpick.errors import DistributedTrainingError
+from pixelpick.layout import CampaignLayout
 
 
 def rank_and_size() -> tuple[int, int]:
@@ -50,7 +51,7 @@ def init_from_environment() -> torch.device:
 def launch(campaign_dir: Path, round_id: int, processes: int) -> dict:
     """Train round `round_id` of the campaign in `campaign_dir` as `processes` local processes (torchrun); returns
     what process 0 measured."""
-    report = Path(campaign_dir) / "rounds" / f"r{round_id:02d}" / "train.distributed.json"
+    report = CampaignLayout(Path(campaign_dir)).round(round_id).distributed_report
     report.unlink(missing_ok=True)
     threads = max(1, (os.cpu_count() or 1) // processes)  # processes side by side must not oversubscribe cores
     done = subprocess.run(

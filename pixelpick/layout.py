@@ -5,7 +5,8 @@
       label_space.json               the classes its rounds have used (folder datasets; see pixelpick.label_space)
       dvc.yaml, dvc.lock             its pipeline: one stage per step of each round (generated from the recipe)
       labels/rNN.parquet             human label batches, one per round (DVC-tracked inputs, `rNN.parquet.dvc`)
-      pools/rNN.csv                  the images round NN drew from, as they were when it started (history, in git)
+      pools/rNN.csv                  the images round NN drew from, as they were when it started, each with the
+                                     round since which it has been so (history, in git)
       pools/rNN.classes.json         the classes it labelled with (classes may be appended later)
       progress.csv, progress.png     mIoU against labelled pixels, one row per evaluated round
       rounds/rNN/
@@ -17,6 +18,7 @@
         probs.zarr                   the previous model's probabilities and scores (a regenerable intermediate)
         job.json                     the round's annotation job (human campaigns), its progress database beside it
         train.resume.pt              while training: its state every few epochs, so a killed run continues
+        train.distributed.json       what data-parallel training's first process measured (train.processes > 1)
         steps/<step>.json            what each step last ran on (its input key) and made (output digests, seconds)
         steps/finished.json          the round's step keys once it was versioned and registered (its model version)
 """
@@ -71,6 +73,11 @@ class RoundFiles:
         """Training's resume point while the round's model is being trained (removed once it is done)."""
         return self.dir / "train.resume.pt"
 
+    @property
+    def distributed_report(self) -> Path:
+        """What the first process of data-parallel training measured, for the process that launched it."""
+        return self.dir / "train.distributed.json"
+
     def step_record(self, step: str) -> Path:
         return self.dir / "steps" / f"{step}.json"
 
@@ -99,6 +106,15 @@ class CampaignLayout:
         return self.dir / "dvc.yaml"
 
     @property
+    def pipeline_lock(self) -> Path:
+        """DVC's record of what each stage last ran on and made."""
+        return self.dir / "dvc.lock"
+
+    @property
+    def gitignore(self) -> Path:
+        return self.dir / ".gitignore"
+
+    @property
     def lock(self) -> Path:
         return self.dir / ".lock"
 
@@ -123,7 +139,8 @@ class CampaignLayout:
         return f"{store_url.rstrip('/')}/{self.name}/{round_name(round_id)}/probs.zarr"
 
     def pool(self, round_id: int) -> Path:
-        """The round's pool manifest: the images it drew from (id, content md5, size), frozen when it started."""
+        """The round's pool manifest: the images it drew from (id, content md5, size, since), frozen when it
+        started."""
         return self.dir / "pools" / f"{round_name(round_id)}.csv"
 
     def pool_classes(self, round_id: int) -> Path:
@@ -133,6 +150,14 @@ class CampaignLayout:
     def batch(self, round_id: int) -> Path:
         """Where a human round's labels land as a batch file."""
         return self.dir / "labels" / f"{round_name(round_id)}.parquet"
+
+    def records(self) -> list[Path]:
+        """The files of the campaign that git keeps (those that exist): its settings, pipeline, what ran, progress,
+        classes, frozen pools and the `.dvc` files of its label batches. Its rounds' files are DVC's."""
+        records = [self.params, self.pipeline, self.pipeline_lock, self.gitignore, self.progress_table,
+                   self.progress_plot, self.label_space, *sorted((self.dir / "labels").glob("*.dvc")),
+                   *sorted((self.dir / "pools").glob("*"))]
+        return [path for path in records if path.is_file()]
 
     def round(self, round_id: int) -> RoundFiles:
         return RoundFiles(self.dir / "rounds" / round_name(round_id))

@@ -16,12 +16,13 @@ from prefect import task
 from prefect.context import TaskRunContext
 
 from pixelpick.campaign import Campaign, open_recorded
+from pixelpick.layout import CampaignLayout
 from pixelpick.recipe import STEPS, is_fresh, run_step, step_key
 
 
 def open_for_task(campaign_dir: str) -> Campaign:
     """The campaign at `campaign_dir`, read from its record (reused while the record is unchanged)."""
-    record = Path(campaign_dir) / "params.yaml"
+    record = CampaignLayout(Path(campaign_dir)).params
     return _open(str(Path(campaign_dir).resolve()), record.stat().st_mtime_ns)
 
 

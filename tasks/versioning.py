@@ -136,7 +136,7 @@ CAMPAIGN_GITIGNORE = "/rounds/\n/.lock\n/labels/*.parquet\n/labels/.*\n"
 def write_pipeline(campaign: Campaign) -> Path:
     """(Re)write the campaign's dvc.yaml from the recipe, and the .gitignore that keeps its rounds' files out of
     git; unchanged content leaves a file untouched."""
-    gitignore = campaign.layout.dir / ".gitignore"
+    gitignore = campaign.layout.gitignore
     if not gitignore.is_file() or gitignore.read_text() != CAMPAIGN_GITIGNORE:
         atomic_write(gitignore, lambda f: f.write(CAMPAIGN_GITIGNORE.encode()))
     header = (f"# The pipeline of campaign {campaign.name}: one stage per step of each round, generated from the\n"
@@ -163,11 +163,7 @@ def stage_records(campaign: Campaign, root: Path) -> None:
     """`git add` the campaign's records (settings, pipeline, lock, progress, the batches' .dvc files), so that
     `git status` shows them ready to commit, as DVC's autostage does for the files DVC itself writes. Outside a git
     work tree nothing happens."""
-    layout = campaign.layout
-    records = [layout.params, layout.pipeline, layout.dir / "dvc.lock", layout.dir / ".gitignore",
-               layout.progress_table, layout.progress_plot, layout.label_space,
-               *sorted((layout.dir / "labels").glob("*.dvc")), *sorted((layout.dir / "pools").glob("*"))]
-    present = [os.path.relpath(path, root) for path in records if path.is_file()]
+    present = [os.path.relpath(path, root) for path in campaign.layout.records()]
     done = subprocess.run(["git", "add", "--", *present], cwd=root, capture_output=True, text=True)
     quiet = ("not a git repository", "ignored by one of your .gitignore files")  # no git, or a git-ignored demo
     if done.returncode != 0 and not any(reason in done.stderr for reason in quiet):  # written whatever git says
@@ -185,7 +181,7 @@ def commit_stages(campaign: Campaign, stage_names: list[str]) -> dict[str, str]:
     pipeline_file = os.path.relpath(campaign.layout.pipeline, root)
     run_dvc(root, "commit", "--force", "--quiet", *(f"{pipeline_file}:{name}" for name in stage_names))
     stage_records(campaign, root)
-    lock = yaml.safe_load((campaign.layout.dir / "dvc.lock").read_text())["stages"]
+    lock = yaml.safe_load(campaign.layout.pipeline_lock.read_text())["stages"]
     return {out["path"]: out["md5"] for name in stage_names for out in lock.get(name, {}).get("outs", [])}
 
 

@@ -133,6 +133,30 @@ def test_the_architecture_notes_list_every_module():
     assert missing == []
 
 
+def _campaign_file_names() -> set[str]:
+    """The folder and file names layout.py gives a campaign's paths (string constants joined with `/`)."""
+    names = set()
+    for node in ast.walk(ast.parse((REPO / "pixelpick" / "layout.py").read_text())):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant):
+            names.add(node.right.value)
+    return names
+
+
+def test_every_path_of_a_campaign_is_built_in_layout_py_only():
+    names = _campaign_file_names()
+    assert {"rounds", "pools", "labels", "steps", "dvc.lock", "probs.zarr", "train.distributed.json"} <= names
+    offenders = []
+    for package in ("pixelpick", "tasks", "flows"):
+        for path in (REPO / package).rglob("*.py"):
+            if path.name == "layout.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div)
+                        and isinstance(node.right, ast.Constant) and node.right.value in names):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: / {node.right.value!r}")
+    assert offenders == []
+
+
 def test_the_annotators_server_imports_no_pandas_or_torch():
     """The annotator's server stays small: pandas (100 MB resident) and torch are imported only by what writes
     tables or runs models, never by `pixelpick annotate serve`."""

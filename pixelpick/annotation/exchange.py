@@ -30,6 +30,7 @@ from pixelpick.annotation.jobs import Job, JobImage, load_job
 from pixelpick.annotation.progress import ProgressStore, check_labels_against_job, default_progress_path
 from pixelpick.errors import LabelImportError
 from pixelpick.io import atomic_write
+from pixelpick.layout import RoundFiles
 
 if TYPE_CHECKING:  # pandas costs the annotator's server 100 MB: imported by the functions that make tables
     import pandas as pd
@@ -79,10 +80,10 @@ def round_suggestions(job: Job, job_path: Path, *, probs: Path | None = None, us
     """What the round folder beside the job holds: scores from `queries.parquet` (unless not `with_scores`: the
     annotator needs none, and reading them costs its server pandas), and after round 0 the model's predictions from
     the round's probability store (`probs.zarr`, or `probs`) when it is still there."""
-    folder = job_path.parent
+    files = RoundFiles(job_path.parent)
     pixels = [(image.image_id, y, x) for image in job.images for y, x in image.pixels]
     scores: dict[tuple[str, int, int], float] = {}
-    queries = folder / "queries.parquet"
+    queries = files.queries
     if with_scores and queries.is_file():
         import pandas as pd
 
@@ -94,7 +95,7 @@ def round_suggestions(job: Job, job_path: Path, *, probs: Path | None = None, us
                 if key in wanted and np.isfinite(score):
                     scores[key] = float(score)
     predicted: dict[tuple[str, int, int], tuple[int, float]] = {}
-    location = probs or folder / "probs.zarr"
+    location = probs or files.probs
     model_version = None
     if use_model and job.round > 0 and Path(location).exists():
         predicted = predicted_classes(location, {image.image_id: image.pixels for image in job.images})
