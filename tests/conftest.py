@@ -28,12 +28,6 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 import pytest  # noqa: E402
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """End-to-end tests (marked slow: a minute or two each) first, in their order, the rest after. Workers then
-    share the quick tests at the end, instead of one of them starting a two-minute test while the others are done."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(scope="session")
 def camvid_root() -> Path:
     """The real CamVid, when PIXELPICK_CAMVID_ROOT points at it; tests using it skip otherwise."""
