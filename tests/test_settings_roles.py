@@ -84,6 +84,7 @@ def test_each_step_runs_reading_only_what_it_declares_and_fails_reading_more(tin
     read one more setting fails."""
     campaign = open_campaign(tmp_path / "params.yaml")
     for round_id in (0, 1):
+        campaign.freeze_pool(round_id)  # what starting a round does (`recipe.begin_step`)
         for step in round_steps(campaign):
             seen = as_step_sees_it(campaign, step.name, round_id)
             step.run(seen, round_id, step.inputs(campaign, round_id), step.outputs(campaign, round_id), False)
