@@ -1,6 +1,9 @@
 """Segmentation models: shapes at awkward sizes, the paper's DeepLabv3+ layout, weights loading, MC-dropout."""
 
+import json
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -142,3 +145,31 @@ def test_mc_dropout_samples_without_touching_batchnorm(arch):
     assert torch.equal(*deterministic)
     assert all(torch.equal(b, buffers_before[name]) for name, b in model.named_buffers())
     assert not any(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+SUBNORMAL_PRODUCT = """
+import sys, threading
+import torch
+if sys.argv[1] == "pixelpick":
+    import pixelpick.models  # noqa: F401
+torch.set_num_threads(2)
+subnormal = torch.tensor(1 << 22, dtype=torch.int32).view(torch.float32)  # 5.9e-39, made of bits, not arithmetic
+survived = []
+
+def multiply():  # large enough that torch splits it over its worker threads
+    survived.append(int((torch.full((1 << 22,), 1.0) * subnormal).count_nonzero()))
+
+multiply()
+thread = threading.Thread(target=multiply)  # a thread started later, as a task runner's are
+thread.start()
+thread.join()
+print(survived)
+"""
+
+
+@pytest.mark.parametrize("imported", ["pixelpick", "torch alone"])
+def test_importing_the_models_flushes_subnormals_in_every_thread_torch_computes_in(imported):
+    done = subprocess.run([sys.executable, "-c", SUBNORMAL_PRODUCT, imported], capture_output=True, text=True,
+                          check=True)
+    survived = json.loads(done.stdout.strip().splitlines()[-1])
+    assert survived == ([0, 0] if imported == "pixelpick" else [1 << 22, 1 << 22])
