@@ -1,18 +1,20 @@
 """Seconds per training batch of a trained model with subnormal floats computed in full against flushed to zero
-(`pixelpick.models.flush_subnormals`). Prints figures, asserts nothing.
+(`pixelpick.models.subnormals_flushed`, under which the query, train and evaluate steps run). Prints figures,
+asserts nothing.
 
     python benchmarks/subnormals.py --model data/benchmarks/cpu/margin-s0/rounds/r03/model.pt
 
 The model is a checkpoint of this project (a round's `model.pt`). A fresh network has no subnormals to speak of:
 the slowdown shows in models trained for a while, such as the later rounds of the CamVid benchmark's `cpu` preset
-(the bundled synthetic demo's small models show none). Each mode runs in its own process, because the flag must be
-set before torch starts its worker threads; each times forward and backward on random batches of the model's
-recorded image size, in training mode, as a fine-tuning round runs them.
+(the bundled synthetic demo's small models show none). Each mode runs in its own process, because torch's worker
+threads copy the flag when they start; each times forward and backward on random batches of the model's recorded
+image size, in training mode, as a fine-tuning round runs them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -27,21 +29,19 @@ def time_batches(model_path: str, flush: bool, batches: int, batch_size: int) ->
 
     sys.path.insert(0, str(REPO))
     from pixelpick.checkpoints import model_from_checkpoint, read_checkpoint
+    from pixelpick.models import subnormals_flushed
 
-    torch.set_flush_denormal(flush)  # importing pixelpick set it: each mode sets its own
-    torch.ones(1 << 22).add_(1)  # starts torch's worker threads, which copy the flag
-    checkpoint = read_checkpoint(Path(model_path))
-    model = model_from_checkpoint(checkpoint)
-    torch.set_flush_denormal(flush)  # building a model set it again, in this thread
-    model = model.to(memory_format=torch.channels_last).train()
-    height, width = checkpoint.get("image_size") or (120, 160)
-    images = torch.randn(batch_size, 3, height, width).to(memory_format=torch.channels_last)
-    seconds = []
-    for _ in range(batches + 2):  # the first two warm up
-        started = time.perf_counter()
-        model(images).float().mean().backward()
-        model.zero_grad()
-        seconds.append(time.perf_counter() - started)
+    with subnormals_flushed() if flush else contextlib.nullcontext():
+        checkpoint = read_checkpoint(Path(model_path))
+        model = model_from_checkpoint(checkpoint).to(memory_format=torch.channels_last).train()
+        height, width = checkpoint.get("image_size") or (120, 160)
+        images = torch.randn(batch_size, 3, height, width).to(memory_format=torch.channels_last)
+        seconds = []
+        for _ in range(batches + 2):  # the first two warm up
+            started = time.perf_counter()
+            model(images).float().mean().backward()
+            model.zero_grad()
+            seconds.append(time.perf_counter() - started)
     return sum(seconds[2:]) / batches
 
 

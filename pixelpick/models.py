@@ -8,7 +8,9 @@ dropout layer right before its classifier with probability ``dropout_p``, so MC-
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,20 +25,31 @@ from pixelpick.errors import PretrainedWeightsError, UnknownArchitectureError
 
 logger = logging.getLogger(__name__)
 
+_flushing = threading.local()
 
-def flush_subnormals() -> None:
-    """Compute with subnormal floats flushed to zero, in this thread and in the threads it starts from now on.
+
+@contextmanager
+def subnormals_flushed() -> Iterator[None]:
+    """Run the block (or the decorated function) with subnormal floats flushed to zero, then restore IEEE arithmetic
+    in this thread.
 
     The backward pass of a network trained for a while produces subnormal values, on which x86 CPUs are many times
-    slower: a fine-tuning round's epoch on CamVid took 3.5 times as long as with them flushed (benchmarks/
-    subnormals.py). Values below 1.2e-38 are far under the rounding of the weights they update. The flag is per
-    thread, and torch's worker threads copy it when they are created, so it is set when this module is imported
-    (before the importing thread runs torch in parallel) and again by each thread that builds a model.
+    slower: a fine-tuning round's training batch on CamVid took 4 to 6 times as long as with them flushed
+    (benchmarks/subnormals.py). Values below 1.2e-38 are far under the rounding of the weights they update. The flag
+    is per thread and torch's worker threads copy it when they are created, so the steps that run torch use this
+    from their start, before their thread first computes in parallel. It is never left set in the calling thread:
+    the flag changes all float arithmetic there, numpy's included.
     """
+    depth = getattr(_flushing, "depth", 0)
     torch.set_flush_denormal(True)
+    _flushing.depth = depth + 1
+    try:
+        yield
+    finally:
+        _flushing.depth = depth
+        if depth == 0:
+            torch.set_flush_denormal(False)
 
-
-flush_subnormals()
 
 DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -187,7 +200,6 @@ def build_model(
     torchvision's ImageNet MobileNetV2 or ResNet-50) or a full checkpoint of this model; see :func:`load_pretrained`.
     ``dropout_p`` is the dropout right before the classifier, the one MC-dropout samples.
     """
-    flush_subnormals()
     try:
         builder = ARCHITECTURES[arch]
     except KeyError:

@@ -39,6 +39,7 @@ from pixelpick.expansion import Expander
 from pixelpick.inference import InferenceTimings, infer_to_store, pool_batches, predict_batches
 from pixelpick.io import write_json, write_parquet
 from pixelpick.labels import LabelStore, check_batch_for_round, read_labels
+from pixelpick.models import subnormals_flushed
 from pixelpick.pools import stale_labels
 from pixelpick.probstore import ProbabilityStore, create_store, mark_complete, remove_store, store_bytes
 from pixelpick.settings import step_reads
@@ -70,6 +71,7 @@ class QueryPlan:
     weights: list[float] | None = None
 
 
+@subnormals_flushed()
 def query(campaign: Campaign, round_id: int, *, previous_model: Path | None, previous_snapshot: Path | None,
           out: Path) -> dict[str, Any]:
     """Choose the round's pixels: k per image, never one already labelled (nor, in simulation, void). In one
@@ -296,6 +298,7 @@ def ingest(campaign: Campaign, round_id: int, *, batch: Path, previous_snapshot:
 # --------------------------------------------------------------------------------------------------------- train
 
 
+@subnormals_flushed()
 def train(campaign: Campaign, round_id: int, *, snapshot: Path | None, previous_model: Path | None,
           out: Path, progress: bool = False) -> dict[str, Any]:
     """Train the round's model on its snapshot: re-initialised (or, with `train.warm_start`, from the previous
@@ -388,6 +391,7 @@ def _recorded_values(campaign: Campaign, keys: Iterable[str]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------ evaluate
 
 
+@subnormals_flushed()
 def evaluate(campaign: Campaign, round_id: int, *, model: Path, snapshot: Path | None, out: Path,
              progress: bool = False) -> dict[str, Any]:
     """mIoU, per-class IoU and pixel accuracy on the evaluation images that have masks, with the round's label
