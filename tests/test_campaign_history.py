@@ -4,6 +4,7 @@ what `dvc repro` may redo, and a code change makes exactly the derived stages st
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -173,6 +174,18 @@ def test_each_pool_dates_its_images_so_that_training_reads_its_own_rounds_pool_o
     assert set(TRAIN_STEP.inputs(campaign, 3)) == set(TRAIN_STEP.inputs(campaign, 1)) == {"snapshot", "pool", "classes"}
 
 
+def test_training_a_round_whose_pool_was_never_frozen_names_the_missing_pool(reference_campaign, tmp_path):
+    from pixelpick import steps
+    from pixelpick.errors import StepInputError
+
+    shutil.copytree(reference_campaign, tmp_path / "project")  # the session's reference is never changed
+    campaign = open_recorded(tmp_path / "project/data/runs/tiny")
+    campaign.layout.pool(1).unlink()
+    with pytest.raises(StepInputError, match=r"frozen pool .*r01\.csv, which does not exist"):
+        steps.train(campaign, 1, snapshot=campaign.files(1).snapshot, previous_model=campaign.files(0).model,
+                    out=tmp_path / "model.pt")
+
+
 def test_a_code_change_makes_the_derived_stages_stale_and_records_carry_the_code(tmp_path):
     """In a project holding the package's code (as this repository does), every derived stage depends on it."""
     repo = scratch_repo(tmp_path / "repo")
@@ -215,10 +228,14 @@ def test_after_edit_repro_checkout_repro_a_campaign_run_retrains_nothing_and_mlf
     run("git", "commit", "-qm", "two rounds", cwd=repo)
     first = {r: (folder / f"rounds/r0{r}/model.pt").read_bytes() for r in (0, 1)}
 
+    # A key only round 1 reads (its query's budget): round 0 stays as it is, round 1 is redone.
     record = folder / "params.yaml"
-    record.write_text(record.read_text().replace("epochs: 2", "epochs: 1"))
+    record.write_text(re.sub(r"(?m)^(\s+)pixels_per_image: 10$", r"\1pixels_per_image: 5", record.read_text()))
+    round_zero = folder / "rounds/r00/model.pt"
+    made_before = round_zero.stat().st_mtime_ns
     run("dvc", "repro", "data/runs/judged/dvc.yaml", cwd=repo)
     assert (folder / "rounds/r01/model.pt").read_bytes() != first[1]
+    assert round_zero.stat().st_mtime_ns == made_before
     run("git", "checkout", "--", "data/runs/judged/params.yaml", cwd=repo)
     run("dvc", "repro", "data/runs/judged/dvc.yaml", cwd=repo)
     assert {r: (folder / f"rounds/r0{r}/model.pt").read_bytes() for r in (0, 1)} == first
