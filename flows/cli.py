@@ -361,7 +361,9 @@ def run_pipeline(args: argparse.Namespace) -> None:
     from pixelpick.campaign import open_campaign
     from tasks.versioning import write_pipeline
 
-    print(write_pipeline(open_campaign(args.params, _overrides(args))))
+    campaign = open_campaign(args.params, _overrides(args))
+    written = write_pipeline(campaign)
+    print(written if written is not None else f"campaign {campaign.name} is not versioned: no pipeline written")
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {

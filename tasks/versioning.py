@@ -9,7 +9,9 @@ declared inputs as a Prefect run, and a Prefect run commits each finished round 
 
 Human rounds enter the pipeline once their batch exists: the batch is `dvc add`ed (`labels/rNN.parquet.dvc`), and
 the round's ingest stage depends on it, so `dvc repro` reproduces a human round from its versioned labels.
-DVC holds a repository lock, so every call here is serialised through one file lock.
+A campaign whose folder git ignores is not versioned (DVC keeps no pipeline or lock in an ignored folder): the
+bundled demo's folder is ignored, because its results depend on the machine that made them, so `make run` leaves
+the work tree as it found it. DVC holds a repository lock, so every call here is serialised through one file lock.
 """
 
 from __future__ import annotations
@@ -58,6 +60,29 @@ def find_dvc_root(path: Path) -> Path | None:
         if (folder / ".dvc").is_dir():
             return folder
     return None
+
+
+def is_git_ignored(root: Path, folder: Path) -> bool:
+    """Whether git ignores `folder`, in the work tree at `root` (False outside a git work tree, or without git)."""
+    try:
+        done = subprocess.run(["git", "check-ignore", "--quiet", "--", f"{os.path.relpath(folder, root)}/"],
+                              cwd=root, capture_output=True)
+    except FileNotFoundError:  # no git on this machine
+        return False
+    return done.returncode == 0
+
+
+def versioning_root(campaign: Campaign) -> Path | None:
+    """The DVC repository that versions the campaign, or None (with a warning saying why) when none does: the
+    folder is outside any DVC repository, or git ignores it."""
+    folder = campaign.layout.dir
+    root = find_dvc_root(folder)
+    if root is None:
+        log.warning("campaign %s is outside any DVC repository: its rounds are not versioned", campaign.name)
+    elif is_git_ignored(root, folder):
+        log.warning("campaign %s's folder is ignored by git: its rounds are not versioned", campaign.name)
+        return None
+    return root
 
 
 def pipeline_rounds(campaign: Campaign) -> list[tuple[int, list[Step]]]:
@@ -133,9 +158,11 @@ class _PlainDumper(yaml.SafeDumper):
 CAMPAIGN_GITIGNORE = "/rounds/\n/.lock\n/labels/*.parquet\n/labels/.*\n"
 
 
-def write_pipeline(campaign: Campaign) -> Path:
+def write_pipeline(campaign: Campaign) -> Path | None:
     """(Re)write the campaign's dvc.yaml from the recipe, and the .gitignore that keeps its rounds' files out of
-    git; unchanged content leaves a file untouched."""
+    git; unchanged content leaves a file untouched. None when no DVC repository versions the campaign."""
+    if versioning_root(campaign) is None:
+        return None
     gitignore = campaign.layout.gitignore
     if not gitignore.is_file() or gitignore.read_text() != CAMPAIGN_GITIGNORE:
         atomic_write(gitignore, lambda f: f.write(CAMPAIGN_GITIGNORE.encode()))
@@ -165,7 +192,7 @@ def stage_records(campaign: Campaign, root: Path) -> None:
     work tree nothing happens."""
     present = [os.path.relpath(path, root) for path in campaign.layout.records()]
     done = subprocess.run(["git", "add", "--", *present], cwd=root, capture_output=True, text=True)
-    quiet = ("not a git repository", "ignored by one of your .gitignore files")  # no git, or a git-ignored demo
+    quiet = ("not a git repository", "ignored by one of your .gitignore files")  # no git, or a record a user ignores
     if done.returncode != 0 and not any(reason in done.stderr for reason in quiet):  # written whatever git says
         log.warning("could not stage campaign %s's records in git: %s", campaign.name, done.stderr.strip())
 
@@ -173,9 +200,8 @@ def stage_records(campaign: Campaign, root: Path) -> None:
 def commit_stages(campaign: Campaign, stage_names: list[str]) -> dict[str, str]:
     """Record the named stages' current deps, params and outs in dvc.lock (`dvc commit --force`); returns the md5
     of each committed output by path (relative to the campaign). Nothing happens outside a DVC repository."""
-    root = find_dvc_root(campaign.layout.dir)
+    root = versioning_root(campaign)
     if root is None:
-        log.warning("campaign %s is outside any DVC repository: its rounds are not versioned", campaign.name)
         return {}
     write_pipeline(campaign)
     pipeline_file = os.path.relpath(campaign.layout.pipeline, root)
@@ -193,9 +219,8 @@ def commit_round(campaign: Campaign, round_id: int) -> dict[str, str]:
 
 def track_batch(campaign: Campaign, round_id: int) -> str | None:
     """`dvc add` a human round's batch (a versioned input of the round's ingest stage); returns its md5."""
-    root = find_dvc_root(campaign.layout.dir)
+    root = versioning_root(campaign)
     if root is None:
-        log.warning("campaign %s is outside any DVC repository: its labels are not versioned", campaign.name)
         return None
     batch = campaign.layout.batch(round_id)
     run_dvc(root, "add", "--quiet", os.path.relpath(batch, root))

@@ -56,6 +56,23 @@ def test_a_campaigns_records_are_committable_and_its_rounds_files_are_not(piped)
     assert "__pycache__/" in (REPO / ".dvcignore").read_text()
 
 
+def test_a_campaign_whose_folder_git_ignores_is_not_versioned_and_leaves_git_clean(tmp_path):
+    # As the bundled demo: its results depend on the machine, so its folder is ignored and nothing is versioned.
+    repo = scratch_repo(tmp_path / "repo")
+    with (repo / ".gitignore").open("a") as ignore:
+        ignore.write("/data/runs/tiny/\n")
+    run("git", "add", ".", cwd=repo)
+    run("git", "commit", "-q", "-m", "project", cwd=repo)
+    out = subprocess.run(["pixelpick", "pipeline"], cwd=repo, capture_output=True, text=True,
+                         env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    assert out.returncode == 0 and "campaign tiny is not versioned" in out.stdout
+    assert "folder is ignored by git" in out.stderr
+    campaign = repo / "data/runs/tiny"
+    assert (campaign / "params.yaml").is_file() and not (campaign / "dvc.yaml").exists()
+    assert run("git", "status", "--porcelain", "--untracked-files=all", cwd=repo) == ""
+    assert "no data or pipelines tracked" in run("dvc", "status", cwd=repo)
+
+
 def test_dvc_repro_runs_a_campaign_and_reproduces_a_round_bit_for_bit(tmp_path):
     repo = scratch_repo(tmp_path / "repo")
     run("pixelpick", "pipeline", "--campaign", "dvc-made", "--set", "acquire.top_fraction=0.1",
