@@ -8,7 +8,7 @@
     pixelpick benchmark --preset cpu --camvid-root DIR           the label-efficiency benchmark
     pixelpick predict --model models:/NAME@best --images DIR --out DIR    label maps with a registered model
     pixelpick step STEP --round N                                one step, in a campaign folder (what `dvc repro` runs)
-    pixelpick pipeline [--campaign NAME]                         rewrite a campaign's dvc.yaml from the recipe
+    pixelpick pipeline [--campaign NAME]                         write a campaign's pipeline files, for `dvc repro`
 
 Bad input (a settings key, a missing dataset, a malformed batch) prints one line naming the problem and exits with
 status 1; `--debug` shows the traceback instead.
@@ -180,11 +180,11 @@ def get_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, required=True, help="where the label maps (palette PNGs) go")
 
     step = commands.add_parser("step", help="one step of a round, in a campaign folder (what dvc repro runs)")
-    step.add_argument("step", help="pool, query, annotate, ingest, train, evaluate, or progress")
+    step.add_argument("step", help="settings, pool, query, annotate, ingest, train or evaluate")
     step.add_argument("--round", type=int)
     step.add_argument("--campaign-dir", type=Path, default=Path("."))
 
-    pipeline = commands.add_parser("pipeline", help="write a campaign's dvc.yaml from the recipe (starting the "
+    pipeline = commands.add_parser("pipeline", help="write a campaign's pipeline files from the recipe (starting the "
                                    "campaign if new), for `dvc repro`")
     _campaign_options(pipeline)
     return parser
@@ -340,9 +340,13 @@ def run_step(args: argparse.Namespace) -> None:
         run_recipe_step(campaign, STEPS[args.step], args.round, progress=False)
         return
     with campaign_lock(campaign.layout.lock, campaign.name):
-        if args.step == "progress":
-            write_progress(campaign)
+        if args.step == "settings":  # a DVC stage: the settings each stage reads, derived from params.yaml
+            from tasks.versioning import write_step_settings
+
+            print(f"settings of every stage: {write_step_settings(campaign)}")
             return
+        if args.step not in ("pool", *STEPS):
+            raise SystemExit(f"error: unknown step {args.step!r}: one of settings, pool, {', '.join(STEPS)}")
         if args.round is None:
             raise SystemExit("error: step needs --round N")
         if args.step == "pool":  # the round starts: its pool is frozen (nothing is rewritten once it is)
@@ -350,10 +354,11 @@ def run_step(args: argparse.Namespace) -> None:
             print(f"pool of round {args.round}: {campaign.layout.pool(args.round)}")
             return
         result = run_recipe_step(campaign, STEPS[args.step], args.round, progress=True)
-        if args.step == "evaluate":  # a DVC stage: the round is logged here, where a flow logs it in its summary task
+        if args.step == "evaluate":  # a DVC stage: the round is logged and reported here, as a flow's last task does
             from tasks.tracking import log_round
 
             log_round(campaign, args.round)
+            write_progress(campaign)
     print(f"{args.step} of round {args.round}: {'up to date' if result.fresh else 'done'}")
 
 
@@ -363,7 +368,8 @@ def run_pipeline(args: argparse.Namespace) -> None:
 
     campaign = open_campaign(args.params, _overrides(args))
     written = write_pipeline(campaign)
-    print(written if written is not None else f"campaign {campaign.name} is not versioned: no pipeline written")
+    print(written if written is not None else f"campaign {campaign.name} is not versioned (its folder is outside "
+          "any DVC repository, or ignored by git): no pipeline written")
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {

@@ -3,7 +3,10 @@
     <campaign>/                      data/runs/<name>/ by default
       params.yaml                    the campaign's settings, recorded when it started (every step reads them)
       label_space.json               the classes its rounds have used (folder datasets; see pixelpick.label_space)
-      dvc.yaml, dvc.lock             its pipeline: one stage per step of each round (generated from the recipe)
+      dvc.yaml, dvc.lock             its pipeline (the same file in every campaign: each step as a DVC stage over
+                                     the rounds) and what ran
+      pipeline-rounds.yaml           the rounds the pipeline lists and each one's files (written from the recipe)
+      step-settings.yaml             the values of the settings each step reads, by stage (derived from params.yaml)
       labels/rNN.parquet             human label batches, one per round (DVC-tracked inputs, `rNN.parquet.dvc`)
       pools/rNN.csv                  the images round NN drew from, as they were when it started, each with the
                                      round since which it has been so (history, in git)
@@ -106,6 +109,14 @@ class CampaignLayout:
         return self.dir / "dvc.yaml"
 
     @property
+    def pipeline_rounds(self) -> Path:
+        return self.dir / "pipeline-rounds.yaml"
+
+    @property
+    def step_settings(self) -> Path:
+        return self.dir / "step-settings.yaml"
+
+    @property
     def pipeline_lock(self) -> Path:
         """DVC's record of what each stage last ran on and made."""
         return self.dir / "dvc.lock"
@@ -154,7 +165,8 @@ class CampaignLayout:
     def records(self) -> list[Path]:
         """The files of the campaign that git keeps (those that exist): its settings, pipeline, what ran, progress,
         classes, frozen pools and the `.dvc` files of its label batches. Its rounds' files are DVC's."""
-        records = [self.params, self.pipeline, self.pipeline_lock, self.gitignore, self.progress_table,
+        records = [self.params, self.pipeline, self.pipeline_rounds, self.step_settings, self.pipeline_lock,
+                   self.gitignore, self.progress_table,
                    self.progress_plot, self.label_space, *sorted((self.dir / "labels").glob("*.dvc")),
                    *sorted((self.dir / "pools").glob("*"))]
         return [path for path in records if path.is_file()]

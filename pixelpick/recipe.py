@@ -1,8 +1,8 @@
 """The recipe of a round, declared once: its ordered steps, and what each reads and writes.
 
 Every way of running a round goes through this declaration: the plain-Python loop here, the Prefect flows (one
-task per step, cached on `step_key`), `dvc repro` (one stage per step, generated from the same declaration), and
-the benchmark (which reads each step's seconds from its record). A step depends on exactly:
+task per step, cached on `step_key`), `dvc repro` (one templated stage per step, filled in from the same
+declaration), and the benchmark (which reads each step's seconds from its record). A step depends on exactly:
 
 - the settings keys it reads (`Step.settings`), by value;
 - its input files and folders: the dataset files it reads, the previous round's snapshot and model, the round's

@@ -316,11 +316,11 @@ def train(campaign: Campaign, round_id: int, *, snapshot: Path | None, previous_
         load_previous(model, read_checkpoint(previous_model), previous_model)  # grows it if classes were appended
     labels = read_labels(snapshot) if snapshot is not None else None
     stale, manifest = 0, campaign.pool_manifest(round_id)
-    if labels is not None and manifest is None:
-        raise StepInputError(f"train of round {round_id} needs the round's frozen pool "
-                             f"{campaign.layout.pool(round_id)}, which does not exist: the round starts with its "
-                             "query, which freezes it")
     if labels is not None:  # labels of photos changed or removed since they were labelled leave training
+        if manifest is None:
+            raise StepInputError(f"train of round {round_id} needs the round's frozen pool "
+                                 f"{campaign.layout.pool(round_id)}, which does not exist: the round starts with "
+                                 "its query, which freezes it")
         dropped = stale_labels(labels, manifest)
         labels, stale = labels[~dropped].reset_index(drop=True), int(dropped.sum())
     epochs = train_settings.initial_epochs if round_id == 0 and train_settings.initial_epochs else train_settings.epochs

@@ -1,14 +1,17 @@
-"""DVC at the edge: each campaign's pipeline file, generated from the recipe, and the records of what ran.
+"""DVC at the edge: each campaign's pipeline, and the records of what ran.
 
-Every campaign folder gets a `dvc.yaml` with one stage per step of each round, named `<step>-rNN`, built from the
-recipe's declaration: `cmd` runs the step (`pixelpick step <step> --round N`, in the campaign folder), `deps` are
-the step's inputs (dataset files, the previous snapshot and model, the round's batch), `params` the settings keys
-it reads from the campaign's `params.yaml`, `outs` its outputs. So `dvc repro` runs the same steps on the same
-declared inputs as a Prefect run, and a Prefect run commits each finished round to `dvc.lock` (`dvc commit`):
-`dvc status` is then clean and `dvc.lock` describes exactly what ran.
+Every versioned campaign folder holds the same `dvc.yaml`, a copy of `tasks/campaign-pipeline.yaml`: each step of
+a round as a DVC stage, templated over the rounds (`foreach`), named `<step>@rNN`. Beside it, two files written
+from the recipe fill it in: `pipeline-rounds.yaml` lists the rounds each stage runs for and the files each one
+reads and writes (the recipe's inputs and outputs, in the template's slots), and `step-settings.yaml` holds the
+values of the settings each step reads, one section per stage, which DVC tracks as the stage's params (the
+template's `settings` stage derives it again from `params.yaml` when that is edited). So `dvc repro` runs the same
+steps on the same declared inputs as a Prefect run, and a Prefect run commits each finished round to `dvc.lock`
+(`dvc commit`): `dvc status` is then clean and `dvc.lock` describes exactly what ran.
 
 Human rounds enter the pipeline once their batch exists: the batch is `dvc add`ed (`labels/rNN.parquet.dvc`), and
-the round's ingest stage depends on it, so `dvc repro` reproduces a human round from its versioned labels.
+the round's ingest stage depends on it, so `dvc repro` reproduces a human round from its versioned labels; its
+query, once the job was exported, is a frozen stage (`asked`): what people were asked about is never recomputed.
 A campaign whose folder git ignores is not versioned (DVC keeps no pipeline or lock in an ignored folder): the
 bundled demo's folder is ignored, because its results depend on the machine that made them, so `make run` leaves
 the work tree as it found it. DVC holds a repository lock, so every call here is serialised through one file lock.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,27 +35,36 @@ from pixelpick.errors import PixelPickError
 from pixelpick.io import atomic_write
 from pixelpick.layout import round_name
 from pixelpick.provenance import PACKAGE
-from pixelpick.recipe import Step, is_history, round_steps
+from pixelpick.recipe import QUERY, Step, is_history, round_steps, settings_values
 
 log = logging.getLogger(__name__)
 
-STEP_COMMAND = "pixelpick step {step} --round {round}"
-# DVC deletes a stage's outputs right before running its command, and the command is what takes the campaign's
-# lock: a `dvc repro` beside a running campaign would delete that campaign's files before being refused. Outputs
-# DVC keeps (`persist`) leave every write to the step, which replaces its outputs atomically and redoes itself
-# when they are not what its record says; so a refused stage changes nothing. (This also keeps DVC's run-cache
-# from restoring outputs behind the lock's back: DVC never restores persistent outputs from it.)
-KEPT = {"persist": True}
-PROGRESS_STAGE = "progress"
+TEMPLATE = Path(__file__).with_name("campaign-pipeline.yaml")
+SETTINGS_STAGE = "settings"
 POOL_STAGE = "pool"
+HISTORY_STAGE = "asked"  # a human round's query once its job was exported
 
 
 class VersioningError(PixelPickError):
     """DVC refused an operation; the message is DVC's own."""
 
 
-def stage_name(step: str, round_id: int) -> str:
-    return f"{step}-{round_name(round_id)}"
+def stage_group(campaign: Campaign, step: Step, round_id: int) -> str:
+    """The template's stage that runs `step` in the round: the step's own, or `asked` for history."""
+    return HISTORY_STAGE if is_history(campaign, step, round_id) else step.name
+
+
+def stage_name(group: str, round_id: int) -> str:
+    return f"{group}@{round_name(round_id)}"
+
+
+def template_slots() -> dict[str, list[str]]:
+    """The files each templated stage names (`${item.<slot>}`), deps first, as tasks/campaign-pipeline.yaml
+    declares them."""
+    stages = yaml.safe_load(TEMPLATE.read_text())["stages"]
+    return {group: list(dict.fromkeys(re.findall(r"\$\{item\.(\w+)\}", yaml.safe_dump(
+                {k: v for k, v in stage["do"].items() if k != "cmd"}, sort_keys=False))))
+            for group, stage in stages.items() if "foreach" in stage}
 
 
 def find_dvc_root(path: Path) -> Path | None:
@@ -73,14 +86,14 @@ def is_git_ignored(root: Path, folder: Path) -> bool:
 
 
 def versioning_root(campaign: Campaign) -> Path | None:
-    """The DVC repository that versions the campaign, or None (with a warning saying why) when none does: the
+    """The DVC repository that versions the campaign, or None (with a log line saying why) when none does: the
     folder is outside any DVC repository, or git ignores it."""
     folder = campaign.layout.dir
     root = find_dvc_root(folder)
     if root is None:
         log.warning("campaign %s is outside any DVC repository: its rounds are not versioned", campaign.name)
     elif is_git_ignored(root, folder):
-        log.warning("campaign %s's folder is ignored by git: its rounds are not versioned", campaign.name)
+        log.info("campaign %s's folder is ignored by git: its rounds are not versioned", campaign.name)  # chosen
         return None
     return root
 
@@ -97,20 +110,10 @@ def pipeline_rounds(campaign: Campaign) -> list[tuple[int, list[Step]]]:
     return listed
 
 
-def pool_stage(campaign: Campaign, round_id: int, relative) -> dict:
-    """The stage that freezes a round's pool when the round starts (`Campaign.freeze_pool`). Its outputs are
-    history: kept (`persist`), in git (not DVC's cache), never rewritten once there. It depends on the previous
-    round's model only so that DVC starts it after that round, when the round it opens starts."""
-    frozen = [campaign.layout.pool(round_id)]
-    if getattr(campaign.pool, "classes_file", None):
-        frozen.append(campaign.layout.pool_classes(round_id))
-    previous = [relative(campaign.files(round_id - 1).model)] if round_id > 0 else []
-    return {"cmd": STEP_COMMAND.format(step=POOL_STAGE, round=round_id), **({"deps": previous} if previous else {}),
-            "outs": [{relative(path): {"persist": True, "cache": False}} for path in frozen]}
-
-
-def pipeline(campaign: Campaign) -> dict:
-    """The campaign's dvc.yaml, as data."""
+def round_index(campaign: Campaign) -> dict[str, dict[str, dict]]:
+    """pipeline-rounds.yaml, as data: for each templated stage, the rounds it runs for, each with the round number
+    and the files in the stage's slots (paths relative to the campaign). A slot the round has no file for (round 0
+    has no previous model) repeats the stage's first, always present, input."""
     here = campaign.layout.dir
 
     def relative(path: Path) -> str:
@@ -119,39 +122,52 @@ def pipeline(campaign: Campaign) -> dict:
     # The code is a dependency where DVC can hash it like the rest of the project (its .dvcignore leaves byte-code
     # out); code installed elsewhere is still part of every step key (`pixelpick.provenance`).
     root = find_dvc_root(here)
-    code_inside = root is not None and PACKAGE.is_relative_to(root)
-    stages: dict[str, dict] = {}
-    evaluated = []  # the metrics of evaluated rounds, which the progress stage reads
+    code = {"code": PACKAGE} if root is not None and PACKAGE.is_relative_to(root) else {}
+    slots = template_slots()
+    index: dict[str, dict[str, dict]] = {group: {} for group in slots}
     for round_id, steps in pipeline_rounds(campaign):
-        stages[stage_name(POOL_STAGE, round_id)] = pool_stage(campaign, round_id, relative)
+        key = round_name(round_id)
+        index[POOL_STAGE][key] = {"round": round_id, "pool": relative(campaign.layout.pool(round_id))}
         for step in steps:
-            history = is_history(campaign, step, round_id)
-            code = [relative(PACKAGE)] if code_inside and not history else []  # the code a derived stage runs
-            stage = {
-                "cmd": STEP_COMMAND.format(step=step.name, round=round_id),
-                **({"frozen": True} if history else {}),  # never reproduced: what people were asked about
-                "deps": [relative(p) for _, p in sorted(step.inputs(campaign, round_id).items())] + code,
-                "params": list(step.settings(campaign, round_id)),
-            }
-            outputs = [relative(p) for p in step.outputs(campaign, round_id).values()]
-            if step.metrics:
-                stage["metrics"] = [{path: {"cache": False, **KEPT}} for path in outputs]
-                evaluated.extend(p for p, f in zip(outputs, step.outputs(campaign, round_id).values()) if f.is_file())
-            else:
-                stage["outs"] = [{path: KEPT} for path in outputs]
-            stages[stage_name(step.name, round_id)] = stage
-    layout = campaign.layout
-    stages[PROGRESS_STAGE] = {
-        "cmd": f"pixelpick step {PROGRESS_STAGE}",
-        "deps": evaluated,
-        "outs": [{relative(path): {"cache": False, **KEPT}} for path in (layout.progress_table, layout.progress_plot)],
-    }
-    return {"stages": stages, "plots": [relative(layout.progress_plot)]}
+            group = stage_group(campaign, step, round_id)
+            files = {**step.inputs(campaign, round_id), **step.outputs(campaign, round_id)}
+            unplaced = sorted(set(files) - set(slots[group]))
+            if unplaced:
+                raise VersioningError(f"the pipeline template has no slot for {step.name}'s {', '.join(unplaced)}: "
+                                      f"add it to the {group} stage of {TEMPLATE}")
+            files = {**code, **files}
+            first = files[slots[group][0]]
+            index[group][key] = {"round": round_id, **{slot: relative(files.get(slot, first)) for slot in slots[group]}}
+    return index
+
+
+def step_settings(campaign: Campaign) -> dict[str, dict]:
+    """step-settings.yaml, as data: the values of the settings each listed stage's step reads, by stage."""
+    return {f"{step.name}@{round_name(round_id)}": settings_values(campaign, step.settings(campaign, round_id))
+            for round_id, steps in pipeline_rounds(campaign) for step in steps}
 
 
 class _PlainDumper(yaml.SafeDumper):
-    def ignore_aliases(self, data) -> bool:  # repeated lists are written out in full: people read dvc.yaml
+    def ignore_aliases(self, data) -> bool:  # repeated values are written out in full: people read these files
         return True
+
+
+def _write_changed(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically, unless it holds exactly that already (a file left alone keeps its time)."""
+    if not path.is_file() or path.read_text() != text:
+        atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _dumped(data: dict, what: str) -> str:
+    return f"# {what}\n" + yaml.dump(data, Dumper=_PlainDumper, sort_keys=False)
+
+
+def write_step_settings(campaign: Campaign) -> Path:
+    """(Re)write step-settings.yaml from the campaign's params.yaml (the `settings` stage)."""
+    path = campaign.layout.step_settings
+    _write_changed(path, _dumped(step_settings(campaign), "The values of the settings each stage's step reads, derived "
+                                 "from params.yaml (`pixelpick step settings`); do not edit."))
+    return path
 
 
 # What git leaves out of a campaign folder: its rounds' files (DVC versions those that matter) and scratch files.
@@ -159,20 +175,19 @@ CAMPAIGN_GITIGNORE = "/rounds/\n/.lock\n/labels/*.parquet\n/labels/.*\n"
 
 
 def write_pipeline(campaign: Campaign) -> Path | None:
-    """(Re)write the campaign's dvc.yaml from the recipe, and the .gitignore that keeps its rounds' files out of
-    git; unchanged content leaves a file untouched. None when no DVC repository versions the campaign."""
+    """(Re)write the campaign's pipeline: dvc.yaml (the template), the rounds it lists, the settings its stages
+    read, and the .gitignore that keeps the rounds' files out of git. Unchanged content leaves a file untouched.
+    None when no DVC repository versions the campaign."""
     if versioning_root(campaign) is None:
         return None
-    gitignore = campaign.layout.gitignore
-    if not gitignore.is_file() or gitignore.read_text() != CAMPAIGN_GITIGNORE:
-        atomic_write(gitignore, lambda f: f.write(CAMPAIGN_GITIGNORE.encode()))
-    header = (f"# The pipeline of campaign {campaign.name}: one stage per step of each round, generated from the\n"
-              "# recipe (pixelpick.recipe) by `pixelpick pipeline`; do not edit by hand.\n")
-    text = header + yaml.dump(pipeline(campaign), Dumper=_PlainDumper, sort_keys=False)
-    path = campaign.layout.pipeline
-    if not path.is_file() or path.read_text() != text:
-        atomic_write(path, lambda f: f.write(text.encode()))
-    return path
+    layout = campaign.layout
+    _write_changed(layout.gitignore, CAMPAIGN_GITIGNORE)
+    rounds = {"rounds": round_index(campaign)}
+    _write_changed(layout.pipeline_rounds, _dumped(rounds, "The rounds dvc.yaml lists and each one's files, written "
+                                                   "from the recipe (`pixelpick pipeline`); do not edit."))
+    write_step_settings(campaign)
+    _write_changed(layout.pipeline, TEMPLATE.read_text())
+    return layout.pipeline
 
 
 def run_dvc(root: Path, *args: str) -> str:
@@ -212,9 +227,9 @@ def commit_stages(campaign: Campaign, stage_names: list[str]) -> dict[str, str]:
 
 
 def commit_round(campaign: Campaign, round_id: int) -> dict[str, str]:
-    """Commit every stage of a finished round, and the progress stage."""
-    names = [stage_name(name, round_id) for name in (POOL_STAGE, *(step.name for step in round_steps(campaign)))]
-    return commit_stages(campaign, names + [PROGRESS_STAGE])
+    """Commit every stage of a finished round."""
+    groups = [POOL_STAGE, *(stage_group(campaign, step, round_id) for step in round_steps(campaign))]
+    return commit_stages(campaign, [SETTINGS_STAGE, *(stage_name(group, round_id) for group in groups)])
 
 
 def track_batch(campaign: Campaign, round_id: int) -> str | None:
@@ -241,4 +256,6 @@ def version_query(campaign_dir: str, round_id: int) -> dict[str, str]:
     """Commit a human round's query stage (the rest of the round waits for its labels)."""
     from tasks.steps import open_for_task
 
-    return commit_stages(open_for_task(campaign_dir), [stage_name(POOL_STAGE, round_id), stage_name("query", round_id)])
+    campaign = open_for_task(campaign_dir)
+    query = stage_name(stage_group(campaign, QUERY, round_id), round_id)
+    return commit_stages(campaign, [SETTINGS_STAGE, stage_name(POOL_STAGE, round_id), query])

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from flows.campaign import campaign_flow
 from flows.human import query_flow, train_flow
@@ -80,7 +81,7 @@ def test_photos_added_join_the_next_round_and_earlier_rounds_stay_fresh_and_repr
     # Round 1 reproduced by DVC while the folder has grown: the same model bytes. (Outputs persist: a fresh step is
     # never redone, so the model is removed first.)
     campaign.files(1).model.unlink()
-    run("dvc", "repro", "--force", "--single-item", "data/runs/growing/dvc.yaml:train-r01", cwd=repo)
+    run("dvc", "repro", "--force", "--single-item", "data/runs/growing/dvc.yaml:train@r01", cwd=repo)
     assert campaign.files(1).model.read_bytes() == model
 
     # The records are staged in git, the pools among them.
@@ -114,8 +115,8 @@ def test_a_human_rounds_queries_and_job_are_history_while_the_folder_and_classes
     assert train_flow(campaign_choice, 1)["status"] == "trained"
     assert {path: path.read_bytes() for path in history} == history
     assert "up to date" in run("dvc", "status", cwd=repo)
-    lock = (campaign.layout.dir / "dvc.yaml").read_text()
-    assert "frozen: true" in lock  # the exported rounds' queries are never reproduced
+    listed = yaml.safe_load(campaign.layout.pipeline_rounds.read_text())["rounds"]
+    assert set(listed["asked"]) == {"r00", "r01"} and not listed["query"]  # frozen stages: never reproduced
 
 
 def test_changed_and_removed_photos_are_reported_once_and_their_labels_leave_training(tmp_path, caplog):
@@ -209,7 +210,7 @@ def test_a_code_change_makes_the_derived_stages_stale_and_records_carry_the_code
     with open(repo / "pixelpick" / "steps.py", "a") as code:
         code.write("\n# a change to the code\n")
     status = run("dvc", "status", cwd=repo)
-    for stage in ("query-r00", "annotate-r00", "ingest-r00", "train-r00", "evaluate-r00"):
+    for stage in ("query@r00", "annotate@r00", "ingest@r00", "train@r00", "evaluate@r00"):
         assert f"{stage}:" in status
 
 

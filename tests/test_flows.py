@@ -118,8 +118,8 @@ def test_overrides_and_extension_are_versioned_and_nothing_finished_is_redone(pr
     overrides = {"campaign.name": "overridden", "acquire.strategy": "entropy", "train.epochs": 1}
     campaign_flow(choice(repo, **overrides))
     lock = __import__("yaml").safe_load((repo / "data/runs/overridden/dvc.lock").read_text())
-    assert lock["stages"]["query-r01"]["params"]["params.yaml"]["acquire.strategy"] == "entropy"
-    assert lock["stages"]["train-r01"]["params"]["params.yaml"]["train.epochs"] == 1
+    assert lock["stages"]["query@r01"]["params"]["step-settings.yaml"]["query@r01"]["acquire.strategy"] == "entropy"
+    assert lock["stages"]["train@r01"]["params"]["step-settings.yaml"]["train@r01"]["train.epochs"] == 1
 
     # One more round: rounds 0 and 1 are not redone (no step of theirs runs again), round 2 runs.
     rounds = repo / "data/runs/overridden/rounds"

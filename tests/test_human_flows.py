@@ -79,7 +79,8 @@ def test_a_human_round_is_versioned_tracked_and_reproduced_from_its_batch(prefec
     assert "up to date" in run("dvc", "status", cwd=repo)
     # The campaign's records are staged in git, ready to commit, not left untracked.
     status = run("git", "status", "--porcelain", "--untracked-files=all", "data/runs/people", cwd=repo)
-    records = ("params.yaml", "dvc.yaml", "dvc.lock", ".gitignore", "labels/r00.parquet.dvc", "labels/r01.parquet.dvc")
+    records = ("params.yaml", "dvc.yaml", "pipeline-rounds.yaml", "step-settings.yaml", "dvc.lock", ".gitignore",
+               "labels/r00.parquet.dvc", "labels/r01.parquet.dvc")
     assert {f"A  data/runs/people/{name}" for name in records} <= set(status.splitlines()), status
     assert "??" not in status, status
     snapshot = campaign.files(1).snapshot.read_bytes()
@@ -92,7 +93,7 @@ def test_a_human_round_is_versioned_tracked_and_reproduced_from_its_batch(prefec
     shutil.rmtree(copy / "data/synthetic/trainannot")
     for output in ("labels.parquet", "model.pt"):  # outputs persist: a fresh step is never redone
         (copy / "data/runs/people/rounds/r01" / output).unlink()
-    for stage in ("ingest-r01", "train-r01"):
+    for stage in ("ingest@r01", "train@r01"):
         run("dvc", "repro", "--force", "--single-item", f"data/runs/people/dvc.yaml:{stage}", cwd=copy)
     assert (copy / "data/runs/people/rounds/r01/labels.parquet").read_bytes() == snapshot
     assert (copy / "data/runs/people/rounds/r01/model.pt").read_bytes() == model

@@ -249,7 +249,8 @@ def check_dvc_remote(repo: Path, remote: Path, env: dict[str, str]) -> None:
     folder = campaign.relative_to(repo)
     git = ("git", "-c", "user.name=PixelPick test", "-c", "user.email=test@pixelpick.invalid",
            "-c", "commit.gpgsign=false")
-    run("git", "add", ".dvc/config", *(str(folder / name) for name in ("dvc.yaml", "dvc.lock", "params.yaml")),
+    run("git", "add", ".dvc/config", *(str(folder / name) for name in ("dvc.yaml", "dvc.lock", "params.yaml",
+                                                                  "pipeline-rounds.yaml", "step-settings.yaml")),
         cwd=repo, env=env)
     run(*git, "commit", "-q", "-m", "campaign", cwd=repo, env=env)
     other = repo.parent / "other-machine"
