@@ -68,7 +68,8 @@ class BenchmarkChoice(BaseModel):
     variants: list[str] = Field(default_factory=list, description="extra rows: cb1 (class-balanced), md8 (picks 8 px "
                                 "apart), mc8 (MC dropout, adds BALD), sp300 (superpixel expansion), st0.9 "
                                 "(self-training), ss0.1 (sieved superpixels), fp0.9 (feature-space propagation), "
-                                "fr16 (propagation within 16 px), or combined: fp0.9+fr16")
+                                "fr16 (propagation within 16 px), ep10 (10 epochs per later round), or "
+                                "combined: fp0.9+fr16")
     workdir: str = Field("data/benchmarks", description="where the runs' files go, a folder per preset")
     report_dir: str = Field("docs/benchmarks", description="where the report goes")
     report_only: bool = Field(False, description="only rebuild the report from the finished runs")

@@ -49,6 +49,7 @@ VARIANT_KEYS = {
     "ss": "train.superpixel_sieve",  # drop superpixel expansion the previous model gives the class below this
     "fp": "train.propagation_threshold",  # feature-space propagation: cosine similarity at least this
     "fr": "train.propagation_radius",  # ... within this many pixels of the click (0: anywhere in the image)
+    "ep": "train.epochs",  # the fine-tuning epochs of each round after the first
 }
 _SELECTION_VARIANTS = {"mc", "cb", "md"}  # mean nothing to random selection or full supervision
 
@@ -165,7 +166,8 @@ def plan_runs(
     """Every run, seed by seed (full supervision last), so a benchmark cut short still holds whole seeds.
 
     Each variant runs every strategy it means something to: selection variants (mc, cb, md) the uncertainty
-    strategies only, training variants (sp, st, ss, fp, fr) every strategy. A variant with MC-dropout passes adds BALD.
+    strategies only, training variants (sp, st, ss, fp, fr, ep) every strategy. A variant with MC-dropout passes
+    adds BALD.
     """
     strategies = tuple(strategies or preset.strategies)
     runs = []

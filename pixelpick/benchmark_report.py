@@ -140,7 +140,8 @@ def markdown_report(frame: pd.DataFrame, summary: pd.DataFrame, plot_name: str, 
         f"- Recipe: {first['arch']} at {first['image_size']}, {epochs}, on {first['device']}; seeds "
         f"{', '.join(map(str, seeds))}. Rows are named by strategy and the settings they change from the preset: "
         "`+sp0` without superpixel expansion, `+st0.9` with self-training, `+cb1` class-balanced, `+mc8` MC dropout, "
-        "`+ss0.1` sieved superpixels, `+fp0.9` feature-space propagation (`+fr16` within 16 px).",
+        "`+ss0.1` sieved superpixels, `+fp0.9` feature-space propagation (`+fr16` within 16 px), `+ep10` 10 "
+        "fine-tuning epochs per later round.",
     ]
     if "protocol" in frame and frame["protocol"].notna().any():
         protocol = frame["protocol"].dropna().iloc[0]

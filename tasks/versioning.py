@@ -93,7 +93,8 @@ def versioning_root(campaign: Campaign) -> Path | None:
     if root is None:
         log.warning("campaign %s is outside any DVC repository: its rounds are not versioned", campaign.name)
     elif is_git_ignored(root, folder):
-        log.info("campaign %s's folder is ignored by git: its rounds are not versioned", campaign.name)  # chosen
+        # Info, not a warning: ignoring a folder is how a campaign (the bundled demo) is kept out of versioning.
+        log.info("campaign %s's folder is ignored by git: its rounds are not versioned", campaign.name)
         return None
     return root
 
