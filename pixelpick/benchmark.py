@@ -108,9 +108,9 @@ PRESETS: dict[str, BenchmarkPreset] = {
         name="cpu",
         description="a 2-core CPU recipe: CamVid at 120x160, LR-ASPP MobileNetV3 from random initialisation, "
         "clicks spread over their SLIC superpixels (about 300 per image); round 0 trains 50 epochs, each later round "
-        "fine-tunes the previous round's model for 5; 20 px/img per round up to 100, 3 seeds.",
+        "fine-tunes the previous round's model for 10; 20 px/img per round up to 100, 3 seeds.",
         overrides={"data.dataset": "camvid", "data.image_size": [120, 160], "model.arch": "lraspp_mobilenetv3",
-                   "train.preset": "cpu-camvid", "train.initial_epochs": 50, "train.epochs": 5,
+                   "train.preset": "cpu-camvid", "train.initial_epochs": 50, "train.epochs": 10,
                    "train.superpixels": 300, "acquire.top_fraction": 0.05, **CPU_DEFAULT_EXPANSION},
         step=20, rounds=5, strategies=("margin", "random"), seeds=(0, 1, 2), warm_start=True,
     ),
