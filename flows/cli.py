@@ -341,7 +341,7 @@ def run_step(args: argparse.Namespace) -> None:
         return
     with campaign_lock(campaign.layout.lock, campaign.name):
         if args.step == "settings":  # a DVC stage: the settings each stage reads, derived from params.yaml
-            from tasks.versioning import write_step_settings
+            from tasks.pipeline_files import write_step_settings
 
             print(f"settings of every stage: {write_step_settings(campaign)}")
             return
@@ -364,7 +364,7 @@ def run_step(args: argparse.Namespace) -> None:
 
 def run_pipeline(args: argparse.Namespace) -> None:
     from pixelpick.campaign import open_campaign
-    from tasks.versioning import write_pipeline
+    from tasks.pipeline_files import write_pipeline
 
     campaign = open_campaign(args.params, _overrides(args))
     written = write_pipeline(campaign)

@@ -16,10 +16,11 @@ from pixelpick.locking import campaign_lock, holds
 from pixelpick.recipe import finished_round, mark_finished, nothing_to_do, pending_rounds, round_steps
 from pixelpick.reporting import read_metrics, write_progress
 from tasks.artifacts import publish_round_artifacts
+from tasks.pipeline_files import write_pipeline
 from tasks.servers import crash_abandoned_flow_runs
 from tasks.steps import open_for_task
 from tasks.tracking import campaign_run, end_campaign_run, log_round
-from tasks.versioning import version_round, write_pipeline
+from tasks.versioning import version_round
 
 log = logging.getLogger(__name__)
 

@@ -57,11 +57,11 @@ def test_a_campaigns_records_are_committable_and_its_rounds_files_are_not(piped)
 
 
 def test_every_campaigns_pipeline_is_the_static_template_filled_in_from_the_recipe(piped, monkeypatch):
-    import tasks.versioning as versioning
+    import tasks.pipeline_files as pipeline_files
     from pixelpick.campaign import open_recorded
 
     folder = piped / "data/runs/tiny"
-    assert (folder / "dvc.yaml").read_text() == versioning.TEMPLATE.read_text()
+    assert (folder / "dvc.yaml").read_text() == pipeline_files.TEMPLATE.read_text()
     rounds = yaml.safe_load((folder / "pipeline-rounds.yaml").read_text())["rounds"]
     assert rounds["query"]["r01"]["previous_model"] == "rounds/r00/model.pt"
     assert rounds["query"]["r00"]["previous_model"] == rounds["query"]["r00"]["pool"]  # none: a repeated input
@@ -70,11 +70,11 @@ def test_every_campaigns_pipeline_is_the_static_template_filled_in_from_the_reci
     assert sections["train@r00"]["train.initial_epochs"] is None and "train.initial_epochs" not in sections["train@r01"]
 
     # A recipe input the template has no slot for is an error naming it, not a dependency silently left out.
-    slots = versioning.template_slots()
-    monkeypatch.setattr(versioning, "template_slots", lambda: {**slots, "query": [s for s in slots["query"]
+    slots = pipeline_files.template_slots()
+    monkeypatch.setattr(pipeline_files, "template_slots", lambda: {**slots, "query": [s for s in slots["query"]
                                                                                  if s != "previous_model"]})
-    with pytest.raises(versioning.VersioningError, match="no slot for query's previous_model"):
-        versioning.round_index(open_recorded(folder))
+    with pytest.raises(pipeline_files.VersioningError, match="no slot for query's previous_model"):
+        pipeline_files.round_index(open_recorded(folder))
 
 
 def test_a_campaign_whose_folder_git_ignores_is_not_versioned_and_leaves_git_clean(tmp_path):

@@ -177,3 +177,12 @@ def test_a_dvc_stages_command_starts_without_prefect_mlflow_or_a_web_server(refe
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-2:] == ["train of round 1: up to date", "[]"]
+
+
+def test_the_dvc_settings_stage_starts_without_prefect():
+    """`pixelpick step settings` runs on every `dvc repro` after params.yaml changes: it writes files only, so it
+    must not pay for importing the orchestration stack."""
+    probe = ("import sys, flows.cli, tasks.pipeline_files\n"
+             "print(sorted(set(sys.modules) & {'prefect', 'mlflow', 'dvc'}))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

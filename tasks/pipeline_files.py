@@ -1,0 +1,185 @@
+"""A campaign's DVC pipeline files: the template every versioned campaign holds as its `dvc.yaml`, and the two
+files written from the recipe that fill it in.
+
+Every versioned campaign folder holds the same `dvc.yaml`, a copy of `tasks/campaign-pipeline.yaml`: each step of
+a round as a DVC stage, templated over the rounds (`foreach`), named `<step>@rNN`. Beside it, `pipeline-rounds.yaml`
+lists the rounds each stage runs for and the files each one reads and writes (the recipe's inputs and outputs, in
+the template's slots), and `step-settings.yaml` holds the values of the settings each step reads, one section per
+stage, which DVC tracks as the stage's params (the template's `settings` stage derives it again from `params.yaml`
+when that is edited, so this module imports neither Prefect nor DVC: the stage starts quickly).
+
+A campaign whose folder git ignores is not versioned (DVC keeps no pipeline or lock in an ignored folder): the
+bundled demo's folder is ignored, because its results depend on the machine that made them, so `make run` leaves
+the work tree as it found it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from pixelpick.campaign import Campaign
+from pixelpick.errors import PixelPickError
+from pixelpick.io import atomic_write
+from pixelpick.layout import round_name
+from pixelpick.provenance import PACKAGE
+from pixelpick.recipe import Step, is_history, round_steps, settings_values
+
+log = logging.getLogger(__name__)
+
+TEMPLATE = Path(__file__).with_name("campaign-pipeline.yaml")
+SETTINGS_STAGE = "settings"
+POOL_STAGE = "pool"
+HISTORY_STAGE = "asked"  # a human round's query once its job was exported
+
+
+class VersioningError(PixelPickError):
+    """DVC refused an operation; the message is DVC's own."""
+
+
+def stage_group(campaign: Campaign, step: Step, round_id: int) -> str:
+    """The template's stage that runs `step` in the round: the step's own, or `asked` for history."""
+    return HISTORY_STAGE if is_history(campaign, step, round_id) else step.name
+
+
+def stage_name(group: str, round_id: int) -> str:
+    return f"{group}@{round_name(round_id)}"
+
+
+def template_slots() -> dict[str, list[str]]:
+    """The files each templated stage names (`${item.<slot>}`), deps first, as tasks/campaign-pipeline.yaml
+    declares them."""
+    stages = yaml.safe_load(TEMPLATE.read_text())["stages"]
+    return {group: list(dict.fromkeys(re.findall(r"\$\{item\.(\w+)\}", yaml.safe_dump(
+                {k: v for k, v in stage["do"].items() if k != "cmd"}, sort_keys=False))))
+            for group, stage in stages.items() if "foreach" in stage}
+
+
+def find_dvc_root(path: Path) -> Path | None:
+    """The DVC repository holding `path`, or None when it is in none."""
+    for folder in (path, *path.parents):
+        if (folder / ".dvc").is_dir():
+            return folder
+    return None
+
+
+def is_git_ignored(root: Path, folder: Path) -> bool:
+    """Whether git ignores `folder`, in the work tree at `root` (False outside a git work tree, or without git)."""
+    try:
+        done = subprocess.run(["git", "check-ignore", "--quiet", "--", f"{os.path.relpath(folder, root)}/"],
+                              cwd=root, capture_output=True)
+    except FileNotFoundError:  # no git on this machine
+        return False
+    return done.returncode == 0
+
+
+def versioning_root(campaign: Campaign) -> Path | None:
+    """The DVC repository that versions the campaign, or None (with a log line saying why) when none does: the
+    folder is outside any DVC repository, or git ignores it."""
+    folder = campaign.layout.dir
+    root = find_dvc_root(folder)
+    if root is None:
+        log.warning("campaign %s is outside any DVC repository: its rounds are not versioned", campaign.name)
+    elif is_git_ignored(root, folder):
+        # Info, not a warning: ignoring a folder is how a campaign (the bundled demo) is kept out of versioning.
+        log.info("campaign %s's folder is ignored by git: its rounds are not versioned", campaign.name)
+        return None
+    return root
+
+
+def pipeline_rounds(campaign: Campaign) -> list[tuple[int, list[Step]]]:
+    """The rounds (and their steps) the pipeline lists: every planned round of a simulated campaign; for a human
+    campaign, the rounds that have started, with the steps after `query` once the round's batch exists."""
+    if campaign.simulated:
+        return [(r, round_steps(campaign)) for r in range(campaign.settings.campaign.rounds + 1)]
+    listed = []
+    for r in campaign.layout.rounds_present():
+        chosen = round_steps(campaign) if campaign.layout.batch(r).is_file() else round_steps(campaign)[:1]
+        listed.append((r, chosen))
+    return listed
+
+
+def round_index(campaign: Campaign) -> dict[str, dict[str, dict]]:
+    """pipeline-rounds.yaml, as data: for each templated stage, the rounds it runs for, each with the round number
+    and the files in the stage's slots (paths relative to the campaign). A slot the round has no file for (round 0
+    has no previous model) repeats the stage's first, always present, input."""
+    here = campaign.layout.dir
+
+    def relative(path: Path) -> str:
+        return Path(os.path.relpath(path, here)).as_posix()
+
+    # The code is a dependency where DVC can hash it like the rest of the project (its .dvcignore leaves byte-code
+    # out); code installed elsewhere is still part of every step key (`pixelpick.provenance`).
+    root = find_dvc_root(here)
+    code = {"code": PACKAGE} if root is not None and PACKAGE.is_relative_to(root) else {}
+    slots = template_slots()
+    index: dict[str, dict[str, dict]] = {group: {} for group in slots}
+    for round_id, steps in pipeline_rounds(campaign):
+        key = round_name(round_id)
+        index[POOL_STAGE][key] = {"round": round_id, "pool": relative(campaign.layout.pool(round_id))}
+        for step in steps:
+            group = stage_group(campaign, step, round_id)
+            files = {**step.inputs(campaign, round_id), **step.outputs(campaign, round_id)}
+            unplaced = sorted(set(files) - set(slots[group]))
+            if unplaced:
+                raise VersioningError(f"the pipeline template has no slot for {step.name}'s {', '.join(unplaced)}: "
+                                      f"add it to the {group} stage of {TEMPLATE}")
+            files = {**code, **files}
+            first = files[slots[group][0]]
+            index[group][key] = {"round": round_id, **{slot: relative(files.get(slot, first)) for slot in slots[group]}}
+    return index
+
+
+def step_settings(campaign: Campaign) -> dict[str, dict]:
+    """step-settings.yaml, as data: the values of the settings each listed stage's step reads, by stage."""
+    return {f"{step.name}@{round_name(round_id)}": settings_values(campaign, step.settings(campaign, round_id))
+            for round_id, steps in pipeline_rounds(campaign) for step in steps}
+
+
+class _PlainDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data) -> bool:  # repeated values are written out in full: people read these files
+        return True
+
+
+def _write_changed(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically, unless it holds exactly that already (a file left alone keeps its time)."""
+    if not path.is_file() or path.read_text() != text:
+        atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _dumped(data: dict, what: str) -> str:
+    return f"# {what}\n" + yaml.dump(data, Dumper=_PlainDumper, sort_keys=False)
+
+
+def write_step_settings(campaign: Campaign) -> Path:
+    """(Re)write step-settings.yaml from the campaign's params.yaml (the `settings` stage)."""
+    path = campaign.layout.step_settings
+    _write_changed(path, _dumped(step_settings(campaign), "The values of the settings each stage's step reads, derived "
+                                 "from params.yaml (`pixelpick step settings`); do not edit."))
+    return path
+
+
+# What git leaves out of a campaign folder: its rounds' files (DVC versions those that matter) and scratch files.
+CAMPAIGN_GITIGNORE = "/rounds/\n/.lock\n/labels/*.parquet\n/labels/.*\n"
+
+
+def write_pipeline(campaign: Campaign, root: Path | None = None) -> Path | None:
+    """(Re)write the campaign's pipeline: dvc.yaml (the template), the rounds it lists, the settings its stages
+    read, and the .gitignore that keeps the rounds' files out of git. Unchanged content leaves a file untouched.
+    `root` is the repository that versions the campaign, when the caller has found it already; None is returned
+    when none does."""
+    if root is None and versioning_root(campaign) is None:
+        return None
+    layout = campaign.layout
+    _write_changed(layout.gitignore, CAMPAIGN_GITIGNORE)
+    rounds = {"rounds": round_index(campaign)}
+    _write_changed(layout.pipeline_rounds, _dumped(rounds, "The rounds dvc.yaml lists and each one's files, written "
+                                                   "from the recipe (`pixelpick pipeline`); do not edit."))
+    write_step_settings(campaign)
+    _write_changed(layout.pipeline, TEMPLATE.read_text())
+    return layout.pipeline
