@@ -3,6 +3,7 @@ logged to MLflow, reported in docs/benchmarks/.
 
     pixelpick benchmark --preset cpu --camvid-root /path/to/camvid
     pixelpick benchmark --preset cpu --variant sp300 --variant sp300+st0.9   # ablation rows: superpixels, self-training
+    pixelpick benchmark --preset cpu --strategies margin --variant ep10      # margin only, against earlier full runs
     pixelpick benchmark --preset gpu-quick --camvid-root /data/camvid          # the paper's model, on a GPU
     pixelpick benchmark --preset cpu --report-only                             # rebuild the report from finished runs
     pixelpick benchmark --preset cpu --protocol tune --variant sp300+ss0.1     # choose settings on the tuning split
@@ -17,7 +18,7 @@ from typing import Any
 from prefect import flow, task
 
 from flows.parameters import PROJECT, BenchmarkChoice
-from pixelpick.benchmark import PRESETS, benchmark_settings, parse_variant, plan_runs, run_settings
+from pixelpick.benchmark import FULL, PRESETS, RunSpec, benchmark_settings, parse_variant, plan_runs, run_settings
 from pixelpick.errors import BenchmarkError
 from tasks.benchmark import (
     benchmark_run,
@@ -57,8 +58,11 @@ def plan_benchmark(choice: BenchmarkChoice) -> dict[str, Any]:
     plan = plan_runs(preset, strategies=tuple(choice.strategies) if choice.strategies else None,
                      seeds=tuple(choice.seeds) if choice.seeds is not None else None,
                      variants=tuple(parse_variant(v) for v in choice.variants))
+    # The report's reference for a plan without full supervision (an ablation): that of an earlier benchmark.
+    references = [RunSpec(FULL, seed) for seed in dict.fromkeys(spec.seed for spec in plan)]
     return {"settings_json": settings.model_dump_json(), "preset": preset_dict(preset),
-            "plan": [spec_dict(spec) for spec in plan], "stem": f"{settings.data.dataset}-{preset.name}{suffix}"}
+            "plan": [spec_dict(spec) for spec in plan], "stem": f"{settings.data.dataset}-{preset.name}{suffix}",
+            "references": [spec_dict(spec) for spec in references if spec not in plan]}
 
 
 @task(task_run_name="finished-result-{spec[strategy]}-s{spec[seed]}")
@@ -88,4 +92,9 @@ def benchmark_flow(choice: BenchmarkChoice = BenchmarkChoice(), command: str = "
         log_benchmark_run(result, experiment)
         results.append(result)
         print(f"finished {spec_from(spec).name}: {result}")
+    for spec in planned["references"]:
+        result = finished_result(planned["settings_json"], planned["preset"], spec)
+        if result is not None:
+            print(f"full supervision for the report: {result}")
+            results.append(result)
     return write_benchmark_report(results, str(_project_path(choice.report_dir)), planned["stem"], experiment, command)

@@ -63,7 +63,8 @@ class BenchmarkChoice(BaseModel):
     overrides: dict[str, Any] = Field(default_factory=dict, description="settings to change over the preset")
     camvid_root: str | None = Field(None, description="the CamVid folder, used when the preset's dataset is CamVid "
                                     "and the overrides name no data.root")
-    strategies: list[str] | None = Field(None, description="the strategies to run; default: the preset's")
+    strategies: list[str] | None = Field(None, description="the strategies to run, `full` for full supervision; "
+                                         "default: the preset's, then full supervision")
     seeds: list[int] | None = Field(None, description="the seeds to run; default: the preset's")
     variants: list[str] = Field(default_factory=list, description="extra rows: cb1 (class-balanced), md8 (picks 8 px "
                                 "apart), mc8 (MC dropout, adds BALD), sp300 (superpixel expansion), st0.9 "

@@ -165,21 +165,26 @@ def plan_runs(
 ) -> list[RunSpec]:
     """Every run, seed by seed (full supervision last), so a benchmark cut short still holds whole seeds.
 
+    `strategies` names the runs (`full` for full supervision); by default the preset's strategies, then full
+    supervision, the reference every share in the report divides by. An ablation that names its strategies only
+    runs those: its shares then come from a full-supervision run of an earlier benchmark in the same folder.
     Each variant runs every strategy it means something to: selection variants (mc, cb, md) the uncertainty
     strategies only, training variants (sp, st, ss, fp, fr, ep) every strategy. A variant with MC-dropout passes
     adds BALD.
     """
-    strategies = tuple(strategies or preset.strategies)
+    named = tuple(strategies or (*preset.strategies, FULL))
+    learners = [strategy for strategy in named if strategy != FULL]
     runs = []
     for seed in seeds if seeds is not None else preset.seeds:
-        runs.extend(RunSpec(strategy, seed) for strategy in strategies)
+        runs.extend(RunSpec(strategy, seed) for strategy in learners)
         for variant in variants:
             selection_only = any(code in _SELECTION_VARIANTS for code, _ in variant)
-            chosen = [s for s in strategies if not (selection_only and s == "random")]
+            chosen = [s for s in learners if not (selection_only and s == "random")]
             if any(code == "mc" and value >= 2 for code, value in variant):
                 chosen.append("bald")
             runs.extend(RunSpec(strategy, seed, variant) for strategy in chosen)
-        runs.append(RunSpec(FULL, seed))
+        if FULL in named:
+            runs.append(RunSpec(FULL, seed))
     return list(dict.fromkeys(runs))
 
 

@@ -44,8 +44,13 @@ def tiny_base(tmp_path):
 def test_plan_keeps_each_seed_together():
     plan = plan_runs(PRESETS["cpu"], seeds=(0, 1))
     assert [s.name for s in plan] == ["margin-s0", "random-s0", "full-s0", "margin-s1", "random-s1", "full-s1"]
-    mc = plan_runs(PRESETS["cpu"], strategies=("margin", "random"), seeds=(3,), variants=(parse_variant("mc4"),))
+    mc = plan_runs(PRESETS["cpu"], strategies=("margin", "random", "full"), seeds=(3,),
+                   variants=(parse_variant("mc4"),))
     assert [s.name for s in mc] == ["margin-s3", "random-s3", "margin_mc4-s3", "bald-s3", "full-s3"]
+    # Strategies named run alone: an ablation needs no full supervision of its own.
+    ablation = plan_runs(PRESETS["cpu"], strategies=("margin",), seeds=(0, 1), variants=(parse_variant("ep10"),))
+    assert [s.name for s in ablation] == ["margin-s0", "margin_ep10-s0", "margin-s1", "margin_ep10-s1"]
+    assert [s.name for s in plan_runs(PRESETS["cpu"], strategies=("full",), seeds=(2,))] == ["full-s2"]
     # Selection variants mean nothing to random picks; training variants apply to every strategy.
     plan = plan_runs(PRESETS["cpu"], seeds=(0,), variants=(parse_variant("cb1"), parse_variant("sp300+st0.9")))
     assert [s.name for s in plan] == ["margin-s0", "random-s0", "margin_cb1-s0", "margin_sp300_st0.9-s0",
@@ -193,7 +198,7 @@ def test_benchmark_flow_logs_every_run_and_writes_the_report(prefect_server, tin
     from flows.benchmark import BenchmarkChoice, benchmark_flow
 
     monkeypatch.setitem(PRESETS, "tiny", TINY)
-    choice = BenchmarkChoice(preset="tiny", params=str(tmp_path / "params.yaml"), strategies=["margin"],
+    choice = BenchmarkChoice(preset="tiny", params=str(tmp_path / "params.yaml"), strategies=["margin", "full"],
                              workdir=str(tmp_path / "bench"), report_dir=str(tmp_path / "docs"))
     report = benchmark_flow(choice)
     assert "| margin" in open(report["markdown"]).read()
@@ -209,6 +214,12 @@ def test_benchmark_flow_logs_every_run_and_writes_the_report(prefect_server, tin
     benchmark_flow(choice.model_copy(update={"report_only": True}))
     runs = client.search_runs([experiment.experiment_id], "tags.`pixelpick.kind` = 'benchmark-run'")
     assert len(runs) == 2
+
+    # An ablation naming its strategies runs only those; its report divides by the full supervision already there.
+    report = benchmark_flow(choice.model_copy(update={"strategies": ["random"]}))
+    assert set(pd.read_csv(report["csv"])["strategy"]) == {"random", "full"}
+    runs = client.search_runs([experiment.experiment_id], "tags.`pixelpick.kind` = 'benchmark-run'")
+    assert sorted(r.info.run_name for r in runs) == ["full-s0", "margin-s0", "random-s0"]
 
 
 def test_the_gpu_preset_is_the_papers_model_and_size_in_a_short_plan(tmp_path):
