@@ -71,10 +71,10 @@ def run_query(campaign, workers: int, shards: int) -> dict:
     from concurrent.futures import ProcessPoolExecutor
 
     from pixelpick.probstore import remove_store, store_bytes
-    from pixelpick.steps import finish_query, plan_query, store_location
+    from pixelpick.steps import finish_query, plan_query
 
     settings_json = campaign.settings.model_dump_json()
-    remove_store(store_location(campaign, 1))  # each mode infers afresh, none reuses another's store
+    remove_store(campaign.probability_store(1))  # each mode infers afresh, none reuses another's store
     started = time.perf_counter()
     plan = plan_query(campaign, 1, campaign.files(0).model, None, shards=shards if workers else 1)
     planned = time.perf_counter() - started

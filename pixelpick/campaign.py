@@ -171,6 +171,10 @@ class Campaign:
 
         return resolve_device(self.settings.train.device)
 
+    def probability_store(self, round_id: int) -> str:
+        """Where round `round_id`'s probability store lives: its round folder, or under `campaign.store_url`."""
+        return self.layout.probability_store(round_id, self.settings.campaign.store_url)
+
     def new_model(self) -> torch.nn.Module:
         from pixelpick.models import build_model
 

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pixelpick import labelling
 from pixelpick.campaign import Campaign
 from pixelpick.digests import file_md5, tree_md5, value_digest
 from pixelpick.errors import StepInputError
@@ -126,7 +128,7 @@ ANNOTATE = Step(
     lambda c, r: {"queries": c.files(r).queries, **_pool(c, r),
                   **(_previous(c, r, "model") if c.settings.campaign.suggestion_trust else {})},
     lambda c, r: {"annotations": c.files(r).annotations},
-    lambda c, r, i, o, progress: _steps().annotate(c, r, queries=i["queries"], out=o["annotations"]),
+    lambda c, r, i, o, progress: labelling.annotate(c, r, queries=i["queries"], out=o["annotations"]),
 )
 INGEST = Step(
     "ingest",
@@ -134,8 +136,8 @@ INGEST = Step(
     lambda c, r: {"batch": _batch(c, r), "queries": c.files(r).queries, **_previous(c, r, "snapshot"),
                   **_pool(c, r)},
     lambda c, r: {"snapshot": c.files(r).snapshot},
-    lambda c, r, i, o, progress: _steps().ingest(c, r, batch=i["batch"], previous_snapshot=i.get("previous_snapshot"),
-                                              out=o["snapshot"], queries=i["queries"]),
+    lambda c, r, i, o, progress: labelling.ingest(c, r, batch=i["batch"], previous_snapshot=i.get("previous_snapshot"),
+                                                  out=o["snapshot"], queries=i["queries"]),
 )
 def _train_settings(c: Campaign, r: int) -> tuple[str, ...]:
     # Which epochs key a round trains depends on a value: round 0 trains `initial_epochs` when it is set (and
@@ -275,12 +277,20 @@ def begin_step(campaign: Campaign, step: Step, round_id: int, *, force: bool = F
     return key, StepResult(step.name, round_id, True, record["outputs"], record["seconds"], record.get("details", {}))
 
 
+def _is_main_process() -> bool:
+    """False in a process of a distributed group other than rank 0. Such a process has imported torch; one that
+    has not (an annotate or ingest stage) is not in a group, and need not pay seconds for importing it."""
+    if "torch.distributed" not in sys.modules:
+        return True
+    from pixelpick.distributed import is_main_process
+
+    return is_main_process()
+
+
 def record_step(campaign: Campaign, step: Step, round_id: int, key: str, measured: dict[str, Any]) -> StepResult:
     """After a step ran: record its key, the md5 of each output and what it measured (in a distributed training
     run, process 0 alone writes, as it alone writes the outputs)."""
-    from pixelpick.distributed import is_main_process
-
-    if not is_main_process():
+    if not _is_main_process():
         return StepResult(step.name, round_id, False, {}, measured.get("seconds", {}), measured.get("details", {}))
     digests = {name: file_md5(path) for name, path in step.outputs(campaign, round_id).items()}
     record = {"step": step.name, "round": round_id, "key": key, "outputs": digests, "code": code_version(),

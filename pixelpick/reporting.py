@@ -55,7 +55,7 @@ def query_figure(campaign: Campaign, round_id: int, num_images: int = 3) -> byte
     queries = pd.read_parquet(files.queries)
     image_ids = list(dict.fromkeys(queries["image_id"]))[:num_images]
     try:
-        store = ProbabilityStore(campaign.layout.probability_store(round_id, campaign.settings.campaign.store_url))
+        store = ProbabilityStore(campaign.probability_store(round_id))
     except (FileNotFoundError, RuntimeError):
         store = None  # round 0, the random strategy, or a store removed after selection
     return query_panel(

@@ -4,6 +4,7 @@
               (into the round's probability store), then PixelPick's selection           -> queries.parquet
     annotate  the simulated annotator: each queried pixel's ground-truth class           -> annotations.parquet
     ingest    the previous snapshot plus this round's batch, validated whole              -> labels.parquet
+              (these two are `pixelpick.labelling`'s: they need no torch, so their DVC stages start quickly)
     train     a model on the snapshot                                                      -> model.pt
     evaluate  mIoU on the evaluation split (or the label statistics alone, without masks)  -> metrics.json
 
@@ -28,8 +29,6 @@ import pandas as pd
 import torch
 
 from pixelpick.acquisition import balance_scores, class_weights, random_pixels, select_pixels
-from pixelpick.annotation.exchange import predicted_classes
-from pixelpick.annotator import simulate_annotations
 from pixelpick.campaign import Campaign, round_seed
 from pixelpick.checkpoints import label_space_record, load_previous, read_checkpoint, save_checkpoint
 from pixelpick.digests import file_md5, value_digest
@@ -38,7 +37,7 @@ from pixelpick.errors import StepInputError
 from pixelpick.expansion import Expander
 from pixelpick.inference import InferenceTimings, infer_to_store, pool_batches, predict_batches
 from pixelpick.io import write_json, write_parquet
-from pixelpick.labels import LabelStore, check_batch_for_round, read_labels
+from pixelpick.labels import read_labels
 from pixelpick.models import subnormals_flushed
 from pixelpick.pools import stale_labels
 from pixelpick.probstore import ProbabilityStore, create_store, mark_complete, remove_store, store_bytes
@@ -92,7 +91,7 @@ def plan_query(campaign: Campaign, round_id: int, previous_model: Path | None, p
     split = [batches[i * len(batches) // count:(i + 1) * len(batches) // count] for i in range(count)]
     if previous_model is None or settings.acquire.strategy == "random":
         return QueryPlan(round_id, split)
-    location = store_location(campaign, round_id)
+    location = campaign.probability_store(round_id)
     key = value_digest({"model": file_md5(previous_model), "strategy": settings.acquire.strategy,
                         "mc_samples": settings.acquire.mc_samples,
                         "seed": round_seed(settings.campaign.seed, round_id)})
@@ -176,12 +175,7 @@ def remove_old_stores(campaign: Campaign, round_id: int) -> list[int]:
     keep = campaign.settings.campaign.keep_stores
     if keep is None:
         return []
-    return [r for r in range(round_id - keep + 1) if remove_store(store_location(campaign, r))]
-
-
-def store_location(campaign: Campaign, round_id: int) -> str:
-    """Where round `round_id`'s probability store lives (`CampaignLayout.probability_store`)."""
-    return campaign.layout.probability_store(round_id, campaign.settings.campaign.store_url)
+    return [r for r in range(round_id - keep + 1) if remove_store(campaign.probability_store(r))]
 
 
 def select(campaign: Campaign, round_id: int, image_ids: Iterable[str], labelled: dict[str, np.ndarray],
@@ -233,66 +227,6 @@ def _class_weights(campaign: Campaign, labels: pd.DataFrame | None, power: float
     classes = np.zeros(0, np.int64) if labels is None else labels["class_id"].to_numpy()
     counts = np.bincount(classes[classes != space.ignore_index], minlength=space.num_classes)
     return class_weights(counts, power)
-
-
-# ------------------------------------------------------------------------------------------------------ annotate
-
-
-def annotate(campaign: Campaign, round_id: int, *, queries: Path, out: Path) -> dict[str, Any]:
-    """Label the queries from the ground truth, with the configured error rate: the simulated annotator."""
-    started = time.perf_counter()
-    asked = pd.read_parquet(queries)
-    space = campaign.pool.label_space
-    trust = campaign.settings.campaign.suggestion_trust if round_id > 0 else 0.0  # round 0 has no model to suggest
-    annotations = simulate_annotations(
-        asked[["image_id", "y", "x"]], campaign.pool.load_mask, num_classes=space.num_classes,
-        ignore_index=space.ignore_index, round_id=round_id, error_rate=campaign.settings.campaign.error_rate,
-        generator=np.random.default_rng(round_seed(campaign.settings.campaign.seed, round_id)),
-        suggestions=_suggested_classes(campaign, round_id, asked) if trust else None,
-        suggestion_trust=trust)
-    if round_id == 0:
-        annotations["source"] = "initial-random"
-    write_parquet(annotations, out)
-    return {"seconds": {"labelling": time.perf_counter() - started}}
-
-
-def _suggested_classes(campaign: Campaign, round_id: int, queries: pd.DataFrame) -> np.ndarray:
-    """The previous model's class at each query (from the round's probability store), -1 where it has none: what
-    the annotator page would suggest."""
-    pixels = {image_id: list(zip(rows["y"].astype(int), rows["x"].astype(int), strict=True))
-              for image_id, rows in queries.groupby("image_id", sort=False)}
-    predicted = predicted_classes(store_location(campaign, round_id), pixels)
-    keys = zip(queries["image_id"], queries["y"].astype(int), queries["x"].astype(int), strict=True)
-    return np.array([predicted.get(key, (-1, 0.0))[0] for key in keys], dtype=np.int64)
-
-
-# -------------------------------------------------------------------------------------------------------- ingest
-
-
-def ingest(campaign: Campaign, round_id: int, *, batch: Path, previous_snapshot: Path | None,
-           out: Path, queries: Path | None = None) -> dict[str, Any]:
-    """The round's snapshot: the previous snapshot plus `batch`, validated whole: exact types, this round's
-    `round`, only pixels the round queried (`queries`), classes of the dataset. Nothing is written unless every
-    row is valid, so a rejected batch leaves no snapshot behind, and re-running gives the same file."""
-    started = time.perf_counter()
-    labels = read_labels(batch)
-    if labels.empty:
-        raise StepInputError(f"label batch {batch} holds no labels: nothing to add to round {round_id}")
-    if queries is not None:
-        check_batch_for_round(labels, round_id=round_id, queried=pd.read_parquet(queries), source=batch)
-    staging = out.with_name(f".{out.name}.ingest")
-    staging.unlink(missing_ok=True)
-    try:
-        if previous_snapshot is not None:
-            write_parquet(read_labels(previous_snapshot), staging)
-        space = campaign.pool.label_space
-        store = LabelStore(staging, image_sizes=campaign.image_sizes, num_classes=space.num_classes,
-                           ignore_index=space.ignore_index)
-        result = store.append(labels)
-        staging.replace(out)
-    finally:
-        staging.unlink(missing_ok=True)
-    return {"seconds": {"labelling": time.perf_counter() - started}, "added": result.added}
 
 
 # --------------------------------------------------------------------------------------------------------- train

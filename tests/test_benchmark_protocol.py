@@ -239,7 +239,8 @@ def test_the_benchmark_command_runs_in_tune_mode(prefect_server, tmp_path, monke
     params = tmp_path / "params.yaml"
     params.write_text(TINY_PARAMS)
     main(["benchmark", "--preset", "tiny", "--protocol", "tune", "--params", str(params), "--strategies",
-          "margin,full", "--variant", "fp0.5", "--workdir", str(tmp_path / "bench"), "--report-dir", str(tmp_path / "docs")])
+          "margin,full", "--variant", "fp0.5", "--workdir", str(tmp_path / "bench"),
+          "--report-dir", str(tmp_path / "docs")])
     csv = pd.read_csv(tmp_path / "docs" / "synthetic-tiny-tune.csv")
     assert set(csv["strategy"]) == {"margin", "margin+fp0.5", FULL}
     assert set(csv["protocol"]) == {"tune"}

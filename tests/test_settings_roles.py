@@ -90,16 +90,16 @@ def test_each_step_runs_reading_only_what_it_declares_and_fails_reading_more(tin
             step.run(seen, round_id, step.inputs(campaign, round_id), step.outputs(campaign, round_id), False)
             assert all(path.is_file() for path in step.outputs(campaign, round_id).values())
 
-    import pixelpick.steps as steps_module
+    import pixelpick.labelling as labelling
 
-    real = steps_module.simulate_annotations
+    real = labelling.simulate_annotations
 
     def reads_more(*args, **kwargs):
         seen.settings.acquire.strategy  # noqa: B018  (annotate does not declare it)
         return real(*args, **kwargs)
 
     seen = as_step_sees_it(campaign, "annotate", 1)
-    monkeypatch.setattr(steps_module, "simulate_annotations", reads_more)
+    monkeypatch.setattr(labelling, "simulate_annotations", reads_more)
     annotate = STEPS["annotate"]
     with pytest.raises(UndeclaredSetting, match=r"acquire\.strategy"):
         annotate.run(seen, 1, annotate.inputs(campaign, 1), annotate.outputs(campaign, 1), False)
