@@ -332,13 +332,13 @@ def run_step(args: argparse.Namespace) -> None:
     from pixelpick.recipe import run_step as run_recipe_step
     from pixelpick.reporting import write_progress
 
-    campaign = open_recorded(args.campaign_dir)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # one process of a torchrun launch: train as part of the group
         from pixelpick.distributed import init_from_environment
 
-        campaign.device = init_from_environment()
+        campaign = open_recorded(args.campaign_dir, init_from_environment())
         run_recipe_step(campaign, STEPS[args.step], args.round, progress=False)
         return
+    campaign = open_recorded(args.campaign_dir)
     with campaign_lock(campaign.layout.lock, campaign.name):
         if args.step == "settings":  # a DVC stage: the settings each stage reads, derived from params.yaml
             from tasks.pipeline_files import write_step_settings

@@ -64,9 +64,13 @@ def round_seed(seed: int, round_id: int) -> int:
 class Campaign:
     """One campaign's settings and folder, and the datasets, device and models its steps share (built lazily)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, device: torch.device | None = None) -> None:
+        """`device`: where models run when not where `train.device` says (one process of a distributed group runs
+        on its own GPU, or on the CPU)."""
         self.settings = settings
         self.layout = CampaignLayout(settings.campaign.run_dir)
+        if device is not None:
+            self.__dict__["device"] = device  # the cached property's value
 
     @property
     def name(self) -> str:
@@ -245,15 +249,16 @@ def open_campaign(
     return Campaign(load_record(layout))
 
 
-def open_recorded(campaign_dir: str | Path) -> Campaign:
-    """The campaign whose folder is `campaign_dir`, from its record alone (what a pipeline stage runs on)."""
+def open_recorded(campaign_dir: str | Path, device: torch.device | None = None) -> Campaign:
+    """The campaign whose folder is `campaign_dir`, from its record alone (what a pipeline stage runs on), its
+    models on `device` when given."""
     layout = CampaignLayout(Path(campaign_dir).resolve())
     if not layout.params.is_file():
         raise CampaignError(f"{layout.dir} is not a campaign folder: it has no params.yaml")
     recorded = load_record(layout)
     check_label_space(recorded, layout)
     prepare_data(recorded, campaign_dir=layout.dir)
-    return Campaign(recorded)
+    return Campaign(recorded, device)
 
 
 def load_record(layout: CampaignLayout) -> Settings:

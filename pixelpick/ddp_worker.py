@@ -28,8 +28,7 @@ def main(argv: list[str] | None = None) -> None:
 
     device = init_from_environment()
     try:
-        campaign = open_recorded(campaign_dir)
-        campaign.device = device  # this process's GPU, or the CPU
+        campaign = open_recorded(campaign_dir, device)  # this process's GPU, or the CPU
         measured = TRAIN_STEP.run(campaign, round_id, TRAIN_STEP.inputs(campaign, round_id),
                                   TRAIN_STEP.outputs(campaign, round_id), False)
         if is_main_process():

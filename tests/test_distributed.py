@@ -4,6 +4,10 @@ hold the same weights after every step, and learn; a round with `train.processes
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,3 +86,17 @@ def test_a_round_with_two_processes_trains_through_torchrun(tmp_path):
     record = json.loads(campaign.files(0).step_record("train").read_text())
     assert record["details"]["epochs"] == 2
     assert json.loads(campaign.files(0).metrics.read_text())["miou"] > 0
+
+
+def test_the_train_step_under_torchrun_by_hand_trains_as_one_group(tmp_path):
+    """What the README says to run on each of several machines, here as one machine's two processes."""
+    campaign = started(tmp_path / "c", {"train.epochs": 2})
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "flows.cli",
+         "step", "train", "--round", "0", "--campaign-dir", str(campaign.layout.dir)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(read_checkpoint(campaign.files(0).model)["history"]) == 2
+    record = json.loads(campaign.files(0).step_record("train").read_text())  # written by process 0 alone
+    assert record["details"]["epochs"] == 2 and record["details"]["device"] == "cpu"
