@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import subprocess
+from functools import cache
 from pathlib import Path
 
 import yaml
@@ -51,6 +52,7 @@ def stage_name(group: str, round_id: int) -> str:
     return f"{group}@{round_name(round_id)}"
 
 
+@cache
 def template_slots() -> dict[str, list[str]]:
     """The files each templated stage names (`${item.<slot>}`), deps first, as tasks/campaign-pipeline.yaml
     declares them."""
