@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pixelpick import steps
 from pixelpick.campaign import Campaign, load_record, prepare_data, recipe_differences, write_record
@@ -33,9 +33,10 @@ from pixelpick.io import write_json
 from pixelpick.layout import CampaignLayout
 from pixelpick.recipe import Step, run_round
 from pixelpick.reporting import read_metrics
-from pixelpick.settings import Settings, load_settings, step_reads
+from pixelpick.settings import AcquireSettings, Settings, load_settings, settings_from_dict, step_reads
 
 FULL = "full"  # the strategy name of the fully supervised reference
+STRATEGIES = (*get_args(AcquireSettings.model_fields["strategy"].annotation), FULL)  # what a plan may name
 STAGES = ("inference", "scoring", "selection", "labelling", "training", "evaluation")
 EXPANSION_PREFIXES = ("superpixel_", "propagation_")  # the train step's expansion metrics (`pixelpick.expansion`)
 
@@ -173,6 +174,9 @@ def plan_runs(
     adds BALD.
     """
     named = tuple(strategies or (*preset.strategies, FULL))
+    unknown = [strategy for strategy in named if strategy not in STRATEGIES]
+    if unknown:
+        raise BenchmarkError(f"unknown strategy {unknown[0]!r}: choose from {', '.join(STRATEGIES)}")
     learners = [strategy for strategy in named if strategy != FULL]
     runs = []
     for seed in seeds if seeds is not None else preset.seeds:
@@ -228,7 +232,7 @@ def run_settings(base: Settings, preset: BenchmarkPreset, spec: RunSpec) -> Sett
     for dotted, value in spec.overrides.items():
         section, key = dotted.split(".")
         raw[section][key] = value
-    return Settings.model_validate(raw)
+    return settings_from_dict(raw, source=f"benchmark run {spec.name}")
 
 
 # -------------------------------------------------------------------------------------------- full supervision

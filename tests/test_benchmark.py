@@ -15,6 +15,7 @@ from pixelpick.benchmark import (
     PRESETS,
     STAGES,
     BenchmarkPreset,
+    RunSpec,
     benchmark_settings,
     parse_variant,
     plan_runs,
@@ -24,7 +25,7 @@ from pixelpick.benchmark import (
 )
 from pixelpick.benchmark_report import results_frame, summarise, write_report
 from pixelpick.datasets import get_dataset
-from pixelpick.errors import BenchmarkError
+from pixelpick.errors import BenchmarkError, SettingsError
 from tests.conftest import TINY_PARAMS
 from tests.fixtures import write_camvid
 
@@ -51,6 +52,8 @@ def test_plan_keeps_each_seed_together():
     ablation = plan_runs(PRESETS["cpu"], strategies=("margin",), seeds=(0, 1), variants=(parse_variant("ep10"),))
     assert [s.name for s in ablation] == ["margin-s0", "margin_ep10-s0", "margin-s1", "margin_ep10-s1"]
     assert [s.name for s in plan_runs(PRESETS["cpu"], strategies=("full",), seeds=(2,))] == ["full-s2"]
+    with pytest.raises(BenchmarkError, match="unknown strategy 'fulll': choose from margin, .*, full"):
+        plan_runs(PRESETS["cpu"], strategies=("margin", "fulll"))
     # Selection variants mean nothing to random picks; training variants apply to every strategy.
     plan = plan_runs(PRESETS["cpu"], seeds=(0,), variants=(parse_variant("cb1"), parse_variant("sp300+st0.9")))
     assert [s.name for s in plan] == ["margin-s0", "random-s0", "margin_cb1-s0", "margin_sp300_st0.9-s0",
@@ -62,6 +65,9 @@ def test_every_planned_run_is_a_valid_campaign(tiny_base):
     variants = tuple(parse_variant(v) for v in ("cb1", "sp0", "sp300+st0.9", "mc4"))
     for spec in plan_runs(PRESETS["cpu"], strategies=("margin", "random"), seeds=(0,), variants=variants):
         assert run_settings(tiny_base, PRESETS["cpu"], spec).campaign.name == spec.name
+    # A run the settings refuse is one line naming the run, not a validation traceback.
+    with pytest.raises(SettingsError, match=r"benchmark run bald-s0: .*mc_samples >= 2"):
+        run_settings(tiny_base, PRESETS["cpu"], RunSpec("bald", 0))
 
 
 def test_a_variant_names_known_settings_only():
