@@ -1,6 +1,6 @@
 """The labelling steps of a round: `annotate` (the simulated annotator) and `ingest` (the round's batch added to the
-label snapshot). They need neither torch nor a model, so a DVC stage that runs one starts in about a second; the
-other steps are `pixelpick.steps`'.
+label snapshot). They need neither torch nor a model, so the DVC stage that runs one does not wait seconds for
+importing them; the other steps are `pixelpick.steps`'.
 """
 
 from __future__ import annotations
