@@ -17,17 +17,21 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from pixelpick.errors import DistributedTrainingError
 from pixelpick.layout import CampaignLayout
 
+if TYPE_CHECKING:
+    import torch
+
 
 def rank_and_size() -> tuple[int, int]:
-    """(this process's rank, the number of processes); (0, 1) outside a process group."""
-    if dist.is_available() and dist.is_initialized():
+    """(this process's rank, the number of processes); (0, 1) outside a process group. A process that has not
+    imported torch.distributed is in none, so the question costs no import of torch (a stage that only writes
+    files starts in a second)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -39,6 +43,9 @@ def is_main_process() -> bool:
 def init_from_environment() -> torch.device:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR...); returns this process's device:
     its GPU (NCCL) when there are GPUs, else the CPU (gloo)."""
+    import torch
+    import torch.distributed as dist
+
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 from pixelpick import labelling
 from pixelpick.campaign import Campaign
 from pixelpick.digests import file_md5, tree_md5, value_digest
+from pixelpick.distributed import is_main_process
 from pixelpick.errors import StepInputError
 from pixelpick.io import write_json
 from pixelpick.provenance import code_digest, code_version
@@ -277,20 +277,10 @@ def begin_step(campaign: Campaign, step: Step, round_id: int, *, force: bool = F
     return key, StepResult(step.name, round_id, True, record["outputs"], record["seconds"], record.get("details", {}))
 
 
-def _is_main_process() -> bool:
-    """False in a process of a distributed group other than rank 0. Such a process has imported torch; one that
-    has not (an annotate or ingest stage) is not in a group, and need not pay seconds for importing it."""
-    if "torch.distributed" not in sys.modules:
-        return True
-    from pixelpick.distributed import is_main_process
-
-    return is_main_process()
-
-
 def record_step(campaign: Campaign, step: Step, round_id: int, key: str, measured: dict[str, Any]) -> StepResult:
     """After a step ran: record its key, the md5 of each output and what it measured (in a distributed training
     run, process 0 alone writes, as it alone writes the outputs)."""
-    if not _is_main_process():
+    if not is_main_process():
         return StepResult(step.name, round_id, False, {}, measured.get("seconds", {}), measured.get("details", {}))
     digests = {name: file_md5(path) for name, path in step.outputs(campaign, round_id).items()}
     record = {"step": step.name, "round": round_id, "key": key, "outputs": digests, "code": code_version(),
