@@ -156,12 +156,15 @@ def markdown_report(frame: pd.DataFrame, summary: pd.DataFrame, plot_name: str, 
                      + (f", trained {int(last['epochs'])} epochs in all" if not np.isnan(last["epochs"]) else "")
                      + (f", round by round like the active-learning runs, each round evaluated (row `{FULL}`)."
                         if len(full) > 1 else "."))
+    else:
+        lines.append(f"- Full supervision: no run has finished yet (row `{FULL}`), so no share of it is given.")
     if command:
         lines.append(f"- Command: `{command}`")
     bar = "the longest-trained full-supervision model" if len(full) > 1 else "full supervision"
     lines += ["", "## mIoU (%) by labelled pixels per image", "",
               f"Mean ± std over seeds; in brackets, the % of {bar} (the paper's column: the % of its full "
-              "supervision).", "", _strategy_table(summary, full, "pct_of_final_full"), "",
+              "supervision)." if len(full) else "Mean ± std over seeds; the paper's in brackets: its % of its full "
+              "supervision.", "", _strategy_table(summary, full, "pct_of_final_full"), "",
               "![mIoU against labelled pixels per image](" + plot_name + ")", ""]
     if len(full) > 1:
         lines += ["The same, as % of the full-supervision model trained exactly as long (the same round):", "",
@@ -193,7 +196,9 @@ def markdown_report(frame: pd.DataFrame, summary: pd.DataFrame, plot_name: str, 
 def _strategy_table(summary: pd.DataFrame, full: pd.DataFrame, share: str) -> str:
     budgets = sorted(summary["budget"].unique())
     table = {
-        strategy: {row["budget"]: f"{row['mean']:.1f}{_spread(row)} ({row[share]:.0f}%)" for _, row in rows.iterrows()}
+        strategy: {row["budget"]: f"{row['mean']:.1f}{_spread(row)}" + ("" if np.isnan(row[share]) else
+                                                                       f" ({row[share]:.0f}%)")
+                   for _, row in rows.iterrows()}
         for strategy, rows in summary.groupby("strategy")
     }
     if len(full):

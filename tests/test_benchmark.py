@@ -237,3 +237,11 @@ def test_the_gpu_preset_is_the_papers_model_and_size_in_a_short_plan(tmp_path):
     assert settings.train.initial_epochs == 10 and settings.train.epochs == 4 and settings.train.warm_start
     assert [s.name for s in plan_runs(preset)] == ["margin-s0", "random-s0", "full-s0"]
     assert preset.budgets == [20, 40, 60, 80, 100]
+
+
+def test_a_report_before_full_supervision_finishes_says_so_instead_of_nan_shares(tmp_path):
+    rows = _rows("margin", {20: 0.45, 40: 0.52}) + _rows("random", {20: 0.45, 40: 0.50})
+    text = write_report(results_frame(rows), tmp_path / "report", "camvid-cpu")["markdown"].read_text()
+    assert "nan" not in text.lower()
+    assert "Full supervision: no run has finished yet" in text
+    assert "| 45.0 " in text and "margin beats random at 1 of 1 budgets" in text
