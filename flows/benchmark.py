@@ -8,18 +8,32 @@ logged to MLflow, reported in docs/benchmarks/.
     pixelpick benchmark --preset cpu --report-only                             # rebuild the report from finished runs
     pixelpick benchmark --preset cpu --protocol tune --variant sp300+ss0.1     # choose settings on the tuning split
 
-An interrupted benchmark resumes where it stopped when started again with the same arguments. The presets and
-their cost are in docs/benchmarks/README.md.
+An interrupted benchmark resumes where it stopped when started again with the same arguments. The same command in
+two shells shares the plan's runs between two processes: each passes over the runs the other is running (and
+those that will start from a round 0 the other is training), then waits for them, so both end with the whole
+report. The presets and their cost are in docs/benchmarks/README.md.
 """
 
+import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 
 from flows.parameters import PROJECT, BenchmarkChoice
-from pixelpick.benchmark import FULL, PRESETS, RunSpec, benchmark_settings, parse_variant, plan_runs, run_settings
+from pixelpick.benchmark import (
+    FULL,
+    PRESETS,
+    RunSpec,
+    benchmark_settings,
+    busy_with,
+    parse_variant,
+    plan_runs,
+    run_plan,
+    run_settings,
+)
 from pixelpick.errors import BenchmarkError
+from pixelpick.settings import Settings
 from tasks.benchmark import (
     benchmark_run,
     log_benchmark_run,
@@ -68,11 +82,14 @@ def plan_benchmark(choice: BenchmarkChoice) -> dict[str, Any]:
 @task(task_run_name="finished-result-{spec[strategy]}-s{spec[seed]}")
 def finished_result(settings_json: str, preset: dict, spec: dict) -> str | None:
     """A run's result file if it has finished (for --report-only)."""
-    from pixelpick.settings import Settings
-
     settings = run_settings(Settings.model_validate_json(settings_json), preset_from(preset), spec_from(spec))
     path = settings.campaign.run_dir / "result.json"
     return str(path) if path.exists() else None
+
+
+def _wait_for_others(reasons: list[str]) -> None:
+    print("waiting: " + "; ".join(reasons))
+    time.sleep(60)
 
 
 @flow(name="pixelpick-benchmark", flow_run_name="benchmark-{choice.preset}", log_prints=True)
@@ -82,16 +99,20 @@ def benchmark_flow(choice: BenchmarkChoice = BenchmarkChoice(), command: str = "
     print(f"{len(planned['plan'])} runs: {', '.join(spec_from(s).name for s in planned['plan'])}")
     experiment = f"benchmark-{planned['stem']}"
     results = []
-    for spec in planned["plan"]:
-        if choice.report_only:
-            result = finished_result(planned["settings_json"], planned["preset"], spec)
-            if result is None:
-                continue
-        else:
-            result = benchmark_run(planned["settings_json"], planned["preset"], spec)
+    if choice.report_only:
+        finished = ((spec_from(spec), finished_result(planned["settings_json"], planned["preset"], spec))
+                    for spec in planned["plan"])
+    else:
+        base, preset = Settings.model_validate_json(planned["settings_json"]), preset_from(planned["preset"])
+        finished = run_plan([spec_from(spec) for spec in planned["plan"]],
+                            lambda spec: benchmark_run(planned["settings_json"], planned["preset"], spec_dict(spec)),
+                            lambda spec: busy_with(base, preset, spec), wait=_wait_for_others)
+    for spec, result in finished:
+        if result is None:
+            continue
         log_benchmark_run(result, experiment)
         results.append(result)
-        print(f"finished {spec_from(spec).name}: {result}")
+        print(f"finished {spec.name}: {result}")
     for spec in planned["references"]:
         result = finished_result(planned["settings_json"], planned["preset"], spec)
         if result is not None:

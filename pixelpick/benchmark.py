@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
 from pixelpick import steps
 from pixelpick.campaign import Campaign, load_record, prepare_data, recipe_differences, write_record
-from pixelpick.errors import BenchmarkError
+from pixelpick.errors import BenchmarkError, CampaignLockedError
 from pixelpick.io import write_json
 from pixelpick.layout import CampaignLayout
+from pixelpick.locking import campaign_lock, held_elsewhere
 from pixelpick.recipe import Step, run_round
 from pixelpick.reporting import read_metrics
 from pixelpick.settings import AcquireSettings, Settings, load_settings, settings_from_dict, step_reads
@@ -279,8 +281,16 @@ DENSE_EVALUATE = Step(
 
 
 def run_benchmark_run(base: Settings, preset: BenchmarkPreset, spec: RunSpec, progress: bool = False) -> Path:
-    """Run (or resume) one run of the plan; returns its `result.json`: one row per budget."""
+    """Run (or resume) one run of the plan; returns its `result.json`: one row per budget. The run's lock is held
+    throughout: CampaignLockedError if another process is running it."""
     settings = run_settings(base, preset, spec)
+    layout = CampaignLayout(settings.campaign.run_dir)
+    layout.dir.mkdir(parents=True, exist_ok=True)
+    with campaign_lock(layout.lock, layout.dir.name):
+        return _run_locked(settings, preset, spec, progress)
+
+
+def _run_locked(settings: Settings, preset: BenchmarkPreset, spec: RunSpec, progress: bool) -> Path:
     prepare_data(settings)
     campaign = Campaign(settings)
     result_path = campaign.layout.dir / "result.json"
@@ -329,15 +339,60 @@ def _start_from_shared_round_zero(campaign: Campaign, spec: RunSpec) -> None:
     target = campaign.files(0).dir
     if target.exists():
         return
-    for sibling in sorted(campaign.layout.dir.parent.glob(f"*-s{spec.seed}")):
+    for sibling in _round_zero_siblings(campaign.layout.dir, spec.seed):
         source = CampaignLayout(sibling).round(0)
-        if sibling.name.startswith(f"{FULL}-") or not source.step_record("evaluate").is_file():
+        if not source.step_record("evaluate").is_file():
             continue
         staging = target.with_name(f".{target.name}.copying")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(source.dir, staging, ignore=shutil.ignore_patterns(source.probs.name, ".*"))
         staging.rename(target)
         return
+
+
+def _round_zero_siblings(run_dir: Path, seed: int) -> list[Path]:
+    """The other active-learning runs of this seed, whose round 0 a run may start from."""
+    return [sibling for sibling in sorted(run_dir.parent.glob(f"*-s{seed}"))
+            if sibling != run_dir and not sibling.name.startswith(f"{FULL}-")]
+
+
+def busy_with(base: Settings, preset: BenchmarkPreset, spec: RunSpec) -> str | None:
+    """Why this run cannot start now, when another process keeps it from starting: it is running the run, or it is
+    training the round 0 this run would start from (two processes working through one plan). None: it may start."""
+    layout = CampaignLayout(run_settings(base, preset, spec).campaign.run_dir)
+    if (layout.dir / "result.json").exists():
+        return None
+    holder = held_elsewhere(layout.lock)
+    if holder is not None:
+        return f"{layout.dir.name} is being run by {holder}"
+    if spec.strategy != FULL and not layout.round(0).dir.exists():
+        for sibling in _round_zero_siblings(layout.dir, spec.seed):
+            holder = held_elsewhere(CampaignLayout(sibling).lock)
+            if holder is not None and not CampaignLayout(sibling).round(0).step_record("evaluate").is_file():
+                return f"{layout.dir.name} starts from the round 0 that {holder} is training for {sibling.name}"
+    return None
+
+
+def run_plan(plan: list[RunSpec], run: Callable[[RunSpec], Path], busy: Callable[[RunSpec], str | None],
+             wait: Callable[[list[str]], None] = lambda reasons: time.sleep(60)) -> Iterator[tuple[RunSpec, Path]]:
+    """Each run of the plan in order, yielded with its result file when it has finished. A run that another process
+    keeps busy (`busy` says why) is passed over and taken up again later, once finished or free; when every run left
+    is busy, `wait` is called with the reasons. So processes given the same plan share its runs."""
+    pending = list(plan)
+    while pending:
+        passed_over: dict[RunSpec, str] = {}
+        for spec in pending:
+            reason = busy(spec)
+            if reason is None:
+                try:
+                    yield spec, run(spec)
+                    continue
+                except CampaignLockedError as error:  # another process took the run since `busy` looked
+                    reason = str(error)
+            passed_over[spec] = reason
+        if passed_over and len(passed_over) == len(pending):
+            wait(list(passed_over.values()))
+        pending = list(passed_over)
 
 
 _STAGE_OF_STEP = {"annotate": "labelling", "ingest": "labelling"}
@@ -373,10 +428,11 @@ def run_benchmark(
     progress: bool = False,
     on_run: Callable[[RunSpec, Path], None] | None = None,
 ) -> list[Path]:
-    """Every run of the plan in order, in plain Python; `on_run` sees each finished run's result file."""
+    """Every run of the plan, in plain Python (`run_plan`: runs another process is running are waited for);
+    `on_run` sees each finished run's result file."""
     results = []
-    for spec in plan:
-        path = run_benchmark_run(base, preset, spec, progress)
+    for spec, path in run_plan(plan, lambda spec: run_benchmark_run(base, preset, spec, progress),
+                               lambda spec: busy_with(base, preset, spec)):
         if on_run is not None:
             on_run(spec, path)
         results.append(path)

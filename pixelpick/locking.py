@@ -56,6 +56,19 @@ def holds(path: Path) -> bool:
         return lock is not None and lock.is_locked
 
 
+def held_elsewhere(path: Path) -> str | None:
+    """Who holds the lock at `path` if another process does (pid, host, start, command); None when it is free or
+    this process holds it. Only looks: nothing is created where no lock file is."""
+    path = Path(path).resolve()
+    if not path.is_file() or holds(path):
+        return None
+    try:
+        with campaign_lock(path, path.parent.name):
+            return None
+    except CampaignLockedError:
+        return _describe_holder(path)
+
+
 def _write_holder(path: Path) -> None:
     holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                          "started": datetime.now(UTC).isoformat(timespec="seconds"),

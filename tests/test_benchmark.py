@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,18 +21,22 @@ from pixelpick.benchmark import (
     BenchmarkPreset,
     RunSpec,
     benchmark_settings,
+    busy_with,
     parse_variant,
     plan_runs,
     read_rows,
     run_benchmark,
+    run_benchmark_run,
+    run_plan,
     run_settings,
 )
 from pixelpick.benchmark_report import results_frame, summarise, write_report
 from pixelpick.datasets import get_dataset
-from pixelpick.errors import BenchmarkError, SettingsError
+from pixelpick.errors import BenchmarkError, CampaignLockedError, SettingsError
 from tests.conftest import TINY_PARAMS
 from tests.fixtures import write_camvid
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = BenchmarkPreset(
     name="tiny", description="a test", overrides={"train.epochs": 1}, step=5, rounds=2,
     strategies=("margin", "random"), seeds=(0,), warm_start=True,
@@ -245,3 +253,43 @@ def test_a_report_before_full_supervision_finishes_says_so_instead_of_nan_shares
     assert "nan" not in text.lower()
     assert "Full supervision: no run has finished yet" in text
     assert "| 45.0 " in text and "margin beats random at 1 of 1 budgets" in text
+
+
+def test_a_plan_passes_over_runs_another_process_keeps_busy_and_takes_them_up_again():
+    margin, random, full = RunSpec("margin", 0), RunSpec("random", 0), RunSpec(FULL, 0)
+    busy_answers = {margin: ["being run elsewhere"] * 3, random: [], full: []}
+    ran, waits = [], []
+
+    def run(spec):
+        if spec == random and random not in ran:
+            ran.append(random)  # another process took it between the look and the start
+            raise CampaignLockedError("random-s0 is already being run")
+        ran.append(spec)
+        return Path(f"{spec.name}.json")
+
+    done = list(run_plan([margin, random, full], run,
+                         lambda spec: busy_answers[spec].pop(0) if busy_answers[spec] else None, waits.append))
+    # Free runs go first; the busy ones are retried, with a wait only when every run left is busy.
+    assert [spec for spec, _ in done] == [full, random, margin]
+    assert waits == [["being run elsewhere"]]
+
+
+def test_a_run_another_process_holds_is_refused_and_its_seeds_runs_wait_for_its_round_zero(tiny_base):
+    margin, random, full = RunSpec("margin", 0), RunSpec("random", 0), RunSpec(FULL, 0)
+    lock = run_settings(tiny_base, TINY, margin).campaign.run_dir / ".lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pixelpick.locking import campaign_lock\n"
+         f"with campaign_lock({str(lock)!r}, 'margin-s0'):\n    print('held', flush=True)\n    time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert f"margin-s0 is being run by pid {holder.pid} on " in busy_with(tiny_base, TINY, margin)
+        with pytest.raises(CampaignLockedError, match=f"pid {holder.pid}"):
+            run_benchmark_run(tiny_base, TINY, margin)
+        # random-s0 starts from margin-s0's round 0, which that process is training; full supervision does not.
+        assert f"starts from the round 0 that pid {holder.pid}" in busy_with(tiny_base, TINY, random)
+        assert busy_with(tiny_base, TINY, full) is None
+    finally:
+        holder.kill()
+        holder.wait()
+    assert busy_with(tiny_base, TINY, margin) is None and busy_with(tiny_base, TINY, random) is None
