@@ -19,8 +19,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 run: setup
 	$(BIN)/pixelpick campaign
 
-# Reproduce every campaign's rounds with DVC (stages call `pixelpick`, so the environment's bin comes first).
+# Reproduce the rounds with DVC: the top-level dvc.yaml is pointed at the default campaign (the bundled demo, whose
+# folder git ignores), then every pipeline runs, every versioned campaign's too (stages call `pixelpick`, so the
+# environment's bin comes first).
 repro: setup
+	$(BIN)/pixelpick pipeline
 	PATH=$(BIN):$$PATH $(BIN)/dvc repro --all-pipelines
 
 lint: setup

@@ -3,9 +3,10 @@
     <campaign>/                      data/runs/<name>/ by default
       params.yaml                    the campaign's settings, recorded when it started (every step reads them)
       label_space.json               the classes its rounds have used (folder datasets; see pixelpick.label_space)
-      dvc.yaml, dvc.lock             its pipeline (the same file in every campaign: each step as a DVC stage over
-                                     the rounds) and what ran
-      pipeline-rounds.yaml           the rounds the pipeline lists and each one's files (written from the recipe)
+      dvc.yaml, dvc.lock             its pipeline (a copy of the project's top-level dvc.yaml: each step as a DVC
+                                     stage over the rounds) and what ran
+      pipeline-rounds.yaml           the folder the pipeline runs in (.), the rounds it lists and each one's files
+                                     (written from the recipe)
       step-settings.yaml             the values of the settings each step reads, by stage (derived from params.yaml)
       labels/rNN.parquet             human label batches, one per round (DVC-tracked inputs, `rNN.parquet.dvc`)
       pools/rNN.csv                  the images round NN drew from, as they were when it started, each with the

@@ -1,16 +1,20 @@
-"""A campaign's DVC pipeline files: the template every versioned campaign holds as its `dvc.yaml`, and the two
-files written from the recipe that fill it in.
+"""A campaign's DVC pipeline files: the template (the repository's top-level `dvc.yaml`), and the two files written
+from the recipe that fill it in.
 
-Every versioned campaign folder holds the same `dvc.yaml`, a copy of `tasks/campaign-pipeline.yaml`: each step of
-a round as a DVC stage, templated over the rounds (`foreach`), named `<step>@rNN`. Beside it, `pipeline-rounds.yaml`
-lists the rounds each stage runs for and the files each one reads and writes (the recipe's inputs and outputs, in
-the template's slots), and `step-settings.yaml` holds the values of the settings each step reads, one section per
-stage, which DVC tracks as the stage's params (the template's `settings` stage derives it again from `params.yaml`
-when that is edited, so this module imports neither Prefect nor DVC: the stage starts quickly).
+The template declares each step of a round as a DVC stage, templated over the rounds (`foreach`), named
+`<step>@rNN`, run in the campaign's folder (`wdir`). `pipeline-rounds.yaml`, beside the `dvc.yaml` it fills in,
+names that folder and lists the rounds each stage runs for and the files each one reads and writes (the recipe's
+inputs and outputs, in the template's slots). `step-settings.yaml`, in the campaign's folder, holds the values of
+the settings each step reads, one section per stage, which DVC tracks as the stage's params (the template's
+`settings` stage derives it again from `params.yaml` when that is edited, so this module imports neither Prefect
+nor DVC: the stage starts quickly).
 
-A campaign whose folder git ignores is not versioned (DVC keeps no pipeline or lock in an ignored folder): the
-bundled demo's folder is ignored, because its results depend on the machine that made them, so `make run` leaves
-the work tree as it found it.
+Where a campaign's pipeline lives:
+- a versioned campaign holds a copy of the template as its own `dvc.yaml`, with its rounds file beside it;
+- a campaign whose folder git ignores (the bundled demo: its results depend on the machine that made them, so
+  `make run` leaves the work tree as it found it) is not versioned by the flows, since DVC keeps no pipeline or lock
+  in an ignored folder. `pixelpick pipeline` points the top-level `dvc.yaml` at it instead, through the top-level
+  `pipeline-rounds.yaml`, which lists no rounds as committed.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from pixelpick.recipe import Step, is_history, round_steps, settings_values
 
 log = logging.getLogger(__name__)
 
-TEMPLATE = Path(__file__).with_name("campaign-pipeline.yaml")
-SETTINGS_STAGE = "settings"
+# A link to the repository's top-level dvc.yaml, so that an installed package has the template too.
+TEMPLATE = Path(__file__).with_name("campaign-pipeline.yaml").resolve()
+SETTINGS_STAGE = "settings@all"  # one stage for the whole campaign
 POOL_STAGE = "pool"
 HISTORY_STAGE = "asked"  # a human round's query once its job was exported
 
@@ -54,8 +59,7 @@ def stage_name(group: str, round_id: int) -> str:
 
 @cache
 def template_slots() -> dict[str, list[str]]:
-    """The files each templated stage names (`${item.<slot>}`), deps first, as tasks/campaign-pipeline.yaml
-    declares them."""
+    """The files each templated stage names (`${item.<slot>}`), deps first, as the template declares them."""
     stages = yaml.safe_load(TEMPLATE.read_text())["stages"]
     return {group: list(dict.fromkeys(re.findall(r"\$\{item\.(\w+)\}", yaml.safe_dump(
                 {k: v for k, v in stage["do"].items() if k != "cmd"}, sort_keys=False))))
@@ -106,10 +110,11 @@ def pipeline_rounds(campaign: Campaign) -> list[tuple[int, list[Step]]]:
     return listed
 
 
-def round_index(campaign: Campaign) -> dict[str, dict[str, dict]]:
-    """pipeline-rounds.yaml, as data: for each templated stage, the rounds it runs for, each with the round number
-    and the files in the stage's slots (paths relative to the campaign). A slot the round has no file for (round 0
-    has no previous model) repeats the stage's first, always present, input."""
+def round_index(campaign: Campaign, root: Path) -> dict[str, dict[str, dict]]:
+    """The rounds of pipeline-rounds.yaml, as data: for each templated stage, the rounds it runs for, each with the
+    round number and the files in the stage's slots (paths relative to the campaign). A slot the round has no file
+    for (round 0 has no previous model) repeats the stage's first, always present, input. `root`: the DVC
+    repository."""
     here = campaign.layout.dir
 
     def relative(path: Path) -> str:
@@ -117,10 +122,11 @@ def round_index(campaign: Campaign) -> dict[str, dict[str, dict]]:
 
     # The code is a dependency where DVC can hash it like the rest of the project (its .dvcignore leaves byte-code
     # out); code installed elsewhere is still part of every step key (`pixelpick.provenance`).
-    root = find_dvc_root(here)
-    code = {"code": PACKAGE} if root is not None and PACKAGE.is_relative_to(root) else {}
+    code = {"code": PACKAGE} if PACKAGE.is_relative_to(root) else {}
     slots = template_slots()
     index: dict[str, dict[str, dict]] = {group: {} for group in slots}
+    group, _, key = SETTINGS_STAGE.partition("@")
+    index[group][key] = {}
     for round_id, steps in pipeline_rounds(campaign):
         key = round_name(round_id)
         index[POOL_STAGE][key] = {"round": round_id, "pool": relative(campaign.layout.pool(round_id))}
@@ -171,17 +177,39 @@ CAMPAIGN_GITIGNORE = "/rounds/\n/.lock\n/labels/*.parquet\n/labels/.*\n"
 
 
 def write_pipeline(campaign: Campaign, root: Path | None = None) -> Path | None:
-    """(Re)write the campaign's pipeline: dvc.yaml (the template), the rounds it lists, the settings its stages
-    read, and the .gitignore that keeps the rounds' files out of git. Unchanged content leaves a file untouched.
-    `root` is the repository that versions the campaign, when the caller has found it already; None is returned
-    when none does."""
-    if root is None and versioning_root(campaign) is None:
+    """(Re)write a versioned campaign's own pipeline: dvc.yaml (the template), the rounds it lists, the settings its
+    stages read, and the .gitignore that keeps the rounds' files out of git. Unchanged content leaves a file
+    untouched. `root` is the repository that versions the campaign, when the caller has found it already; None is
+    returned when none does."""
+    root = root or versioning_root(campaign)
+    if root is None:
         return None
     layout = campaign.layout
     _write_changed(layout.gitignore, CAMPAIGN_GITIGNORE)
-    rounds = {"rounds": round_index(campaign)}
-    _write_changed(layout.pipeline_rounds, _dumped(rounds, "The rounds dvc.yaml lists and each one's files, written "
-                                                   "from the recipe (`pixelpick pipeline`); do not edit."))
-    write_step_settings(campaign)
+    _write_rounds(campaign, layout.pipeline_rounds, root)
     _write_changed(layout.pipeline, TEMPLATE.read_text())
     return layout.pipeline
+
+
+def drive_from_top_level(campaign: Campaign, root: Path) -> Path:
+    """Point the repository's top-level dvc.yaml at a campaign whose folder git ignores: the rounds file beside it
+    names the campaign, and the campaign's folder gets its step settings. A top-level dvc.yaml other than the
+    template is the project's own, and is never overwritten."""
+    pipeline = root / campaign.layout.pipeline.name
+    if pipeline.is_file() and pipeline.read_text() != TEMPLATE.read_text():
+        raise VersioningError(f"{pipeline} is not PixelPick's pipeline, so it cannot drive campaign "
+                              f"{campaign.name!r}, whose folder git ignores: stop ignoring the folder to give the "
+                              "campaign a pipeline of its own")
+    _write_rounds(campaign, root / campaign.layout.pipeline_rounds.name, root)
+    _write_changed(pipeline, TEMPLATE.read_text())
+    return pipeline
+
+
+def _write_rounds(campaign: Campaign, rounds_file: Path, root: Path) -> None:
+    """The rounds file (beside the dvc.yaml it fills in), and the campaign's step settings."""
+    rounds = {"folder": Path(os.path.relpath(campaign.layout.dir, rounds_file.parent)).as_posix(),
+              "rounds": round_index(campaign, root)}
+    _write_changed(rounds_file, _dumped(rounds, "The campaign folder dvc.yaml runs in, and the rounds it lists with "
+                                        "each one's files, written from the recipe (`pixelpick pipeline`); do not "
+                                        "edit."))
+    write_step_settings(campaign)

@@ -74,23 +74,48 @@ def test_every_campaigns_pipeline_is_the_static_template_filled_in_from_the_reci
     monkeypatch.setattr(pipeline_files, "template_slots", lambda: {**slots, "query": [s for s in slots["query"]
                                                                                  if s != "previous_model"]})
     with pytest.raises(pipeline_files.VersioningError, match="no slot for query's previous_model"):
-        pipeline_files.round_index(open_recorded(folder))
+        pipeline_files.round_index(open_recorded(folder), piped)
 
 
-def test_a_campaign_whose_folder_git_ignores_is_not_versioned_and_leaves_git_clean(tmp_path):
-    # As the bundled demo: its results depend on the machine, so its folder is ignored and nothing is versioned.
+def test_the_top_level_pipeline_lists_nothing_as_committed_and_is_the_template():
+    import tasks.pipeline_files as pipeline_files
+
+    committed = yaml.safe_load(run("git", "show", "HEAD:pipeline-rounds.yaml", cwd=REPO))
+    assert committed == {"folder": ".", "rounds": {group: {} for group in pipeline_files.template_slots()}}
+    assert pipeline_files.TEMPLATE == REPO / "dvc.yaml"  # the package's template is a link to it
+
+
+def test_the_top_level_pipeline_runs_a_campaign_whose_folder_git_ignores(tmp_path):
+    # As the bundled demo: its results depend on the machine, so its folder is ignored. The flows leave it alone (git
+    # stays clean); `pixelpick pipeline` points the project's top-level dvc.yaml at it, and `dvc repro` runs it.
     repo = scratch_repo(tmp_path / "repo")
+    for name in ("dvc.yaml", "pipeline-rounds.yaml"):
+        shutil.copy(REPO / name, repo / name)
     with (repo / ".gitignore").open("a") as ignore:
         ignore.write("/data/runs/tiny/\n")
     run("git", "add", ".", cwd=repo)
     run("git", "commit", "-q", "-m", "project", cwd=repo)
-    out = subprocess.run(["pixelpick", "pipeline"], cwd=repo, capture_output=True, text=True,
-                         env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
-    assert out.returncode == 0 and "campaign tiny is not versioned" in out.stdout
+    assert "no data or pipelines tracked" in run("dvc", "status", cwd=repo)  # as committed, it lists no rounds
+
+    assert "dvc.yaml now runs campaign tiny" in run("pixelpick", "pipeline", cwd=repo)
     campaign = repo / "data/runs/tiny"
     assert (campaign / "params.yaml").is_file() and not (campaign / "dvc.yaml").exists()
-    assert run("git", "status", "--porcelain", "--untracked-files=all", cwd=repo) == ""
-    assert "no data or pipelines tracked" in run("dvc", "status", cwd=repo)
+    assert (repo / "dvc.yaml").read_bytes() == (REPO / "dvc.yaml").read_bytes()
+    assert yaml.safe_load((repo / "pipeline-rounds.yaml").read_text())["folder"] == "data/runs/tiny"
+    run("dvc", "repro", "--quiet", cwd=repo)
+    assert "up to date" in run("dvc", "status", cwd=repo)
+    assert (campaign / "rounds/r01/metrics.json").is_file()
+    # Only the top-level pipeline's records changed: nothing of the campaign's folder is in git.
+    changed = run("git", "status", "--porcelain", "--untracked-files=all", cwd=repo).splitlines()
+    assert sorted(changed) == [" M pipeline-rounds.yaml", "?? dvc.lock"]
+
+    # A project's own top-level dvc.yaml is never overwritten.
+    (repo / "dvc.yaml").write_text("stages: {}\n")
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    refused = subprocess.run(["pixelpick", "pipeline"], cwd=repo, capture_output=True, text=True,
+                             env={**os.environ, "PATH": path})
+    assert refused.returncode != 0 and "is not PixelPick's pipeline" in refused.stderr
+    assert "Traceback" not in refused.stderr and (repo / "dvc.yaml").read_text() == "stages: {}\n"
 
 
 def test_dvc_repro_runs_a_campaign_and_reproduces_a_round_bit_for_bit(tmp_path):
