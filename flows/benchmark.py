@@ -14,7 +14,6 @@ those that will start from a round 0 the other is training), then waits for them
 report. The presets and their cost are in docs/benchmarks/README.md.
 """
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +86,6 @@ def finished_result(settings_json: str, preset: dict, spec: dict) -> str | None:
     return str(path) if path.exists() else None
 
 
-def _wait_for_others(reasons: list[str]) -> None:
-    print("waiting: " + "; ".join(reasons))
-    time.sleep(60)
-
-
 @flow(name="pixelpick-benchmark", flow_run_name="benchmark-{choice.preset}", log_prints=True)
 def benchmark_flow(choice: BenchmarkChoice = BenchmarkChoice(), command: str = "") -> dict[str, str]:
     """Run every planned run in order (each resumes from its files), log each to MLflow, then write the report."""
@@ -106,7 +100,7 @@ def benchmark_flow(choice: BenchmarkChoice = BenchmarkChoice(), command: str = "
         base, preset = Settings.model_validate_json(planned["settings_json"]), preset_from(planned["preset"])
         finished = run_plan([spec_from(spec) for spec in planned["plan"]],
                             lambda spec: benchmark_run(planned["settings_json"], planned["preset"], spec_dict(spec)),
-                            lambda spec: busy_with(base, preset, spec), wait=_wait_for_others)
+                            lambda spec: busy_with(base, preset, spec))
     for spec, result in finished:
         if result is None:
             continue

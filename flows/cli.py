@@ -364,17 +364,17 @@ def run_step(args: argparse.Namespace) -> None:
 
 def run_pipeline(args: argparse.Namespace) -> None:
     from pixelpick.campaign import open_campaign
-    from tasks.pipeline_files import drive_from_top_level, find_dvc_root, is_git_ignored, write_pipeline
+    from tasks.pipeline_files import write_runnable_pipeline
 
     campaign = open_campaign(args.params, _overrides(args))
-    root = find_dvc_root(campaign.layout.dir)
-    if root is None:
+    written = write_runnable_pipeline(campaign)
+    if written is None:
         print(f"campaign {campaign.name} is outside any DVC repository: no pipeline written")
-    elif is_git_ignored(root, campaign.layout.dir):
-        print(f"{drive_from_top_level(campaign, root)} now runs campaign {campaign.name} (its folder is ignored by "
-              "git, so it has no pipeline of its own)")
+    elif written.parent != campaign.layout.dir:
+        print(f"{written} now runs campaign {campaign.name} (its folder is ignored by git, so it has no pipeline of "
+              "its own)")
     else:
-        print(write_pipeline(campaign, root))
+        print(written)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {

@@ -20,6 +20,7 @@ The report (`pixelpick.benchmark_report`) is a pure function of the rows.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +37,8 @@ from pixelpick.locking import campaign_lock, held_elsewhere
 from pixelpick.recipe import Step, run_round
 from pixelpick.reporting import read_metrics
 from pixelpick.settings import AcquireSettings, Settings, load_settings, settings_from_dict, step_reads
+
+log = logging.getLogger(__name__)
 
 FULL = "full"  # the strategy name of the fully supervised reference
 STRATEGIES = (*get_args(AcquireSettings.model_fields["strategy"].annotation), FULL)  # what a plan may name
@@ -373,8 +376,13 @@ def busy_with(base: Settings, preset: BenchmarkPreset, spec: RunSpec) -> str | N
     return None
 
 
+def _wait_for_others(reasons: list[str]) -> None:
+    log.info("waiting: %s", "; ".join(reasons))
+    time.sleep(60)
+
+
 def run_plan(plan: list[RunSpec], run: Callable[[RunSpec], Path], busy: Callable[[RunSpec], str | None],
-             wait: Callable[[list[str]], None] = lambda reasons: time.sleep(60)) -> Iterator[tuple[RunSpec, Path]]:
+             wait: Callable[[list[str]], None] = _wait_for_others) -> Iterator[tuple[RunSpec, Path]]:
     """Each run of the plan in order, yielded with its result file when it has finished. A run that another process
     keeps busy (`busy` says why) is passed over and taken up again later, once finished or free; when every run left
     is busy, `wait` is called with the reasons. So processes given the same plan share its runs."""

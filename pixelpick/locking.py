@@ -58,7 +58,7 @@ def holds(path: Path) -> bool:
 
 def held_elsewhere(path: Path) -> str | None:
     """Who holds the lock at `path` if another process does (pid, host, start, command); None when it is free or
-    this process holds it. Only looks: nothing is created where no lock file is."""
+    this process holds it. Nothing is created where no lock file is; a free lock is taken and let go at once."""
     path = Path(path).resolve()
     if not path.is_file() or holds(path):
         return None

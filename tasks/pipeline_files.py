@@ -205,6 +205,17 @@ def drive_from_top_level(campaign: Campaign, root: Path) -> Path:
     return pipeline
 
 
+def write_runnable_pipeline(campaign: Campaign) -> Path | None:
+    """(Re)write the pipeline `dvc repro` runs the campaign with, and return it: the campaign's own, or the
+    top-level one for a campaign whose folder git ignores. None outside any DVC repository."""
+    root = find_dvc_root(campaign.layout.dir)
+    if root is None:
+        return None
+    if is_git_ignored(root, campaign.layout.dir):
+        return drive_from_top_level(campaign, root)
+    return write_pipeline(campaign, root)
+
+
 def _write_rounds(campaign: Campaign, rounds_file: Path, root: Path) -> None:
     """The rounds file (beside the dvc.yaml it fills in), and the campaign's step settings."""
     rounds = {"folder": Path(os.path.relpath(campaign.layout.dir, rounds_file.parent)).as_posix(),
