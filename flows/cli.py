@@ -260,10 +260,10 @@ def run_campaign(args: argparse.Namespace) -> None:
 
 
 def run_round(args: argparse.Namespace) -> None:
-    from flows.round import on_cluster
-
     cluster = _cluster(args)
     _opened(args, args.round)
+    from flows.round import on_cluster  # after the checks: the flows import torch, which takes seconds
+
     summary = on_cluster(cluster)(_choice(args), args.round, cluster)
     miou = "n/a" if summary["miou"] is None else f"{100 * summary['miou']:.1f}"
     print(f"round {args.round}: {summary['labelled_pixels']} labelled pixels, mIoU {miou}, model version "
