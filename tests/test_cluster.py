@@ -4,6 +4,7 @@ one writer per chunk, and a worker killed mid-round costs nothing but time."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -28,18 +29,25 @@ PARAMS = TINY_PARAMS.replace("num_train: 24", "num_train: 64").replace("arch: lr
                                                                          "arch: deeplabv3plus_mobilenetv2")
 
 
-def started_campaign(folder, name):
-    folder.mkdir(parents=True, exist_ok=True)
+@pytest.fixture(scope="module")
+def round_zero(tmp_path_factory):
+    """A campaign whose round 0 is done, trained once for the module: copy it before changing anything in it."""
+    folder = tmp_path_factory.mktemp("round-zero")
     (folder / "params.yaml").write_text(PARAMS)
-    campaign = open_campaign(folder / "params.yaml", {"campaign.name": name})
-    run_round(campaign, 0)
-    return campaign
+    run_round(open_campaign(folder / "params.yaml", {"campaign.name": "sharded"}), 0)
+    return folder
+
+
+def started_campaign(round_zero, folder):
+    """A copy of `round_zero` (a campaign's records hold no paths, so a copy is as fresh as the original)."""
+    shutil.copytree(round_zero, folder, dirs_exist_ok=True)
+    return open_campaign(folder / "params.yaml", {"campaign.name": "sharded"})
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(round_zero, tmp_path_factory):
     """Round 1's query in one process."""
-    campaign = started_campaign(tmp_path_factory.mktemp("reference"), "sharded")
+    campaign = started_campaign(round_zero, tmp_path_factory.mktemp("reference"))
     run_step(campaign, STEPS["query"], 1)
     return campaign
 
@@ -69,8 +77,9 @@ def test_shards_are_whole_batches_and_never_share_a_chunk(reference):
             writer.write("b", np.full((2, 2, 2), 0.5), np.zeros((2, 2)))
 
 
-def test_two_worker_processes_query_exactly_what_one_process_does(prefect_server, tmp_path, reference):
-    campaign = started_campaign(tmp_path, "sharded")
+def test_two_worker_processes_query_exactly_what_one_process_does(prefect_server, tmp_path, round_zero,
+                                                                 reference):
+    campaign = started_campaign(round_zero, tmp_path)
     cluster = ClusterChoice(workers=2, shards=4)
     choice = CampaignChoice(params=str(tmp_path / "params.yaml"), overrides={"campaign.name": "sharded"})
     thread_limits = {key: value for key, value in os.environ.items() if key.endswith("_NUM_THREADS")}
@@ -80,10 +89,11 @@ def test_two_worker_processes_query_exactly_what_one_process_does(prefect_server
     assert {key: value for key, value in os.environ.items() if key.endswith("_NUM_THREADS")} == thread_limits
 
 
-def test_a_worker_killed_mid_round_is_replaced_and_the_round_ends_the_same(prefect_server, tmp_path, reference):
+def test_a_worker_killed_mid_round_is_replaced_and_the_round_ends_the_same(prefect_server, tmp_path, round_zero,
+                                                                         reference):
     from dask.distributed import Client, LocalCluster
 
-    campaign = started_campaign(tmp_path, "sharded")
+    campaign = started_campaign(round_zero, tmp_path)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True) as dask_cluster, \
             Client(dask_cluster) as client:
         killed = []

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import prefect_home_for
 from tests.test_flows import scratch_repo
 
 pytestmark = pytest.mark.slow
@@ -28,9 +29,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
+def prefect_api(tmp_path_factory, migrated_prefect_database):
     """A real Prefect server for this module, on its own database; yields the environment that talks to it."""
-    home = tmp_path_factory.mktemp("prefect-server")
+    home = prefect_home_for(tmp_path_factory.mktemp("prefect-server"), migrated_prefect_database)
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "OMP_NUM_THREADS": "1",
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",

@@ -85,49 +85,31 @@ def test_the_top_level_pipeline_lists_nothing_as_committed_and_is_the_template()
     assert pipeline_files.TEMPLATE == REPO / "dvc.yaml"  # the package's template is a link to it
 
 
-def test_the_top_level_pipeline_runs_a_campaign_whose_folder_git_ignores(tmp_path):
+def test_the_top_level_pipeline_runs_a_campaign_whose_folder_git_ignores_and_reproduces_it_bit_for_bit(tmp_path):
     # As the bundled demo: its results depend on the machine, so its folder is ignored. The flows leave it alone (git
     # stays clean); `pixelpick pipeline` points the project's top-level dvc.yaml at it, and `dvc repro` runs it.
     repo = scratch_repo(tmp_path / "repo")
     for name in ("dvc.yaml", "pipeline-rounds.yaml"):
         shutil.copy(REPO / name, repo / name)
     with (repo / ".gitignore").open("a") as ignore:
-        ignore.write("/data/runs/tiny/\n")
+        ignore.write("/data/runs/dvc-made/\n")
     run("git", "add", ".", cwd=repo)
     run("git", "commit", "-q", "-m", "project", cwd=repo)
     assert "no data or pipelines tracked" in run("dvc", "status", cwd=repo)  # as committed, it lists no rounds
 
-    assert "dvc.yaml now runs campaign tiny" in run("pixelpick", "pipeline", cwd=repo)
-    campaign = repo / "data/runs/tiny"
+    # Started for DVC alone, with an override: it is recorded, and reaches the stage that reads it.
+    made = run("pixelpick", "pipeline", "--campaign", "dvc-made", "--set", "acquire.top_fraction=0.1", cwd=repo)
+    assert "dvc.yaml now runs campaign dvc-made" in made
+    campaign = repo / "data/runs/dvc-made"
     assert (campaign / "params.yaml").is_file() and not (campaign / "dvc.yaml").exists()
     assert (repo / "dvc.yaml").read_bytes() == (REPO / "dvc.yaml").read_bytes()
-    assert yaml.safe_load((repo / "pipeline-rounds.yaml").read_text())["folder"] == "data/runs/tiny"
+    assert yaml.safe_load((repo / "pipeline-rounds.yaml").read_text())["folder"] == "data/runs/dvc-made"
     run("dvc", "repro", "--quiet", cwd=repo)
-    assert "up to date" in run("dvc", "status", cwd=repo)
-    assert (campaign / "rounds/r01/metrics.json").is_file()
-    # Only the top-level pipeline's records changed: nothing of the campaign's folder is in git.
-    changed = run("git", "status", "--porcelain", "--untracked-files=all", cwd=repo).splitlines()
-    assert sorted(changed) == [" M pipeline-rounds.yaml", "?? dvc.lock"]
-
-    # A project's own top-level dvc.yaml is never overwritten.
-    (repo / "dvc.yaml").write_text("stages: {}\n")
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    refused = subprocess.run(["pixelpick", "pipeline"], cwd=repo, capture_output=True, text=True,
-                             env={**os.environ, "PATH": path})
-    assert refused.returncode != 0 and "is not PixelPick's pipeline" in refused.stderr
-    assert "Traceback" not in refused.stderr and (repo / "dvc.yaml").read_text() == "stages: {}\n"
-
-
-def test_dvc_repro_runs_a_campaign_and_reproduces_a_round_bit_for_bit(tmp_path):
-    repo = scratch_repo(tmp_path / "repo")
-    run("pixelpick", "pipeline", "--campaign", "dvc-made", "--set", "acquire.top_fraction=0.1",
-        cwd=repo)  # overrides are recorded
-    campaign = repo / "data/runs/dvc-made"
-    run("dvc", "repro", "--quiet", str(campaign / "dvc.yaml"), cwd=repo)
     run(sys.executable, "-c", "import pixelpick.recipe, tasks.steps", cwd=repo)  # writes byte-code
     assert "up to date" in run("dvc", "status", cwd=repo)
-    lock = yaml.safe_load((campaign / "dvc.lock").read_text())
-    assert lock["stages"]["query@r01"]["params"]["step-settings.yaml"]["query@r01"]["acquire.top_fraction"] == 0.1
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    settings = lock["stages"]["query@r01"]["params"]["step-settings.yaml"]["query@r01"]
+    assert settings["acquire.top_fraction"] == 0.1
 
     # Rounds made by dvc repro are registered in MLflow like any other.
     versions = MlflowClient().search_model_versions("name = 'pixelpick-dvc-made'")
@@ -139,18 +121,31 @@ def test_dvc_repro_runs_a_campaign_and_reproduces_a_round_bit_for_bit(tmp_path):
     # made again.
     for name in first:
         (r01 / name).unlink()
-    run("dvc", "repro", "--quiet", "--force", "--single-item", *(f"{campaign}/dvc.yaml:{step}@r01" for step in (
-        "query", "annotate", "ingest", "train")), cwd=repo)
+    run("dvc", "repro", "--quiet", "--force", "--single-item",
+        *(f"dvc.yaml:{step}@r01" for step in ("query", "annotate", "ingest", "train")), cwd=repo)
     assert {name: md5(r01 / name) for name in first} == first
     assert "up to date" in run("dvc", "status", cwd=repo)
+    # Only the top-level pipeline's records changed: nothing of the campaign's folder is in git.
+    changed = run("git", "status", "--porcelain", "--untracked-files=all", cwd=repo).splitlines()
+    assert sorted(changed) == [" M pipeline-rounds.yaml", "?? dvc.lock"]
 
     # The plots are an image: the page DVC writes needs nothing from the internet.
     run("dvc", "plots", "show", "-o", str(tmp_path / "plots"), cwd=repo)
     page = (tmp_path / "plots" / "index.html").read_text()
     assert "<img" in page and "<script" not in page
 
+    # A project's own top-level dvc.yaml is never overwritten.
+    (repo / "dvc.yaml").write_text("stages: {}\n")
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    refused = subprocess.run(["pixelpick", "pipeline", "--campaign", "dvc-made"], cwd=repo, capture_output=True,
+                             text=True, env={**os.environ, "PATH": path})
+    assert refused.returncode != 0 and "is not PixelPick's pipeline" in refused.stderr
+    assert "Traceback" not in refused.stderr and (repo / "dvc.yaml").read_text() == "stages: {}\n"
 
-def test_a_step_run_by_hand_in_the_campaign_folder_is_the_stage_dvc_runs(piped):
+
+def test_a_step_run_by_hand_is_the_stage_dvc_runs_and_dvc_repro_beside_a_running_campaign_changes_nothing(piped):
+    from pixelpick.locking import campaign_lock
+
     repo = piped  # the last of this module's tests to use it: it runs steps in it
     campaign = repo / "data/runs/tiny"
     for step in ("query", "annotate", "ingest"):
@@ -161,14 +156,6 @@ def test_a_step_run_by_hand_in_the_campaign_folder_is_the_stage_dvc_runs(piped):
     run("dvc", "repro", "--quiet", f"{campaign}/dvc.yaml:ingest@r00", cwd=repo)
     assert "ingest@r00" not in run("dvc", "status", str(campaign / "dvc.yaml"), cwd=repo)
 
-
-def test_dvc_repro_beside_a_running_campaign_changes_nothing(tmp_path):
-    from pixelpick.locking import campaign_lock
-
-    repo = scratch_repo(tmp_path / "repo")
-    run("pixelpick", "pipeline", cwd=repo)
-    campaign = repo / "data/runs/tiny"
-    run("dvc", "repro", "--quiet", f"{campaign}/dvc.yaml:ingest@r00", cwd=repo)
     # What a running campaign has just written and not yet committed: DVC sees the stage as changed, and used to
     # delete the model before the stage's command was refused by the lock.
     run("pixelpick", "step", "train", "--round", "0", cwd=campaign)

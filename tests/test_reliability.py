@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import prefect_home_for
 from tests.test_flows import scratch_repo
 
 pytestmark = pytest.mark.slow
@@ -153,49 +154,8 @@ def _servers(prefect_home: str) -> list[int]:
     return alive
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
-def test_a_stopped_or_killed_flow_leaves_no_prefect_server_running(tmp_path):
-    from mlflow import MlflowClient
-
-    repo = scratch_repo(tmp_path / "repo")
-    home = str(tmp_path / "prefect-home")
-    # Prefect's own temporary server (no PREFECT_API_URL), in a home of this test's.
-    environment = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, "PREFECT_HOME": home,
-                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-
-    def run_until_training() -> subprocess.Popen:
-        process = subprocess.Popen(["pixelpick", "campaign", *LONGER], cwd=repo, text=True, env=environment,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        wait_for(lambda: (repo / "data/runs/tiny/rounds/r00/train.resume.pt").exists() or process.poll() is not None,
-                 what="training under Prefect")
-        return process
-
-    # SIGTERM: the flow stops within seconds, its server with it, and MLflow says the campaign was killed.
-    process = run_until_training()
-    stopped_at = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    code, _, err = finish(process, timeout=60)
-    print(f"Prefect run stopped {time.monotonic() - stopped_at:.1f} s after SIGTERM")
-    assert code == 130 and time.monotonic() - stopped_at < 20, err
-    wait_for(lambda: not _servers(home), timeout=20, what="the temporary server to stop")
-    experiment = MlflowClient().get_experiment_by_name("tiny")
-    parent = MlflowClient().search_runs([experiment.experiment_id], "tags.`pixelpick.kind` = 'campaign'")
-    assert [run.info.status for run in parent] == ["KILLED"]
-
-    # SIGKILL: the server is orphaned, and the next run stops it.
-    process = subprocess.Popen(["pixelpick", "campaign", *LONGER], cwd=repo, text=True, env=environment,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for(lambda: _servers(home) or process.poll() is not None, what="the temporary server")
-    process.kill()
-    process.wait()
-    orphans = _servers(home)
-    assert orphans
-    subprocess.run(["pixelpick", "pipeline", *LONGER], cwd=repo, env=environment, check=True, capture_output=True)
-    wait_for(lambda: not set(orphans) & set(_servers(home)), timeout=20, what="the orphan to stop")
-
-
-def _temporary_server_environment(tmp_path: Path) -> tuple[str, dict]:
-    home = str(tmp_path / "prefect-home")
+def _temporary_server_environment(tmp_path: Path, database: Path) -> tuple[str, dict]:
+    home = str(prefect_home_for(tmp_path / "prefect-home", database))
     return home, {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, "PREFECT_HOME": home,
                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
@@ -221,11 +181,14 @@ def _hear_ctrl_c() -> None:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "group-sigterm"])
-def test_ctrl_c_or_a_group_signal_stops_a_prefect_campaign_as_a_signal_to_the_process_does(tmp_path, signum):
-    # Ctrl-C and systemd/docker send the signal to the whole process group, the temporary server included.
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGINT, True), (signal.SIGTERM, True), (signal.SIGTERM, False)],
+                         ids=["ctrl-c", "group-sigterm", "sigterm"])
+def test_a_signal_stops_a_prefect_campaign_within_seconds_and_its_temporary_server_with_it(tmp_path, signum, to_group,
+                                                                                           migrated_prefect_database):
+    # Ctrl-C and systemd/docker send the signal to the whole process group, the temporary server included; `kill`
+    # sends it to the process alone.
     repo = scratch_repo(tmp_path / "repo")
-    home, environment = _temporary_server_environment(tmp_path)
+    home, environment = _temporary_server_environment(tmp_path, migrated_prefect_database)
     # As in a terminal, where Ctrl-C is heard: a suite started in the background (`make test &`) inherits SIGINT
     # ignored, and Python then installs no handler for it.
     process = subprocess.Popen(["pixelpick", "campaign", *LONGER], cwd=repo, text=True, env=environment,
@@ -235,10 +198,10 @@ def test_ctrl_c_or_a_group_signal_stops_a_prefect_campaign_as_a_signal_to_the_pr
              what="training under Prefect")
     assert process.poll() is None, process.communicate()
     stopped_at = time.monotonic()
-    os.killpg(process.pid, signum)
+    os.killpg(process.pid, signum) if to_group else process.send_signal(signum)
     code, _, err = finish(process, timeout=300)
     took = time.monotonic() - stopped_at
-    print(f"Prefect run stopped {took:.1f} s after {signum.name} to its group")
+    print(f"Prefect run stopped {took:.1f} s after {signum.name}{' to its group' * to_group}")
     stops = [line for line in err.splitlines() if line.startswith("stopped (")]
     assert code == 130 and took < 15, err
     assert stops == [f"stopped ({signum.name}): run the same command again to continue where it stopped"], err
@@ -250,17 +213,25 @@ def test_ctrl_c_or_a_group_signal_stops_a_prefect_campaign_as_a_signal_to_the_pr
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
-def test_flow_runs_left_running_by_a_killed_process_are_marked_crashed_by_the_next_command(tmp_path):
+def test_a_killed_flows_server_is_stopped_and_its_flow_runs_marked_crashed_by_the_next_commands(
+        tmp_path, migrated_prefect_database):
     repo = scratch_repo(tmp_path / "repo")
-    home, environment = _temporary_server_environment(tmp_path)
+    home, environment = _temporary_server_environment(tmp_path, migrated_prefect_database)
     process = subprocess.Popen(["pixelpick", "campaign", *LONGER], cwd=repo, text=True, env=environment,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for(lambda: (repo / "data/runs/tiny/rounds/r00/train.resume.pt").exists() or process.poll() is not None,
              what="training under Prefect")
     process.kill()
     process.wait()
+    orphans = _servers(home)
+    assert orphans
     assert _flow_run_states(home) == [("campaign", "RUNNING"), ("round-00", "RUNNING")]
 
+    # Any command stops the orphaned server, one that runs no flow too.
+    subprocess.run(["pixelpick", "pipeline", *LONGER], cwd=repo, env=environment, check=True, capture_output=True)
+    wait_for(lambda: not set(orphans) & set(_servers(home)), timeout=20, what="the orphan to stop")
+
+    # The next flow command marks the killed process's flow runs crashed.
     done = subprocess.run(["pixelpick", "round", "0", *LONGER], cwd=repo, env=environment, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr
