@@ -64,6 +64,7 @@ def migrated_prefect_database(tmp_path_factory) -> Path:
             subprocess.run([str(Path(sys.executable).parent / "prefect"), "server", "database", "upgrade", "-y"],
                            env={**environment, "PREFECT_HOME": str(home)}, check=True, capture_output=True)
             (home / "prefect.db").replace(database)  # whole, or not there: a run killed meanwhile leaves none
+            shutil.rmtree(home)
     return database
 
 

@@ -198,7 +198,10 @@ def test_a_signal_stops_a_prefect_campaign_within_seconds_and_its_temporary_serv
              what="training under Prefect")
     assert process.poll() is None, process.communicate()
     stopped_at = time.monotonic()
-    os.killpg(process.pid, signum) if to_group else process.send_signal(signum)
+    if to_group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
     code, _, err = finish(process, timeout=300)
     took = time.monotonic() - stopped_at
     print(f"Prefect run stopped {took:.1f} s after {signum.name}{' to its group' * to_group}")
