@@ -26,6 +26,7 @@ from pixelpick.acquisition import random_pixels  # noqa: E402
 from pixelpick.campaign import Campaign  # noqa: E402
 from pixelpick.inference import predict_probabilities  # noqa: E402
 from pixelpick.labels import label_frame  # noqa: E402
+from pixelpick.recipe import TRAIN_STEP  # noqa: E402
 from pixelpick.settings import load_settings  # noqa: E402
 from pixelpick.training import fit  # noqa: E402
 
@@ -52,7 +53,7 @@ def measure(root: str, size: list[int] | None, arch: str, images: int) -> None:
     total = len(pool.image_ids)
     ids = pool.image_ids[:images]
     labels = random_labels(pool, ids, 20)
-    model = campaign.new_model()
+    model = TRAIN_STEP.prepare(campaign, 0).new_model()
     started = time.process_time(), time.perf_counter()
     fit(model, pool, labels, campaign.settings.train, torch.device("cpu"))
     train_cpu, train_wall = time.process_time() - started[0], time.perf_counter() - started[1]

@@ -82,6 +82,7 @@ def bench_overhead(workdir: Path, repeats: int = 2) -> None:
 def bench_inference(workdir: Path, arch: str, dataset_overrides: dict, limit: int | None) -> None:
     from pixelpick.campaign import Campaign, prepare_data
     from pixelpick.inference import InferenceTimings, infer_to_store, predict_probabilities
+    from pixelpick.recipe import TRAIN_STEP
     from pixelpick.settings import load_settings
 
     settings = load_settings(REPO / "params.yaml", {"model.arch": arch, **dataset_overrides})
@@ -90,7 +91,7 @@ def bench_inference(workdir: Path, arch: str, dataset_overrides: dict, limit: in
     pool = campaign.pool
     if limit:
         pool.image_ids = pool.image_ids[:limit]
-    model = campaign.new_model().eval()
+    model = TRAIN_STEP.prepare(campaign, 0).new_model().eval()
     device = torch.device("cpu")
     label = f"{settings.data.dataset} {pool.image_size(pool.image_ids[0])} {arch}"
 

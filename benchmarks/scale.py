@@ -36,6 +36,7 @@ def make_campaign(folder: Path, images: int, size: tuple[int, int]):
 
     from pixelpick.campaign import open_campaign
     from pixelpick.checkpoints import save_checkpoint
+    from pixelpick.recipe import TRAIN_STEP
 
     overrides = {"data.root": str(folder / f"pool-{images}"), "data.synthetic.num_train": images,
                  "data.synthetic.num_val": 1, "data.synthetic.height": size[0], "data.synthetic.width": size[1],
@@ -46,22 +47,19 @@ def make_campaign(folder: Path, images: int, size: tuple[int, int]):
     print(f"pool of {images} images at {size[0]}x{size[1]} ready in {time.perf_counter() - started:.0f} s",
           flush=True)
     torch.manual_seed(0)
-    model = campaign.new_model()
+    model = TRAIN_STEP.prepare(campaign, 0).new_model()
     save_checkpoint(campaign.files(0).model, model, arch=campaign.settings.model.arch,
                     num_classes=campaign.pool.label_space.num_classes, dropout_p=campaign.settings.model.dropout_p)
     return campaign
 
 
-def _shard_in_process(settings_json: str, plan, index: int, threads: int) -> tuple[object, dict, float]:
+def _shard_in_process(query, plan, index: int, threads: int) -> tuple[object, dict, float]:
     """One shard in a fresh process with `threads` threads; returns its picks, seconds and peak memory."""
-    import torch
+    from dataclasses import replace
 
-    from pixelpick.campaign import Campaign
-    from pixelpick.settings import Settings
     from pixelpick.steps import query_shard
 
-    torch.set_num_threads(threads)
-    frame, seconds = query_shard(Campaign(Settings.model_validate_json(settings_json)), plan, index, {})
+    frame, seconds = query_shard(replace(query, runtime=replace(query.runtime, threads=threads)), plan, index, {})
     return frame, seconds, peak_rss_mib()
 
 
@@ -71,18 +69,19 @@ def run_query(campaign, workers: int, shards: int) -> dict:
     from concurrent.futures import ProcessPoolExecutor
 
     from pixelpick.probstore import remove_store, store_bytes
+    from pixelpick.recipe import QUERY
     from pixelpick.steps import finish_query, plan_query
 
-    settings_json = campaign.settings.model_dump_json()
-    remove_store(campaign.probability_store(1))  # each mode infers afresh, none reuses another's store
+    query = QUERY.prepare(campaign, 1)  # round 1's query step, from round 0's model
+    remove_store(query.scratch["probability_store"])  # each mode infers afresh, none reuses another's store
     started = time.perf_counter()
-    plan = plan_query(campaign, 1, campaign.files(0).model, None, shards=shards if workers else 1)
+    plan = plan_query(query, shards=shards if workers else 1)
     planned = time.perf_counter() - started
     if workers == 0:
         with ProcessPoolExecutor(1) as pool:
             pool.submit(int).result()  # the process is up
             shards_started = time.perf_counter()
-            outputs = [pool.submit(_shard_in_process, settings_json, plan, 0, os.cpu_count() or 1).result()]
+            outputs = [pool.submit(_shard_in_process, query, plan, 0, os.cpu_count() or 1).result()]
             shard_seconds = time.perf_counter() - shards_started
         peaks = [outputs[0][2]]
     else:
@@ -91,13 +90,13 @@ def run_query(campaign, workers: int, shards: int) -> dict:
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True) as cluster, \
                 Client(cluster) as client:
             shards_started = time.perf_counter()
-            futures = [client.submit(_shard_in_process, settings_json, plan, index, 1, pure=False)
+            futures = [client.submit(_shard_in_process, query, plan, index, 1, pure=False)
                        for index in range(len(plan.shards))]
             outputs = client.gather(futures)
             shard_seconds = time.perf_counter() - shards_started
             peaks = list(client.run(peak_rss_mib).values())
     finishing = time.perf_counter()
-    finish_query(campaign, plan, [o[0] for o in outputs], [o[1] for o in outputs], campaign.files(1).queries)
+    finish_query(query, plan, [o[0] for o in outputs], [o[1] for o in outputs])
     elapsed = planned + shard_seconds + time.perf_counter() - finishing
     return {"seconds": elapsed, "images_per_s": len(campaign.pool) / elapsed, "peak_mib": peaks,
             "store_mib": store_bytes(plan.store) / 2**20, "shards": len(plan.shards)}

@@ -334,9 +334,10 @@ def run_step(args: argparse.Namespace) -> None:
 
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # one process of a torchrun launch: train as part of the group
         from pixelpick.distributed import init_from_environment
+        from pixelpick.step_input import Runtime
 
-        campaign = open_recorded(args.campaign_dir, init_from_environment())
-        run_recipe_step(campaign, STEPS[args.step], args.round, progress=False)
+        device = init_from_environment()  # this process's GPU, or the CPU
+        run_recipe_step(open_recorded(args.campaign_dir), STEPS[args.step], args.round, runtime=Runtime(str(device)))
         return
     campaign = open_recorded(args.campaign_dir)
     with campaign_lock(campaign.layout.lock, campaign.name):

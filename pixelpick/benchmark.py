@@ -37,6 +37,7 @@ from pixelpick.locking import campaign_lock, held_elsewhere
 from pixelpick.recipe import Step, run_round
 from pixelpick.reporting import read_metrics
 from pixelpick.settings import AcquireSettings, Settings, load_settings, settings_from_dict, step_reads
+from pixelpick.step_input import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -243,14 +244,6 @@ def run_settings(base: Settings, preset: BenchmarkPreset, spec: RunSpec) -> Sett
 # -------------------------------------------------------------------------------------------- full supervision
 
 
-def _full_train(c: Campaign, r: int, i: dict[str, Path], o: dict[str, Path], progress: bool) -> dict[str, Any]:
-    return steps.train(c, r, snapshot=None, previous_model=i.get("previous_model"), out=o["model"], progress=progress)
-
-
-def _full_evaluate(c: Campaign, r: int, i: dict[str, Path], o: dict[str, Path], progress: bool) -> dict[str, Any]:
-    return steps.evaluate(c, r, model=i["model"], snapshot=None, out=o["metrics"], progress=progress)
-
-
 def _pool_files(c: Campaign) -> dict[str, Path]:
     images, masks = c.pool.source_paths()
     return {f"pool_{i}": path for i, path in enumerate(images + masks)}
@@ -268,14 +261,17 @@ DENSE_TRAIN = Step(
     lambda c, r: {**_pool_files(c), **({"previous_model": c.files(r - 1).model}
                                        if r > 0 and c.settings.train.warm_start else {})},
     lambda c, r: {"model": c.files(r).model},
-    _full_train,
+    steps.train,  # with no snapshot among its inputs: on every pixel's ground truth
+    lambda c, r: {"training_state": str(c.files(r).training_state)},
+    reads="train",
 )
 DENSE_EVALUATE = Step(
     "evaluate-dense",
     lambda c, r: step_reads("evaluate", role="recipe"),
     lambda c, r: {"model": c.files(r).model, **_pool_files(c), **_eval_files(c)},
     lambda c, r: {"metrics": c.files(r).metrics},
-    _full_evaluate,
+    steps.evaluate,  # with no snapshot among its inputs: the label statistics of every pixel
+    reads="evaluate",
     metrics=True,
 )
 
@@ -313,7 +309,7 @@ def _run_locked(settings: Settings, preset: BenchmarkPreset, spec: RunSpec, prog
         row["epochs"] = trained  # epochs trained in all, up to this round
     context = {"dataset": settings.data.dataset, "preset": preset.name, "strategy": spec.label, "seed": spec.seed,
                "protocol": protocol_of(settings), "arch": settings.model.arch,
-               "image_size": _image_size(campaign), "device": str(campaign.device),
+               "image_size": _image_size(campaign), "device": str(Runtime(settings.train.device).torch_device()),
                "epochs_per_round": settings.train.epochs,
                "epochs_round_0": settings.train.initial_epochs or settings.train.epochs}
     return write_json({"rows": [{**context, **row} for row in rows]}, result_path)

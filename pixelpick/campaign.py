@@ -1,4 +1,4 @@
-"""A campaign: its recorded settings, its folder, and what every step of its rounds shares.
+"""A campaign: its recorded settings, its folder and its data.
 
 A campaign starts from `params.yaml` plus command-line overrides. On first use its complete settings are recorded in
 the campaign's own `params.yaml` (paths relative to the campaign folder); from then on that record is the
@@ -9,38 +9,32 @@ Opening an existing campaign with settings that differ from its record is refuse
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 import yaml
 
 from pixelpick.datasets import get_dataset
-from pixelpick.datasets.base import SegmentationDataset, label_space_from_record, label_space_record
+from pixelpick.datasets.base import SegmentationDataset, label_space_record
 from pixelpick.datasets.synthetic import generate_synthetic
 from pixelpick.errors import CampaignError, DatasetError
 from pixelpick.io import atomic_write, write_json
 from pixelpick.label_space import check_label_space
-from pixelpick.labels import LabelStore, read_labels
+from pixelpick.labels import read_labels
 from pixelpick.layout import CampaignLayout, RoundFiles
-from pixelpick.pools import check_unchanged, compare, date, describe_pool, read_manifest, write_manifest
+from pixelpick.pools import compare, date, describe_pool, read_manifest, write_manifest
 from pixelpick.settings import (
     Settings,
-    SettingsView,
     flatten,
     keys_with,
     load_settings,
     roles,
-    step_reads,
 )
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +56,12 @@ def round_seed(seed: int, round_id: int) -> int:
 
 
 class Campaign:
-    """One campaign's settings and folder, and the datasets, device and models its steps share (built lazily)."""
+    """One campaign: its settings, its folder and its data as they are now. Each step of a round is prepared from
+    it (`pixelpick.recipe.Step.prepare`) and computes from that `StepInput` alone."""
 
-    def __init__(self, settings: Settings, device: torch.device | None = None) -> None:
-        """`device`: where models run when not where `train.device` says (one process of a distributed group runs
-        on its own GPU, or on the CPU)."""
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.layout = CampaignLayout(settings.campaign.run_dir)
-        if device is not None:
-            self.__dict__["device"] = device  # the cached property's value
 
     @property
     def name(self) -> str:
@@ -127,25 +118,6 @@ class Campaign:
         write_manifest(date(current, previous, round_id), path)
         return report
 
-    def for_round(self, round_id: int) -> Campaign:
-        """The campaign as round `round_id` sees it: its pool is the round's frozen pool, checked unchanged
-        (PoolChangedError names an image that is not). Before the round has started, the pool as it is."""
-        path = self.layout.pool(round_id)
-        if not path.is_file():
-            return self
-        manifest = read_manifest(path)
-        view = Campaign(self.settings)
-        view.__dict__.update({key: self.__dict__[key] for key in ("device", "eval_set") if key in self.__dict__})
-        view.__dict__["pool"] = self._pool_now().subset(list(manifest["image_id"]))  # the cached property, set
-        classes = self.layout.pool_classes(round_id)
-        if classes.is_file():  # classes appended since are not this round's: its model keeps the round's outputs
-            view.pool.label_space = label_space_from_record(json.loads(classes.read_text()))
-            if self.eval_set is not None:
-                view.__dict__["eval_set"] = copy.copy(self.eval_set)
-                view.eval_set.label_space = view.pool.label_space
-        check_unchanged(view.pool, manifest, round_id, with_masks=self.simulated)
-        return view
-
     def _pool_now(self) -> SegmentationDataset:
         # Listed afresh: a long-lived process (a served flow) must see the photos that arrived since it opened this.
         return get_dataset(self.settings.data, self.settings.data.train_split)
@@ -161,35 +133,11 @@ class Campaign:
             return manifest
         return date(manifest, self.pool_manifest(round_id - 1), round_id)
 
-    def label_store(self, round_id: int) -> LabelStore:
-        """The label table as of `round_id`: its file is that round's snapshot."""
-        space = self.pool.label_space
-        return LabelStore(self.files(round_id).snapshot, image_sizes=self.image_sizes,
-                          num_classes=space.num_classes, ignore_index=space.ignore_index)
-
-    # ---------------------------------------------------------------- models
-
-    @cached_property
-    def device(self) -> torch.device:
-        from pixelpick.training import resolve_device  # torch is imported by what needs it: opening stays fast
-
-        return resolve_device(self.settings.train.device)
+    # ---------------------------------------------------------------- where things are
 
     def probability_store(self, round_id: int) -> str:
         """Where round `round_id`'s probability store lives: its round folder, or under `campaign.store_url`."""
         return self.layout.probability_store(round_id, self.settings.campaign.store_url)
-
-    def new_model(self) -> torch.nn.Module:
-        from pixelpick.models import build_model
-
-        m = self.settings.model
-        return build_model(m.arch, self.pool.label_space.num_classes, pretrained_path=m.pretrained_path,
-                           dropout_p=m.dropout_p)
-
-    def load_model(self, path: Path) -> torch.nn.Module:
-        from pixelpick.checkpoints import model_from_checkpoint, read_checkpoint
-
-        return model_from_checkpoint(read_checkpoint(path)).to(self.device)
 
     def recorded_settings(self) -> dict[str, Any]:
         """The settings as the campaign's record holds them (paths relative to its folder): what checkpoints carry."""
@@ -203,12 +151,6 @@ class Campaign:
             section, key = dotted.split(".")
             record[section].pop(key, None)
         return record
-
-
-def as_step_sees_it(campaign: Campaign, step: str, round_id: int) -> Campaign:
-    """The campaign with only the settings `step` declares for round `round_id` readable (pixelpick/settings.py):
-    reading any other raises `UndeclaredSetting`. What checks that a step's key holds everything it reads."""
-    return Campaign(SettingsView(campaign.settings, step_reads(step, round_id)))  # type: ignore[arg-type]
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -249,16 +191,15 @@ def open_campaign(
     return Campaign(load_record(layout))
 
 
-def open_recorded(campaign_dir: str | Path, device: torch.device | None = None) -> Campaign:
-    """The campaign whose folder is `campaign_dir`, from its record alone (what a pipeline stage runs on), its
-    models on `device` when given."""
+def open_recorded(campaign_dir: str | Path) -> Campaign:
+    """The campaign whose folder is `campaign_dir`, from its record alone (what a pipeline stage runs on)."""
     layout = CampaignLayout(Path(campaign_dir).resolve())
     if not layout.params.is_file():
         raise CampaignError(f"{layout.dir} is not a campaign folder: it has no params.yaml")
     recorded = load_record(layout)
     check_label_space(recorded, layout)
     prepare_data(recorded, campaign_dir=layout.dir)
-    return Campaign(recorded, device)
+    return Campaign(recorded)
 
 
 def load_record(layout: CampaignLayout) -> Settings:

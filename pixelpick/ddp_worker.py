@@ -1,36 +1,40 @@
 """One process of a round's data-parallel training, as `pixelpick.distributed.launch` starts it on this machine:
 
-    python -m torch.distributed.run --standalone --nproc_per_node N -m pixelpick.ddp_worker CAMPAIGN_DIR ROUND REPORT
+    python -m torch.distributed.run --standalone --nproc_per_node N -m pixelpick.ddp_worker STEP_INPUT REPORT
 
-It runs the recipe's train step with the step's own inputs and outputs; process 0 writes what it measured to
-REPORT. Apart from `pixelpick.distributed` so that the low-level module (imported by training) depends on no step.
+It runs the train step on the step input the launching process pickled to STEP_INPUT (`pixelpick.step_input`), on
+this process's own device; process 0 writes what it measured to REPORT. Apart from `pixelpick.distributed` so that
+the low-level module (imported by training) depends on no step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import pickle
 import sys
 from pathlib import Path
 
-from pixelpick.campaign import open_recorded
 from pixelpick.distributed import init_from_environment, is_main_process
-from pixelpick.recipe import TRAIN_STEP
 
-USAGE = "usage: python -m pixelpick.ddp_worker CAMPAIGN_DIR ROUND REPORT (under torchrun)"
+USAGE = "usage: python -m torch.distributed.run ... -m pixelpick.ddp_worker STEP_INPUT REPORT"
 
 
 def main(argv: list[str] | None = None) -> None:
     arguments = sys.argv[1:] if argv is None else argv
-    if len(arguments) != 3 or not arguments[1].isdigit():
+    if len(arguments) != 2:
         raise SystemExit(USAGE)
-    campaign_dir, round_id, report = arguments[0], int(arguments[1]), Path(arguments[2])
+    given, report = Path(arguments[0]), Path(arguments[1])
     import torch.distributed as dist
 
+    from pixelpick.steps import train
+
+    with given.open("rb") as f:
+        step = pickle.load(f)  # written by this machine's own launching process, beside the campaign's files
     device = init_from_environment()
     try:
-        campaign = open_recorded(campaign_dir, device)  # this process's GPU, or the CPU
-        measured = TRAIN_STEP.run(campaign, round_id, TRAIN_STEP.inputs(campaign, round_id),
-                                  TRAIN_STEP.outputs(campaign, round_id), False)
+        # This process's GPU, or the CPU, with the thread count the launcher gave it (OMP_NUM_THREADS).
+        measured = train(dataclasses.replace(step, runtime=dataclasses.replace(step.runtime, device=str(device))))
         if is_main_process():
             report.write_text(json.dumps(measured))
     finally:

@@ -1,8 +1,9 @@
 """Data-parallel training with torch DDP: one process per GPU (or, on CPU, per process group member with gloo).
 
 `train.processes: N` (N > 1) makes a round's training run as N processes started by torchrun on this machine
-(`launch`, each process running `pixelpick.ddp_worker`); several machines run the round's train step under
-torchrun themselves (`torchrun --nnodes ... -m flows.cli step train --round N --campaign-dir DIR`). Each
+(`launch`, each process running `pixelpick.ddp_worker` on the train step's own input); several machines run the
+round's train step under torchrun themselves (`torchrun --nnodes ... -m flows.cli step train --round N
+--campaign-dir DIR`). Each
 process trains on its share of the images (a DistributedSampler draws a permutation of every image per epoch, as one
 process would, and splits it), with 1/N of the batch, so every labelled pixel is seen once per epoch and the
 global batch is the configured one; gradients are averaged, so every process holds the same weights after each
@@ -14,16 +15,19 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pixelpick.errors import DistributedTrainingError
-from pixelpick.layout import CampaignLayout
+from pixelpick.io import atomic_write
 
 if TYPE_CHECKING:
     import torch
+
+    from pixelpick.step_input import StepInput
 
 
 def rank_and_size() -> tuple[int, int]:
@@ -55,19 +59,23 @@ def init_from_environment() -> torch.device:
     return torch.device("cpu")
 
 
-def launch(campaign_dir: Path, round_id: int, processes: int) -> dict:
-    """Train round `round_id` of the campaign in `campaign_dir` as `processes` local processes (torchrun); returns
+def launch(step: StepInput, processes: int) -> dict:
+    """Run the train step `step` as `processes` local processes (torchrun), each from this same input; returns
     what process 0 measured."""
-    report = CampaignLayout(Path(campaign_dir)).round(round_id).distributed_report
+    given, report = Path(step.scratch["distributed_input"]), Path(step.scratch["distributed_report"])
     report.unlink(missing_ok=True)
+    atomic_write(given, lambda f: pickle.dump(step, f))
     threads = max(1, (os.cpu_count() or 1) // processes)  # processes side by side must not oversubscribe cores
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-         "-m", "pixelpick.ddp_worker", str(campaign_dir), str(round_id), str(report)],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+             "-m", "pixelpick.ddp_worker", str(given), str(report)],
+            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    finally:
+        given.unlink(missing_ok=True)
     if done.returncode != 0 or not report.is_file():
         last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-5:]
-        raise DistributedTrainingError(f"training round {round_id} on {processes} processes failed: "
+        raise DistributedTrainingError(f"training round {step.round_id} on {processes} processes failed: "
                                        + " | ".join(line.strip() for line in last))
     measured = json.loads(report.read_text())
     report.unlink()

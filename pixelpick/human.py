@@ -14,7 +14,7 @@ the progress database or the ground truth.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -23,10 +23,9 @@ from pixelpick.annotation.jobs import export_job as write_job_file
 from pixelpick.annotation.jobs import load_job
 from pixelpick.annotation.progress import ProgressStore, default_progress_path, ingest_job_labels
 from pixelpick.campaign import Campaign
-from pixelpick.io import write_json, write_parquet
-from pixelpick.labels import LabelStore, check_batch_for_round, read_labels
+from pixelpick.io import write_json
 from pixelpick.layout import round_name
-from pixelpick.recipe import finished_round
+from pixelpick.recipe import INGEST, QUERY, finished_round
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,8 @@ class JobProgress:
 def export_job(campaign: Campaign, round_id: int) -> Path:
     """Write the round's annotation job from its queries (the same queries give the same pixels)."""
     files = campaign.files(round_id)
-    return write_job_file(pd.read_parquet(files.queries), campaign.for_round(round_id).pool,
+    pool = QUERY.prepare(campaign, round_id).pool  # the round's images and classes, as frozen when it started
+    return write_job_file(pd.read_parquet(files.queries), pool,
                           job_id=f"{campaign.name}-{round_name(round_id)}", campaign=campaign.name,
                           round_id=round_id, path=files.job, dataset_name=campaign.settings.data.dataset)
 
@@ -85,23 +85,17 @@ def collect_labels(campaign: Campaign, round_id: int) -> Path:
 
 
 def check_batch(campaign: Campaign, round_id: int, batch: Path | None = None) -> None:
-    """Validate a round's batch file (by default `labels/rNN.parquet`) in full, writing nothing: exact types, the
-    round's own `round`, only pixels the round queried, classes of the dataset, and no clash with the previous
-    snapshot. LabelFileError or LabelValidationError, in one line, names the column and the first bad row.
+    """Validate a round's batch file (by default `labels/rNN.parquet`) in full, writing nothing: the round's ingest
+    step run into a scratch file. Exact types, the round's own `round`, only pixels the round queried, classes of
+    the dataset, and no clash with the previous snapshot. LabelFileError, LabelValidationError or StepInputError,
+    in one line, names the problem and the first bad row.
 
     Run before the batch is versioned, so a batch replaced after its job was collected never reaches DVC."""
-    batch = campaign.layout.batch(round_id) if batch is None else batch
-    campaign = campaign.for_round(round_id)  # the round's images and classes
-    labels = read_labels(batch)
-    check_batch_for_round(labels, round_id=round_id, queried=pd.read_parquet(campaign.files(round_id).queries),
-                          source=batch)
+    ingest = INGEST.prepare(campaign, round_id)
+    batch = ingest.inputs["batch"] if batch is None else batch
     scratch = batch.with_name(f".{batch.name}.check")
     try:
-        if round_id > 0:
-            write_parquet(read_labels(campaign.files(round_id - 1).snapshot), scratch)
-        space = campaign.pool.label_space
-        LabelStore(scratch, image_sizes=campaign.image_sizes, num_classes=space.num_classes,
-                   ignore_index=space.ignore_index).append(labels)
+        INGEST.run(replace(ingest, inputs={**ingest.inputs, "batch": batch}, outputs={"snapshot": scratch}))
     finally:
         scratch.unlink(missing_ok=True)
 

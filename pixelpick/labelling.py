@@ -6,7 +6,6 @@ importing them; the other steps are `pixelpick.steps`'.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,38 +13,40 @@ import pandas as pd
 
 from pixelpick.annotation.exchange import predicted_classes
 from pixelpick.annotator import simulate_annotations
-from pixelpick.campaign import Campaign, round_seed
+from pixelpick.campaign import round_seed
 from pixelpick.errors import StepInputError
 from pixelpick.io import write_parquet
 from pixelpick.labels import LabelStore, check_batch_for_round, read_labels
+from pixelpick.step_input import StepInput
 
 # ------------------------------------------------------------------------------------------------------ annotate
 
 
-def annotate(campaign: Campaign, round_id: int, *, queries: Path, out: Path) -> dict[str, Any]:
+def annotate(step: StepInput) -> dict[str, Any]:
     """Label the queries from the ground truth, with the configured error rate: the simulated annotator."""
     started = time.perf_counter()
-    asked = pd.read_parquet(queries)
-    space = campaign.pool.label_space
-    trust = campaign.settings.campaign.suggestion_trust if round_id > 0 else 0.0  # round 0 has no model to suggest
+    round_id, settings = step.round_id, step.settings.campaign
+    asked = pd.read_parquet(step.inputs["queries"])
+    space = step.pool.label_space
+    trust = settings.suggestion_trust if round_id > 0 else 0.0  # round 0 has no model to suggest
     annotations = simulate_annotations(
-        asked[["image_id", "y", "x"]], campaign.pool.load_mask, num_classes=space.num_classes,
-        ignore_index=space.ignore_index, round_id=round_id, error_rate=campaign.settings.campaign.error_rate,
-        generator=np.random.default_rng(round_seed(campaign.settings.campaign.seed, round_id)),
-        suggestions=_suggested_classes(campaign, round_id, asked) if trust else None,
+        asked[["image_id", "y", "x"]], step.pool.load_mask, num_classes=space.num_classes,
+        ignore_index=space.ignore_index, round_id=round_id, error_rate=settings.error_rate,
+        generator=np.random.default_rng(round_seed(settings.seed, round_id)),
+        suggestions=_suggested_classes(step, asked) if trust else None,
         suggestion_trust=trust)
     if round_id == 0:
         annotations["source"] = "initial-random"
-    write_parquet(annotations, out)
+    write_parquet(annotations, step.outputs["annotations"])
     return {"seconds": {"labelling": time.perf_counter() - started}}
 
 
-def _suggested_classes(campaign: Campaign, round_id: int, queries: pd.DataFrame) -> np.ndarray:
+def _suggested_classes(step: StepInput, queries: pd.DataFrame) -> np.ndarray:
     """The previous model's class at each query (from the round's probability store), -1 where it has none: what
     the annotator page would suggest."""
     pixels = {image_id: list(zip(rows["y"].astype(int), rows["x"].astype(int), strict=True))
               for image_id, rows in queries.groupby("image_id", sort=False)}
-    predicted = predicted_classes(campaign.probability_store(round_id), pixels)
+    predicted = predicted_classes(step.scratch["probability_store"], pixels)
     keys = zip(queries["image_id"], queries["y"].astype(int), queries["x"].astype(int), strict=True)
     return np.array([predicted.get(key, (-1, 0.0))[0] for key in keys], dtype=np.int64)
 
@@ -53,24 +54,24 @@ def _suggested_classes(campaign: Campaign, round_id: int, queries: pd.DataFrame)
 # -------------------------------------------------------------------------------------------------------- ingest
 
 
-def ingest(campaign: Campaign, round_id: int, *, batch: Path, previous_snapshot: Path | None,
-           out: Path, queries: Path | None = None) -> dict[str, Any]:
-    """The round's snapshot: the previous snapshot plus `batch`, validated whole: exact types, this round's
-    `round`, only pixels the round queried (`queries`), classes of the dataset. Nothing is written unless every
-    row is valid, so a rejected batch leaves no snapshot behind, and re-running gives the same file."""
+def ingest(step: StepInput) -> dict[str, Any]:
+    """The round's snapshot: the previous snapshot plus the round's `batch`, validated whole: exact types, this
+    round's `round`, only pixels the round queried (`queries`), classes of the dataset. Nothing is written unless
+    every row is valid, so a rejected batch leaves no snapshot behind, and re-running gives the same file."""
     started = time.perf_counter()
+    round_id, batch, out = step.round_id, step.inputs["batch"], step.outputs["snapshot"]
+    previous_snapshot = step.inputs.get("previous_snapshot")
     labels = read_labels(batch)
     if labels.empty:
         raise StepInputError(f"label batch {batch} holds no labels: nothing to add to round {round_id}")
-    if queries is not None:
-        check_batch_for_round(labels, round_id=round_id, queried=pd.read_parquet(queries), source=batch)
+    check_batch_for_round(labels, round_id=round_id, queried=pd.read_parquet(step.inputs["queries"]), source=batch)
     staging = out.with_name(f".{out.name}.ingest")
     staging.unlink(missing_ok=True)
     try:
         if previous_snapshot is not None:
             write_parquet(read_labels(previous_snapshot), staging)
-        space = campaign.pool.label_space
-        store = LabelStore(staging, image_sizes=campaign.image_sizes, num_classes=space.num_classes,
+        space = step.pool.label_space
+        store = LabelStore(staging, image_sizes=step.image_sizes, num_classes=space.num_classes,
                            ignore_index=space.ignore_index)
         result = store.append(labels)
         staging.replace(out)

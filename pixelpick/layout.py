@@ -78,6 +78,11 @@ class RoundFiles:
         return self.dir / "train.resume.pt"
 
     @property
+    def distributed_input(self) -> Path:
+        """The train step's input, pickled, for the processes of data-parallel training (removed once they end)."""
+        return self.dir / "train.distributed.pickle"
+
+    @property
     def distributed_report(self) -> Path:
         """What the first process of data-parallel training measured, for the process that launched it."""
         return self.dir / "train.distributed.json"

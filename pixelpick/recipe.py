@@ -29,13 +29,14 @@ from typing import Any
 
 from pixelpick import labelling
 from pixelpick.campaign import Campaign
-from pixelpick.digests import file_md5, tree_md5, value_digest
+from pixelpick.digests import file_md5
 from pixelpick.distributed import is_main_process
 from pixelpick.errors import StepInputError
 from pixelpick.io import write_json
-from pixelpick.provenance import code_digest, code_version
+from pixelpick.provenance import code_version
 from pixelpick.reporting import read_metrics, write_progress
-from pixelpick.settings import step_reads
+from pixelpick.settings import SettingsView, step_reads
+from pixelpick.step_input import Runtime, StepInput, missing_input_hint
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def _steps():
 
     return steps
 
+
 def _reads(step: str) -> Callable[[Campaign, int], tuple[str, ...]]:
     """The recipe keys `step` reads in a round, as pixelpick/settings.py declares them: the step's key."""
     return lambda c, r: step_reads(step, r, role="recipe")
@@ -54,17 +56,38 @@ def _reads(step: str) -> Callable[[Campaign, int], tuple[str, ...]]:
 Paths = dict[str, Path]
 
 
+def _nothing(c: Campaign, r: int) -> dict[str, str]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Step:
-    """One step: its name, the settings keys it reads, its inputs and outputs (named paths, given the campaign and
-    the round), and the function that runs it. `metrics`: its output is a small metrics file."""
+    """One step: its name, the recipe keys in its key, its inputs and outputs (named paths, given the campaign and
+    the round), the function that runs it on its `StepInput`, and where it may keep what is not an output.
+    `reads`: the step whose declared settings it reads (pixelpick/settings.py), when not its own name. `metrics`:
+    its output is a small metrics file."""
 
     name: str
     settings: Callable[[Campaign, int], tuple[str, ...]]
     inputs: Callable[[Campaign, int], Paths]
     outputs: Callable[[Campaign, int], Paths]
-    run: Callable[..., dict[str, Any]]
+    run: Callable[[StepInput], dict[str, Any]]
+    scratch: Callable[[Campaign, int], dict[str, str]] = _nothing
+    reads: str | None = None
     metrics: bool = False
+
+    def prepare(self, campaign: Campaign, round_id: int, runtime: Runtime | None = None) -> StepInput:
+        """Everything the step of round `round_id` computes from, and nothing more: the one value every way of
+        running it (loop, DVC stage, Prefect task, Dask shard, DDP process) starts from."""
+        keyed = self.settings(campaign, round_id)
+        return StepInput(
+            step=self.name, round_id=round_id,
+            settings=SettingsView(campaign.settings, {*step_reads(self.reads or self.name, round_id), *keyed}),
+            keyed=keyed,
+            inputs=self.inputs(campaign, round_id), outputs=self.outputs(campaign, round_id),
+            scratch=self.scratch(campaign, round_id), manifest=campaign.pool_manifest(round_id),
+            simulated=campaign.simulated, provenance=campaign.recipe_settings(),
+            runtime=runtime or Runtime(device=campaign.settings.train.device))
 
 
 def _pool(c: Campaign, r: int) -> Paths:
@@ -78,15 +101,14 @@ def _previous(c: Campaign, r: int, what: str) -> Paths:
     return {} if r == 0 else {f"previous_{what}": getattr(c.files(r - 1), what)}
 
 
-
-
 def _query_inputs(c: Campaign, r: int) -> Paths:
     return {**_pool(c, r), **_previous(c, r, "model"), **_previous(c, r, "snapshot")}
 
 
-def _run_query(c: Campaign, r: int, inputs: Paths, outputs: Paths, progress: bool) -> dict[str, Any]:
-    return _steps().query(c, r, previous_model=inputs.get("previous_model"),
-                       previous_snapshot=inputs.get("previous_snapshot"), out=outputs["queries"])
+def _query_scratch(c: Campaign, r: int) -> dict[str, str]:
+    # The round's store, and the earlier rounds' (`campaign.keep_stores` removes the oldest once this one selected).
+    return {"probability_store": c.probability_store(r),
+            **{f"probability_store_{q}": c.probability_store(q) for q in range(r)}}
 
 
 def _batch(c: Campaign, r: int) -> Path:
@@ -101,6 +123,12 @@ def _train_inputs(c: Campaign, r: int) -> Paths:
     # The round's pool dates each image (`pools.date`): it is all training needs to leave stale labels out.
     return {"snapshot": c.files(r).snapshot, **_pool(c, r),
             **(_previous(c, r, "model") if uses_previous else {}), **({"pretrained": pretrained} if pretrained else {})}
+
+
+def _train_scratch(c: Campaign, r: int) -> dict[str, str]:
+    files = c.files(r)
+    return {"training_state": str(files.training_state), "distributed_input": str(files.distributed_input),
+            "distributed_report": str(files.distributed_report)}
 
 
 def _evaluate_inputs(c: Campaign, r: int) -> Paths:
@@ -120,25 +148,6 @@ def _annotate_settings(c: Campaign, r: int) -> tuple[str, ...]:
                  if key != "campaign.suggestion_trust" or trusting)
 
 
-QUERY = Step("query", _reads("query"), _query_inputs, lambda c, r: {"queries": c.files(r).queries}, _run_query)
-ANNOTATE = Step(
-    "annotate",
-    _annotate_settings,
-    # Suggestions come from the previous model's probabilities: a person who trusts them answers after that model.
-    lambda c, r: {"queries": c.files(r).queries, **_pool(c, r),
-                  **(_previous(c, r, "model") if c.settings.campaign.suggestion_trust else {})},
-    lambda c, r: {"annotations": c.files(r).annotations},
-    lambda c, r, i, o, progress: labelling.annotate(c, r, queries=i["queries"], out=o["annotations"]),
-)
-INGEST = Step(
-    "ingest",
-    _reads("ingest"),
-    lambda c, r: {"batch": _batch(c, r), "queries": c.files(r).queries, **_previous(c, r, "snapshot"),
-                  **_pool(c, r)},
-    lambda c, r: {"snapshot": c.files(r).snapshot},
-    lambda c, r, i, o, progress: labelling.ingest(c, r, batch=i["batch"], previous_snapshot=i.get("previous_snapshot"),
-                                                  out=o["snapshot"], queries=i["queries"]),
-)
 def _train_settings(c: Campaign, r: int) -> tuple[str, ...]:
     # Which epochs key a round trains depends on a value: round 0 trains `initial_epochs` when it is set (and
     # reads both while it is None), later rounds `epochs`.
@@ -149,21 +158,34 @@ def _train_settings(c: Campaign, r: int) -> tuple[str, ...]:
     return tuple(key for key in step_reads("train", r, role="recipe") if key != unread)
 
 
-TRAIN_STEP = Step(
-    "train",
-    _train_settings,
-    _train_inputs,
-    lambda c, r: {"model": c.files(r).model},
-    lambda c, r, i, o, progress: _steps().train(c, r, snapshot=i["snapshot"], previous_model=i.get("previous_model"),
-                                             out=o["model"], progress=progress),
+QUERY = Step("query", _reads("query"), _query_inputs, lambda c, r: {"queries": c.files(r).queries},
+             lambda step: _steps().query(step), _query_scratch)
+ANNOTATE = Step(
+    "annotate",
+    _annotate_settings,
+    # Suggestions come from the previous model's probabilities: a person who trusts them answers after that model.
+    lambda c, r: {"queries": c.files(r).queries, **_pool(c, r),
+                  **(_previous(c, r, "model") if c.settings.campaign.suggestion_trust else {})},
+    lambda c, r: {"annotations": c.files(r).annotations},
+    labelling.annotate,
+    lambda c, r: {"probability_store": c.probability_store(r)},  # the suggestions, when trusted
 )
+INGEST = Step(
+    "ingest",
+    _reads("ingest"),
+    lambda c, r: {"batch": _batch(c, r), "queries": c.files(r).queries, **_previous(c, r, "snapshot"),
+                  **_pool(c, r)},
+    lambda c, r: {"snapshot": c.files(r).snapshot},
+    labelling.ingest,
+)
+TRAIN_STEP = Step("train", _train_settings, _train_inputs, lambda c, r: {"model": c.files(r).model},
+                  lambda step: _steps().train(step), _train_scratch)
 EVALUATE = Step(
     "evaluate",
     _reads("evaluate"),
     _evaluate_inputs,
     lambda c, r: {"metrics": c.files(r).metrics},
-    lambda c, r, i, o, progress: _steps().evaluate(c, r, model=i["model"], snapshot=i["snapshot"], out=o["metrics"],
-                                                progress=progress),
+    lambda step: _steps().evaluate(step),
     metrics=True,
 )
 STEPS = {step.name: step for step in (QUERY, ANNOTATE, INGEST, TRAIN_STEP, EVALUATE)}
@@ -180,18 +202,6 @@ def round_steps(campaign: Campaign) -> list[Step]:
 # ---------------------------------------------------------------------------------------------- keys and records
 
 
-def settings_values(campaign: Campaign, keys: tuple[str, ...]) -> dict[str, Any]:
-    """{dotted key: value} of the settings, as the campaign's record spells them."""
-    record = campaign.recorded_settings()
-    values = {}
-    for key in keys:
-        node: Any = record
-        for part in key.split("."):
-            node = node[part]
-        values[key] = node
-    return values
-
-
 def is_history(campaign: Campaign, step: Step, round_id: int) -> bool:
     """Whether the step's outputs are history, never recomputed: a human round's queries once its job has been
     exported (people were asked about exactly those pixels). Everything else is derived."""
@@ -205,17 +215,7 @@ def step_key(campaign: Campaign, step: Step, round_id: int) -> str:
         record = read_record(campaign, step, round_id)
         if record is not None:
             return record["key"]
-    inputs = step.inputs(campaign, round_id)
-    missing = [name for name, path in inputs.items() if not path.exists()]
-    if missing:
-        raise StepInputError(f"{step.name} of round {round_id} needs {inputs[missing[0]]}, which does not exist"
-                             + _hint(step, missing[0]))
-    return value_digest({
-        "step": step.name, "round": round_id,
-        "settings": settings_values(campaign, step.settings(campaign, round_id)),
-        "inputs": {name: tree_md5(path) for name, path in sorted(inputs.items())},
-        "code": code_digest(),
-    })
+    return step.prepare(campaign, round_id).key()
 
 
 def check_can_start(campaign: Campaign, round_id: int) -> None:
@@ -223,15 +223,7 @@ def check_can_start(campaign: Campaign, round_id: int) -> None:
     needed = {**_previous(campaign, round_id, "model"), **_previous(campaign, round_id, "snapshot")}
     for name, path in needed.items():
         if not path.is_file():
-            raise StepInputError(f"round {round_id} needs {path}, which does not exist" + _hint(QUERY, name))
-
-
-def _hint(step: Step, missing: str) -> str:
-    if missing == "batch":
-        return ": its labels have not been collected (label the round's job, then run the human train flow)"
-    if missing.startswith("previous"):
-        return ": run the previous round first"
-    return ""
+            raise StepInputError(f"round {round_id} needs {path}, which does not exist" + missing_input_hint(name))
 
 
 @dataclass(frozen=True)
@@ -290,14 +282,15 @@ def record_step(campaign: Campaign, step: Step, round_id: int, key: str, measure
 
 
 def run_step(campaign: Campaign, step: Step, round_id: int, *, progress: bool = False,
-             force: bool = False) -> StepResult:
-    """Run one step of one round, unless it is fresh (or `force`); record what it made."""
+             force: bool = False, runtime: Runtime | None = None) -> StepResult:
+    """Run one step of one round, unless it is fresh (or `force`); record what it made. `runtime`: where and how
+    to run it, when not as the campaign's settings say (one process of a distributed group)."""
     key, done = begin_step(campaign, step, round_id, force=force)
     if done is not None:
         return done
     log.info("round %d: %s", round_id, step.name)
-    measured = step.run(campaign.for_round(round_id), round_id, step.inputs(campaign, round_id),
-                        step.outputs(campaign, round_id), progress)
+    runtime = runtime or Runtime(device=campaign.settings.train.device, progress=progress)
+    measured = step.run(step.prepare(campaign, round_id, runtime))
     return record_step(campaign, step, round_id, key, measured)
 
 

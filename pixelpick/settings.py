@@ -350,6 +350,10 @@ class SettingsView:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("settings are frozen")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Without it pickle would look up __setstate__ through __getattr__ before the fields exist.
+        return (SettingsView, (self._settings, self._keys, self._prefix))
+
 
 def load_settings(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Settings:
     """Load `path` into `Settings`, apply dotted-key `overrides` (`{"train.epochs": 2}`) and resolve paths.

@@ -6,28 +6,27 @@ shard's images, writes their chunks (one chunk per image, so no two shards share
 `finish_query` merges the picks in pool order and marks the store complete. In one process they run one after the
 other (`steps.query`); here each shard is a Prefect task that `prefect-dask`'s task runner sends to a worker.
 
-A shard task is given everything it needs as values: the settings, the plan, its images' labelled pixels. It reads
-the dataset, the model checkpoint and the store, so workers need those three (a shared filesystem, and for the store
-any fsspec URL: `campaign.store_url`), never the flow's working directory. Every image picks from its own
+A shard task is given everything it needs as values: the query step's input (`pixelpick.step_input`), the plan, its
+images' labelled pixels. It reads the dataset, the model checkpoint and the store, so workers need those three (a
+shared filesystem, and for the store any fsspec URL: `campaign.store_url`), never the flow's working directory.
+Every image picks from its own
 seeded generator and every batch draws its MC-dropout masks from its own seed, so the queries are exactly those of
 a single-process round. Dask re-runs the shard of a worker that dies, and a shard's writes are idempotent.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import dask
-import torch
 from distributed import get_worker
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pixelpick.campaign import Campaign
 from pixelpick.labels import read_labels
 from pixelpick.recipe import STEPS, begin_step, record_step
-from pixelpick.settings import Settings
+from pixelpick.step_input import StepInput
 from pixelpick.steps import QueryPlan, finish_query, labelled_pixels, plan_query, query_shard
 from tasks.steps import open_for_task
 
@@ -61,20 +60,20 @@ def plan_shards(campaign_dir: str, round_id: int, shards: int) -> dict[str, Any]
     key, done = begin_step(campaign, step, round_id)
     if done is not None:
         return None
-    inputs = step.inputs(campaign, round_id)
-    previous_snapshot = inputs.get("previous_snapshot")
-    plan = plan_query(campaign.for_round(round_id), round_id, inputs.get("previous_model"), previous_snapshot, shards)
+    query = step.prepare(campaign, round_id)
+    plan = plan_query(query, shards)
+    previous_snapshot = query.inputs.get("previous_snapshot")
     labels = read_labels(previous_snapshot) if previous_snapshot is not None else None
-    return {"key": key, "plan": asdict(plan), "settings": campaign.settings.model_dump_json(),
+    return {"key": key, "step": query, "plan": asdict(plan),
             "labelled": [labelled_pixels(labels, shard) for shard in plan.shards]}
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1, task_run_name="query-shard-{index}")
-def run_shard(settings_json: str, plan: dict[str, Any], index: int, labelled: dict) -> dict[str, Any]:
-    """One shard's inference, chunk writes and picks, on whichever worker runs it."""
-    torch.set_num_threads(get_worker().state.nthreads)  # torch sized its pool before the worker's limits applied
-    campaign = Campaign(Settings.model_validate_json(settings_json)).for_round(plan["round_id"])
-    frame, seconds = query_shard(campaign, _plan(plan), index, labelled)
+def run_shard(query: StepInput, plan: dict[str, Any], index: int, labelled: dict) -> dict[str, Any]:
+    """One shard's inference, chunk writes and picks, on whichever worker runs it, with the worker's threads
+    (torch sized its pool before the worker's limits applied)."""
+    on_worker = replace(query, runtime=replace(query.runtime, threads=get_worker().state.nthreads))
+    frame, seconds = query_shard(on_worker, _plan(plan), index, labelled)
     return {"queries": frame.to_dict(orient="list"), "seconds": seconds,
             "images": [image_id for _, ids in plan["shards"][index] for image_id in ids]}
 
@@ -85,13 +84,11 @@ def finish_shards(campaign_dir: str, round_id: int, prepared: dict[str, Any], re
     import pandas as pd
 
     campaign = open_for_task(campaign_dir)
-    step = STEPS["query"]
     frames = [pd.DataFrame(result["queries"]).astype({"y": "int32", "x": "int32", "score": "float32",
                                                        "round": "int32"}) for result in results]
     seconds = [result["seconds"] for result in results]
-    measured = finish_query(campaign.for_round(round_id), _plan(prepared["plan"]), frames, seconds,
-                            step.outputs(campaign, round_id)["queries"])
-    return asdict(record_step(campaign, step, round_id, prepared["key"], measured))
+    measured = finish_query(prepared["step"], _plan(prepared["plan"]), frames, seconds)
+    return asdict(record_step(campaign, STEPS["query"], round_id, prepared["key"], measured))
 
 
 def _plan(plan: dict[str, Any]) -> QueryPlan:
@@ -103,6 +100,6 @@ def query_on_cluster(campaign_dir: str, round_id: int, shards: int) -> dict | No
     prepared = plan_shards(campaign_dir, round_id, shards)
     if prepared is None:
         return None
-    futures = [run_shard.submit(prepared["settings"], prepared["plan"], index, labelled)
+    futures = [run_shard.submit(prepared["step"], prepared["plan"], index, labelled)
                for index, labelled in enumerate(prepared["labelled"])]
     return finish_shards(campaign_dir, round_id, prepared, [future.result() for future in futures])

@@ -33,7 +33,7 @@ from pixelpick.errors import PixelPickError
 from pixelpick.io import atomic_write
 from pixelpick.layout import round_name
 from pixelpick.provenance import PACKAGE
-from pixelpick.recipe import Step, is_history, round_steps, settings_values
+from pixelpick.recipe import Step, is_history, round_steps
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def round_index(campaign: Campaign, root: Path) -> dict[str, dict[str, dict]]:
 
 def step_settings(campaign: Campaign) -> dict[str, dict]:
     """step-settings.yaml, as data: the values of the settings each listed stage's step reads, by stage."""
-    return {f"{step.name}@{round_name(round_id)}": settings_values(campaign, step.settings(campaign, round_id))
+    return {f"{step.name}@{round_name(round_id)}": step.prepare(campaign, round_id).keyed_values()
             for round_id, steps in pipeline_rounds(campaign) for step in steps}
 
 

@@ -25,7 +25,7 @@ from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 from pixelpick.campaign import Campaign
 from pixelpick.digests import file_md5
 from pixelpick.provenance import code_version
-from pixelpick.recipe import STEPS, read_record, round_steps, settings_values
+from pixelpick.recipe import STEPS, read_record, round_steps
 from pixelpick.reporting import query_statistics
 from pixelpick.settings import flatten
 
@@ -152,7 +152,7 @@ def _log_round_data(client: MlflowClient, run_id: str, campaign: Campaign, round
     # The settings the round's steps read, as their keys hold them: round 0 logs the `train.initial_epochs` it
     # trained and no `train.epochs`, and no acquisition settings (its queries are random).
     used = {key: value for step in round_steps(campaign)
-            for key, value in settings_values(campaign, step.settings(campaign, round_id)).items()}
+            for key, value in step.prepare(campaign, round_id).keyed_values().items()}
     for key, value in {"round": round_id, **used, "labelled_pixels": metrics["labelled_pixels"]}.items():
         client.log_param(run_id, key, value)
     for epoch in read_checkpoint(campaign.files(round_id).model)["history"]:

@@ -98,9 +98,10 @@ def test_benchmark_runs_are_paired_timed_and_resumable(tiny_base, monkeypatch):
     trained = []
     train = steps_module.train
 
-    def counted_train(campaign, round_id, **kwargs):
-        trained.append((campaign.name, round_id))
-        return train(campaign, round_id, **kwargs)
+    def counted_train(step):
+        campaign_dir = step.outputs["model"].parents[2]  # <workdir>/<campaign>/rounds/rNN/model.pt
+        trained.append((campaign_dir.name, step.round_id))
+        return train(step)
 
     monkeypatch.setattr(steps_module, "train", counted_train)
     results = run_benchmark(tiny_base, TINY, plan_runs(TINY))

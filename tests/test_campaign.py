@@ -12,7 +12,7 @@ from pixelpick.campaign import Campaign, open_campaign, open_recorded
 from pixelpick.errors import CampaignError
 from pixelpick.labels import read_labels
 from pixelpick.metrics import ConfusionMatrix
-from pixelpick.recipe import STEPS, is_fresh, round_steps, run_campaign, run_round, step_key
+from pixelpick.recipe import QUERY, STEPS, TRAIN_STEP, is_fresh, round_steps, run_campaign, run_round, step_key
 from pixelpick.steps import select
 from tests.conftest import TINY_PARAMS
 
@@ -151,9 +151,9 @@ def test_selection_of_any_subset_of_images_picks_what_the_whole_pool_picks(finis
     labels = read_labels(campaign.files(0).snapshot)
     labelled = {i: rows[["y", "x"]].to_numpy() for i, rows in labels.groupby("image_id")}
     ids = campaign.pool.image_ids
-    whole = select(campaign, 1, ids, labelled, store)
-    halves = pd.concat([select(campaign, 1, ids[1::2], labelled, store),
-                        select(campaign, 1, ids[::2], labelled, store)])
+    step = QUERY.prepare(campaign, 1)
+    whole = select(step, ids, labelled, store)
+    halves = pd.concat([select(step, ids[1::2], labelled, store), select(step, ids[::2], labelled, store)])
     key = ["image_id", "y", "x"]
     pd.testing.assert_frame_equal(halves.sort_values(key).reset_index(drop=True),
                                   whole.sort_values(key).reset_index(drop=True))
@@ -261,8 +261,7 @@ def test_training_killed_mid_way_resumes_from_its_last_state_and_ends_with_the_s
     for campaign in (reference, interrupted):
         for step in round_steps(campaign)[:3]:
             run_step(campaign, step, 0)
-    files = reference.files(0)
-    steps.train(reference, 0, snapshot=files.snapshot, previous_model=None, out=files.model)
+    steps.train(TRAIN_STEP.prepare(reference, 0))
 
     real_epoch, calls = training.train_one_epoch, []
 
@@ -276,9 +275,9 @@ def test_training_killed_mid_way_resumes_from_its_last_state_and_ends_with_the_s
     with monkeypatch.context() as patch:
         patch.setattr(training, "train_one_epoch", killed_in_the_third_epoch)
         with pytest.raises(KeyboardInterrupt):
-            steps.train(interrupted, 0, snapshot=files.snapshot, previous_model=None, out=files.model)
+            steps.train(TRAIN_STEP.prepare(interrupted, 0))
     assert files.training_state.is_file() and not files.model.exists()
-    measured = steps.train(interrupted, 0, snapshot=files.snapshot, previous_model=None, out=files.model)
+    measured = steps.train(TRAIN_STEP.prepare(interrupted, 0))
     assert measured["details"]["resumed_after_epoch"] == 2
     assert files.model.read_bytes() == reference.files(0).model.read_bytes()
     assert not files.training_state.exists()

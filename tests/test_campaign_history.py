@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -183,8 +184,7 @@ def test_training_a_round_whose_pool_was_never_frozen_names_the_missing_pool(ref
     campaign = open_recorded(tmp_path / "project/data/runs/tiny")
     campaign.layout.pool(1).unlink()
     with pytest.raises(StepInputError, match=r"frozen pool .*r01\.csv, which does not exist"):
-        steps.train(campaign, 1, snapshot=campaign.files(1).snapshot, previous_model=campaign.files(0).model,
-                    out=tmp_path / "model.pt")
+        steps.train(replace(TRAIN_STEP.prepare(campaign, 1), outputs={"model": tmp_path / "model.pt"}))
 
 
 def test_a_code_change_makes_the_derived_stages_stale_and_records_carry_the_code(tmp_path):

@@ -17,7 +17,7 @@ from flows.parameters import CampaignChoice, ClusterChoice
 from flows.round import on_cluster
 from pixelpick.campaign import open_campaign
 from pixelpick.probstore import ProbabilityStore, ProbabilityWriter, create_store
-from pixelpick.recipe import STEPS, run_round, run_step
+from pixelpick.recipe import QUERY, STEPS, run_round, run_step
 from pixelpick.steps import plan_query
 from tests.conftest import TINY_PARAMS
 
@@ -66,7 +66,7 @@ def assert_same_query(campaign, reference):
 
 
 def test_shards_are_whole_batches_and_never_share_a_chunk(reference):
-    plan = plan_query(reference, 1, reference.files(0).model, reference.files(0).snapshot, shards=5)
+    plan = plan_query(QUERY.prepare(reference, 1), shards=5)
     images = [image_id for shard in plan.shards for _, ids in shard for image_id in ids]
     assert sorted(images) == sorted(reference.pool.image_ids) and len(images) == len(set(images))
     assert len(plan.shards) == 5

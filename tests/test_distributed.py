@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from pixelpick.campaign import open_campaign
 from pixelpick.checkpoints import read_checkpoint
 from pixelpick.labels import read_labels
-from pixelpick.recipe import STEPS, run_round, run_step
+from pixelpick.recipe import STEPS, TRAIN_STEP, run_round, run_step
 from tests.conftest import TINY_PARAMS
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ def _train_rank(rank: int, world: int, campaign_dir: str, rendezvous: str, out: 
 
         training.LabelledImages.__getitem__ = remember
         torch.manual_seed(0)
-        model = campaign.new_model()
+        model = TRAIN_STEP.prepare(campaign, 0).new_model()
         labels = read_labels(campaign.files(0).snapshot)
         result = training.fit(model, campaign.pool, labels, campaign.settings.train, torch.device("cpu"), seed=3)
         weights = {name: parameter.detach() for name, parameter in model.named_parameters()}

@@ -98,10 +98,11 @@ def test_a_malformed_batch_is_refused_in_one_line_naming_column_and_row(simulate
 def test_the_valid_batch_is_ingested_whole(simulated, tmp_path):
     campaign, valid = simulated
     out = tmp_path / "snapshot.parquet"
+    from dataclasses import replace
+
     from pixelpick.labelling import ingest
 
-    ingest(campaign, 0, batch=campaign.files(0).annotations, previous_snapshot=None, out=out,
-           queries=campaign.files(0).queries)
+    ingest(replace(STEPS["ingest"].prepare(campaign, 0), outputs={"snapshot": out}))
     assert pq.read_table(out).num_rows == valid.num_rows
 
 

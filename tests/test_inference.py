@@ -1,5 +1,7 @@
 """Inference into the probability store: what it stores, what the query step records, and when a store is reused."""
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -8,19 +10,20 @@ from pixelpick.campaign import Campaign
 from pixelpick.checkpoints import save_checkpoint
 from pixelpick.inference import predict_probabilities
 from pixelpick.probstore import ProbabilityStore
+from pixelpick.recipe import QUERY, TRAIN_STEP
 from pixelpick.steps import query
 
 
 def infer(campaign: Campaign, round_id: int, model_path):
     """The query step of `round_id` with `model_path`: its store, and the seconds it spent."""
-    measured = query(campaign, round_id, previous_model=model_path, previous_snapshot=None,
-                     out=campaign.files(round_id).queries)
+    step = QUERY.prepare(campaign, round_id)
+    measured = query(replace(step, inputs={"previous_model": model_path}))  # no labels yet: any pixel may be asked
     return ProbabilityStore(campaign.files(round_id).probs), measured["seconds"]
 
 
 def _round_zero_model(campaign: Campaign):
     torch.manual_seed(0)
-    model = campaign.new_model()
+    model = TRAIN_STEP.prepare(campaign, 0).new_model()
     path = campaign.files(0).model
     save_checkpoint(path, model, arch=campaign.settings.model.arch, num_classes=campaign.pool.label_space.num_classes,
                     dropout_p=0.2)
@@ -36,7 +39,7 @@ def test_infer_stores_every_images_probabilities_and_scores(tiny_settings):
     assert store.path == campaign.files(1).probs and store.missing_images() == []
     assert store.image_ids == campaign.pool.image_ids and store.strategy == "margin"
     assert seconds["inference"] > seconds["scoring"] > 0
-    model = campaign.load_model(model_path)
+    model = QUERY.prepare(campaign, 1).load_model(model_path)
     live = dict(predict_probabilities(model, campaign.pool, campaign.pool.image_ids, torch.device("cpu"),
                                        batch_size=campaign.settings.train.eval_batch_size))
     for image_id, probs in live.items():
@@ -62,7 +65,7 @@ def test_a_store_is_reused_only_while_complete_and_made_by_the_same_model(tiny_s
 
     # Another model: recomputed.
     torch.manual_seed(1)
-    save_checkpoint(model_path, campaign.new_model(), arch=campaign.settings.model.arch,
+    save_checkpoint(model_path, TRAIN_STEP.prepare(campaign, 0).new_model(), arch=campaign.settings.model.arch,
                     num_classes=campaign.pool.label_space.num_classes, dropout_p=0.2)
     _, seconds = infer(campaign, 1, model_path)
     assert seconds["inference"] > 0

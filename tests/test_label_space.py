@@ -21,6 +21,7 @@ from pixelpick.checkpoints import load_previous, read_checkpoint
 from pixelpick.errors import LabelSpaceError, PixelPickError
 from pixelpick.human import close_job, collect_labels, export_job
 from pixelpick.label_space import record_path
+from pixelpick.labels import read_labels
 from pixelpick.models import CLASSIFIER_LAYERS, build_model, grow_classifier
 from pixelpick.probstore import ProbabilityStore
 from pixelpick.recipe import STEPS, run_step
@@ -97,7 +98,7 @@ def test_an_appended_class_trains_from_the_previous_model_and_shows_its_key(tmp_
     assert (before["num_classes"], after["num_classes"]) == (3, 4)
     assert after["label_space"]["classes"][3]["key"] == "d"
     # Round 0's labels keep their ids in round 1's snapshot, beside the new class's.
-    assert set(open_recorded(campaign.layout.dir).label_store(1).read()["class_id"]) == {0, 1, 2, 3}
+    assert set(read_labels(campaign.files(1).snapshot)["class_id"]) == {0, 1, 2, 3}
 
     # Warm-starting round 1 copied round 0's three classes and gave the new one fresh rows.
     model = build_model("lraspp_mobilenetv3", 4)

@@ -106,7 +106,8 @@ def test_no_import_cycles_among_the_projects_modules():
     graph = module_graph("pixelpick", "tasks", "flows")
     # A package imports its own modules to re-export them; only cycles between modules are layering faults.
     graph = {module: {m for m in imported if not module.startswith(f"{m}.")} for module, imported in graph.items()}
-    assert "pixelpick.campaign" in graph and "pixelpick.training" in graph["pixelpick.campaign"]
+    # Imports inside functions count too (step_input imports training where a step first needs its device).
+    assert "pixelpick.training" in graph["pixelpick.step_input"]
     assert find_cycle(graph) is None
 
 

@@ -5,14 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pixelpick.campaign import (
-    CHANGEABLE_KEYS,
-    RUNTIME_KEYS,
-    as_step_sees_it,
-    load_record,
-    open_campaign,
-    recipe_differences,
-)
+from pixelpick.campaign import CHANGEABLE_KEYS, RUNTIME_KEYS, load_record, open_campaign, recipe_differences
 from pixelpick.recipe import STEPS, round_steps
 from pixelpick.settings import STEPS as STEP_NAMES
 from pixelpick.settings import Settings, SettingsView, UndeclaredSetting, flatten, roles, step_reads
@@ -80,14 +73,13 @@ def test_a_settings_view_refuses_an_undeclared_key():
 
 
 def test_each_step_runs_reading_only_what_it_declares_and_fails_reading_more(tiny_settings, tmp_path, monkeypatch):
-    """Every step of rounds 0 and 1 runs on a campaign that exposes only its declared settings; a step made to
-    read one more setting fails."""
+    """Every step of rounds 0 and 1 runs on its `StepInput`, which exposes only its declared settings; a step made
+    to read one more setting fails."""
     campaign = open_campaign(tmp_path / "params.yaml")
     for round_id in (0, 1):
         campaign.freeze_pool(round_id)  # what starting a round does (`recipe.begin_step`)
         for step in round_steps(campaign):
-            seen = as_step_sees_it(campaign, step.name, round_id)
-            step.run(seen, round_id, step.inputs(campaign, round_id), step.outputs(campaign, round_id), False)
+            step.run(step.prepare(campaign, round_id))
             assert all(path.is_file() for path in step.outputs(campaign, round_id).values())
 
     import pixelpick.labelling as labelling
@@ -98,8 +90,43 @@ def test_each_step_runs_reading_only_what_it_declares_and_fails_reading_more(tin
         seen.settings.acquire.strategy  # noqa: B018  (annotate does not declare it)
         return real(*args, **kwargs)
 
-    seen = as_step_sees_it(campaign, "annotate", 1)
-    monkeypatch.setattr(labelling, "simulate_annotations", reads_more)
     annotate = STEPS["annotate"]
+    seen = annotate.prepare(campaign, 1)
+    monkeypatch.setattr(labelling, "simulate_annotations", reads_more)
     with pytest.raises(UndeclaredSetting, match=r"acquire\.strategy"):
-        annotate.run(seen, 1, annotate.inputs(campaign, 1), annotate.outputs(campaign, 1), False)
+        annotate.run(seen)
+
+
+def test_a_step_is_a_function_of_its_step_input_alone():
+    import inspect
+
+    from pixelpick import labelling, steps
+
+    for function in (steps.query, steps.train, steps.evaluate, labelling.annotate, labelling.ingest):
+        parameters = inspect.signature(function).parameters
+        assert [p.annotation for p in parameters.values()] == ["StepInput"], function.__name__
+
+
+def test_a_step_input_is_frozen_and_pickles_into_the_same_step(tiny_settings, tmp_path):
+    """What a Dask worker or a DDP process receives: the same settings, files and key, its data derived again
+    there (never pickled), and nothing that can be changed."""
+    import dataclasses
+    import pickle
+
+    from pixelpick.recipe import run_step, step_key
+
+    campaign = open_campaign(tmp_path / "params.yaml")
+    run_step(campaign, STEPS["query"], 0)  # freezes round 0's pool and writes the queries annotate reads
+    step = STEPS["annotate"].prepare(campaign, 0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        step.round_id = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        step.inputs["queries"] = tmp_path / "other.parquet"  # type: ignore[index]
+    pickled = pickle.dumps(step)
+    assert step.pool.image_ids  # derived, and cached on this copy only
+    assert len(pickle.dumps(step)) == len(pickled)
+    copy = pickle.loads(pickled)
+    assert copy.key() == step.key() == step_key(campaign, STEPS["annotate"], 0)
+    assert copy.pool.image_ids == step.pool.image_ids and dict(copy.outputs) == dict(step.outputs)
+    with pytest.raises(UndeclaredSetting, match=r"acquire\.strategy"):
+        copy.settings.acquire.strategy  # noqa: B018
