@@ -134,7 +134,9 @@ class StepInput:
     def label_space(self) -> LabelSpace | None:
         """The classes frozen with the round's pool (campaigns whose classes come from a file); None otherwise."""
         classes = self.inputs.get("classes")
-        return None if classes is None else label_space_from_record(json.loads(classes.read_text()))
+        if classes is None or not classes.is_file():  # a round not yet started has the classes as they are
+            return None
+        return label_space_from_record(json.loads(classes.read_text()))
 
     @cached_property
     def eval_set(self) -> SegmentationDataset | None:
