@@ -37,7 +37,7 @@ from pixelpick.locking import campaign_lock, held_elsewhere
 from pixelpick.recipe import Step, run_round
 from pixelpick.reporting import read_metrics
 from pixelpick.settings import AcquireSettings, Settings, load_settings, settings_from_dict, step_reads
-from pixelpick.step_input import Runtime
+from pixelpick.training import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def _run_locked(settings: Settings, preset: BenchmarkPreset, spec: RunSpec, prog
         row["epochs"] = trained  # epochs trained in all, up to this round
     context = {"dataset": settings.data.dataset, "preset": preset.name, "strategy": spec.label, "seed": spec.seed,
                "protocol": protocol_of(settings), "arch": settings.model.arch,
-               "image_size": _image_size(campaign), "device": str(Runtime(settings.train.device).torch_device()),
+               "image_size": _image_size(campaign), "device": str(resolve_device(settings.train.device)),
                "epochs_per_round": settings.train.epochs,
                "epochs_round_0": settings.train.initial_epochs or settings.train.epochs}
     return write_json({"rows": [{**context, **row} for row in rows]}, result_path)

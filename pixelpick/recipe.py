@@ -87,7 +87,7 @@ class Step:
             inputs=self.inputs(campaign, round_id), outputs=self.outputs(campaign, round_id),
             scratch=self.scratch(campaign, round_id), manifest=campaign.pool_manifest(round_id),
             simulated=campaign.simulated, provenance=campaign.recipe_settings(),
-            runtime=runtime or Runtime(device=campaign.settings.train.device))
+            runtime=runtime or Runtime())
 
 
 def _pool(c: Campaign, r: int) -> Paths:
@@ -289,8 +289,7 @@ def run_step(campaign: Campaign, step: Step, round_id: int, *, progress: bool = 
     if done is not None:
         return done
     log.info("round %d: %s", round_id, step.name)
-    runtime = runtime or Runtime(device=campaign.settings.train.device, progress=progress)
-    measured = step.run(step.prepare(campaign, round_id, runtime))
+    measured = step.run(step.prepare(campaign, round_id, runtime or Runtime(progress=progress)))
     return record_step(campaign, step, round_id, key, measured)
 
 

@@ -44,26 +44,30 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Runtime:
-    """How a step runs, never what it computes. `device`: a `train.device` value or a torch device string (a
-    process of a distributed group runs on its own GPU); `threads`: torch's intra-op threads (None: torch's
-    default); `progress`: show progress bars."""
+    """How a step runs, never what it computes. `device`: a torch device string, where not where `train.device`
+    says (a process of a distributed group runs on its own GPU); `threads`: torch's intra-op threads (None:
+    torch's default); `progress`: show progress bars."""
 
-    device: str = "auto"
+    device: str | None = None
     threads: int | None = None
     progress: bool = False
 
-    def torch_device(self) -> torch.device:
+    def torch_device(self, configured: str) -> torch.device:
+        """The device to run on (`configured`: the `train.device` setting), with torch's threads set."""
         import torch
 
         from pixelpick.training import resolve_device
 
         if self.threads is not None:
             torch.set_num_threads(self.threads)
-        return resolve_device(self.device)
+        return resolve_device(self.device or configured)
 
 
 @dataclass(frozen=True, eq=False)
 class StepInput:
+    """What one step of one round computes from (see the module's notes). Made by `recipe.Step.prepare`; its
+    mappings are read-only, and `dataclasses.replace` gives a changed copy (another runtime, another output)."""
+
     step: str
     round_id: int
     settings: SettingsView
@@ -158,7 +162,7 @@ class StepInput:
 
     @cached_property
     def device(self) -> torch.device:
-        return self.runtime.torch_device()
+        return self.runtime.torch_device(self.settings.train.device)
 
     def new_model(self) -> torch.nn.Module:
         from pixelpick.models import build_model
