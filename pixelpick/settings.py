@@ -337,7 +337,10 @@ class SettingsView:
     def __getattr__(self, name: str) -> Any:
         settings, keys, prefix = self._settings, self._keys, self._prefix
         if name not in type(settings).model_fields:
-            return getattr(settings, name)  # methods and properties of the section
+            if name.startswith("model_"):  # pydantic's API (model_dump, model_copy...) hands out a whole section
+                raise UndeclaredSetting(f"{prefix}{name}: a step reads the settings it declares one by one, never "
+                                        "a whole section")
+            return getattr(settings, name)  # the section's own properties
         dotted = f"{prefix}{name}"
         value = getattr(settings, name)
         if isinstance(value, BaseModel):
@@ -353,6 +356,13 @@ class SettingsView:
     def __reduce__(self) -> tuple[Any, ...]:
         # Without it pickle would look up __setstate__ through __getattr__ before the fields exist.
         return (SettingsView, (self._settings, self._keys, self._prefix))
+
+    def replaced(self, **values: Any) -> SettingsView:
+        """This view with some of its declared fields given other values: what one computation runs with (round
+        0 trains `train.initial_epochs` as its epochs)."""
+        for name in values:
+            getattr(self, name)  # UndeclaredSetting unless the step declares it
+        return SettingsView(self._settings.model_copy(update=values), self._keys, self._prefix)
 
 
 def load_settings(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Settings:

@@ -278,7 +278,7 @@ def train(step: StepInput) -> dict[str, Any]:
                         "settings": step.keyed_values()})
     resume = ResumePoint(Path(step.scratch["training_state"]), key, every=train_settings.checkpoint_every)
     started = time.perf_counter()
-    result = fit(model, step.pool, labels, train_settings.model_copy(update={"epochs": epochs}), step.device,
+    result = fit(model, step.pool, labels, train_settings.replaced(epochs=epochs), step.device,
                  seed=seed, superpixels=superpixels, pseudo_labels=pseudo, resume=resume,
                  progress=step.runtime.progress, expander=expander)
     seconds = time.perf_counter() - started

@@ -70,6 +70,13 @@ def test_a_settings_view_refuses_an_undeclared_key():
         view.train.lr_head  # noqa: B018
     with pytest.raises(AttributeError):
         view.train.epochs = 3
+    # Nor can a whole section be had at once, and a value given for one computation must be one it declares.
+    for section_at_once in ("model_dump", "model_copy", "model_dump_json"):
+        with pytest.raises(UndeclaredSetting, match=section_at_once):
+            getattr(view.train, section_at_once)
+    assert view.train.replaced(epochs=4).epochs == 4 and view.train.epochs == 15
+    with pytest.raises(UndeclaredSetting, match=r"train\.lr_head"):
+        view.train.replaced(lr_head=0.5)
 
 
 def test_each_step_runs_reading_only_what_it_declares_and_fails_reading_more(tiny_settings, tmp_path, monkeypatch):
