@@ -3,7 +3,8 @@
 A step (`pixelpick.steps`, `pixelpick.labelling`) is a function of a `StepInput` and of nothing else:
 
 - `settings`: the settings keys the step declares for its round (pixelpick/settings.py), and only those: reading any
-  other, or a whole section at once, raises `UndeclaredSetting`. `keyed` names those of them that make the step's key (its recipe keys);
+  other, or a whole section at once, raises `UndeclaredSetting`. `keyed` names those of them that make the step's
+  key (its recipe keys);
 - `inputs` and `outputs`: its files, resolved; the step's key is the content of its inputs;
 - `scratch`: where it may keep what is not an output (the round's probability store, a training's resume point);
 - `manifest`: the round's frozen pool (`pixelpick.pools`), None before the round has one (the benchmark's dense
