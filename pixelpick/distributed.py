@@ -1,13 +1,14 @@
 """Data-parallel training with torch DDP: one process per GPU (or, on CPU, per process group member with gloo).
 
 `train.processes: N` (N > 1) makes a round's training run as N processes started by torchrun on this machine
-(`launch`, each process running `pixelpick.ddp_worker` on the train step's own input); several machines run the
-round's train step under torchrun themselves (`torchrun --nnodes ... -m flows.cli step train --round N
---campaign-dir DIR`). Each
-process trains on its share of the images (a DistributedSampler draws a permutation of every image per epoch, as one
-process would, and splits it), with 1/N of the batch, so every labelled pixel is seen once per epoch and the
-global batch is the configured one; gradients are averaged, so every process holds the same weights after each
-step. On GPUs BatchNorm is synchronised across processes; on CPUs (gloo) each process normalises its own share.
+(`launch`, each process running `pixelpick.ddp_worker` on the train step's own input). Several machines run the
+round's train step under torchrun themselves: `torchrun --nnodes ... -m flows.cli step train --round N
+--campaign-dir DIR`.
+
+Each process trains on its share of the images (a DistributedSampler draws a permutation of every image per epoch,
+as one process would, and splits it), with 1/N of the batch, so every labelled pixel is seen once per epoch and the
+global batch is the configured one. Gradients are averaged, so every process holds the same weights after each step.
+On GPUs BatchNorm is synchronised across processes; on CPUs (gloo) each process normalises its own share.
 Only process 0 writes files.
 """
 

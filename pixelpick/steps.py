@@ -61,7 +61,6 @@ class QueryPlan:
     whether that store is already complete and current (then shards only select), and the class weights of
     class-balanced selection, which depend on every label so far."""
 
-    round_id: int
     shards: list[list[tuple[int, list[str]]]]
     store: str | None = None
     reuse: bool = False
@@ -83,17 +82,17 @@ def query(step: StepInput) -> dict[str, Any]:
 
 def plan_query(step: StepInput, shards: int = 1) -> QueryPlan:
     """Split the round's query into `shards` runs of whole inference batches; create (or reuse) the store."""
-    settings, round_id = step.settings, step.round_id
+    settings = step.settings
     previous_model, previous_snapshot = step.inputs.get("previous_model"), step.inputs.get("previous_snapshot")
     batches = pool_batches(step.pool, settings.train.eval_batch_size)
     count = max(1, min(shards, len(batches)))
     split = [batches[i * len(batches) // count:(i + 1) * len(batches) // count] for i in range(count)]
     if previous_model is None or settings.acquire.strategy == "random":
-        return QueryPlan(round_id, split)
+        return QueryPlan(split)
     location = step.scratch["probability_store"]
     key = value_digest({"model": file_md5(previous_model), "strategy": settings.acquire.strategy,
                         "mc_samples": settings.acquire.mc_samples,
-                        "seed": round_seed(settings.campaign.seed, round_id)})
+                        "seed": round_seed(settings.campaign.seed, step.round_id)})
     reuse = False
     try:
         store = ProbabilityStore(location)
@@ -116,7 +115,7 @@ def plan_query(step: StepInput, shards: int = 1) -> QueryPlan:
     if settings.acquire.class_balance > 0:
         labels = read_labels(previous_snapshot) if previous_snapshot is not None else None
         weights = _class_weights(step, labels, settings.acquire.class_balance).tolist()
-    return QueryPlan(round_id, split, str(location), reuse, str(previous_model), weights)
+    return QueryPlan(split, str(location), reuse, str(previous_model), weights)
 
 
 def labelled_pixels(labels: pd.DataFrame | None, shard: list[tuple[int, list[str]]]) -> dict[str, np.ndarray]:
@@ -141,7 +140,7 @@ def query_shard(step: StepInput, plan: QueryPlan, index: int,
             timings = InferenceTimings()
             infer_to_store(step.load_model(Path(plan.model)), step.pool, plan.store, step.device,
                            strategy=settings.acquire.strategy, mc_samples=settings.acquire.mc_samples,
-                           seed=round_seed(settings.campaign.seed, plan.round_id), timings=timings, batches=shard)
+                           seed=round_seed(settings.campaign.seed, step.round_id), timings=timings, batches=shard)
             seconds = {"inference": timings.seconds, "scoring": timings.scoring_seconds}
         store = ProbabilityStore(plan.store, require_complete=False)
     started = time.perf_counter()
@@ -164,7 +163,7 @@ def finish_query(step: StepInput, plan: QueryPlan, frames: list[pd.DataFrame],
     details = {"shards": len(frames), "queried_pixels": len(queries),
                "store_bytes": store_bytes(plan.store) if plan.store else 0,
                "stores_removed": remove_old_stores(step)}
-    log.info("round %d: probability store %.1f MB", plan.round_id, details["store_bytes"] / 1e6)
+    log.info("round %d: probability store %.1f MB", step.round_id, details["store_bytes"] / 1e6)
     return {"seconds": total, "details": details}
 
 

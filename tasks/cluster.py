@@ -6,12 +6,12 @@ shard's images, writes their chunks (one chunk per image, so no two shards share
 `finish_query` merges the picks in pool order and marks the store complete. In one process they run one after the
 other (`steps.query`); here each shard is a Prefect task that `prefect-dask`'s task runner sends to a worker.
 
-A shard task is given everything it needs as values: the query step's input (`pixelpick.step_input`), the plan, its
+A shard task is given everything it needs as objects: the query step's input (`pixelpick.step_input`), the plan, its
 images' labelled pixels. It reads the dataset, the model checkpoint and the store, so workers need those three (a
 shared filesystem, and for the store any fsspec URL: `campaign.store_url`), never the flow's working directory.
-Every image picks from its own
-seeded generator and every batch draws its MC-dropout masks from its own seed, so the queries are exactly those of
-a single-process round. Dask re-runs the shard of a worker that dies, and a shard's writes are idempotent.
+Every image picks from its own seeded generator and every batch draws its MC-dropout masks from its own seed, so the
+queries are exactly those of a single-process round. Dask re-runs the shard of a worker that dies, and a shard's
+writes are idempotent.
 """
 
 from __future__ import annotations
@@ -64,18 +64,18 @@ def plan_shards(campaign_dir: str, round_id: int, shards: int) -> dict[str, Any]
     plan = plan_query(query, shards)
     previous_snapshot = query.inputs.get("previous_snapshot")
     labels = read_labels(previous_snapshot) if previous_snapshot is not None else None
-    return {"key": key, "step": query, "plan": asdict(plan),
+    return {"key": key, "step": query, "plan": plan,
             "labelled": [labelled_pixels(labels, shard) for shard in plan.shards]}
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1, task_run_name="query-shard-{index}")
-def run_shard(query: StepInput, plan: dict[str, Any], index: int, labelled: dict) -> dict[str, Any]:
+def run_shard(query: StepInput, plan: QueryPlan, index: int, labelled: dict) -> dict[str, Any]:
     """One shard's inference, chunk writes and picks, on whichever worker runs it, with the worker's threads
     (torch sized its pool before the worker's limits applied)."""
     on_worker = replace(query, runtime=replace(query.runtime, threads=get_worker().state.nthreads))
-    frame, seconds = query_shard(on_worker, _plan(plan), index, labelled)
+    frame, seconds = query_shard(on_worker, plan, index, labelled)
     return {"queries": frame.to_dict(orient="list"), "seconds": seconds,
-            "images": [image_id for _, ids in plan["shards"][index] for image_id in ids]}
+            "images": [image_id for _, ids in plan.shards[index] for image_id in ids]}
 
 
 @task(cache_policy=NO_CACHE, task_run_name="finish-query-r{round_id:02d}")
@@ -87,12 +87,8 @@ def finish_shards(campaign_dir: str, round_id: int, prepared: dict[str, Any], re
     frames = [pd.DataFrame(result["queries"]).astype({"y": "int32", "x": "int32", "score": "float32",
                                                        "round": "int32"}) for result in results]
     seconds = [result["seconds"] for result in results]
-    measured = finish_query(prepared["step"], _plan(prepared["plan"]), frames, seconds)
+    measured = finish_query(prepared["step"], prepared["plan"], frames, seconds)
     return asdict(record_step(campaign, STEPS["query"], round_id, prepared["key"], measured))
-
-
-def _plan(plan: dict[str, Any]) -> QueryPlan:
-    return QueryPlan(**{**plan, "shards": [[(index, list(ids)) for index, ids in shard] for shard in plan["shards"]]})
 
 
 def query_on_cluster(campaign_dir: str, round_id: int, shards: int) -> dict | None:
