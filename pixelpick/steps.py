@@ -74,16 +74,14 @@ def query(step: StepInput) -> dict[str, Any]:
     process: the plan's single shard, then the merge (a cluster runs the same three functions, shards in
     parallel)."""
     plan = plan_query(step)
-    previous_snapshot = step.inputs.get("previous_snapshot")
-    labels = read_labels(previous_snapshot) if previous_snapshot is not None else None
-    frame, seconds = query_shard(step, plan, 0, labelled_pixels(labels, plan.shards[0]))
+    frame, seconds = query_shard(step, plan, 0, labelled_by_shard(step, plan)[0])
     return finish_query(step, plan, [frame], [seconds])
 
 
 def plan_query(step: StepInput, shards: int = 1) -> QueryPlan:
     """Split the round's query into `shards` runs of whole inference batches; create (or reuse) the store."""
     settings = step.settings
-    previous_model, previous_snapshot = step.inputs.get("previous_model"), step.inputs.get("previous_snapshot")
+    previous_model = step.inputs.get("previous_model")
     batches = pool_batches(step.pool, settings.train.eval_batch_size)
     count = max(1, min(shards, len(batches)))
     split = [batches[i * len(batches) // count:(i + 1) * len(batches) // count] for i in range(count)]
@@ -113,18 +111,24 @@ def plan_query(step: StepInput, shards: int = 1) -> QueryPlan:
                      settings.acquire.strategy, key=key)
     weights = None
     if settings.acquire.class_balance > 0:
-        labels = read_labels(previous_snapshot) if previous_snapshot is not None else None
-        weights = _class_weights(step, labels, settings.acquire.class_balance).tolist()
+        weights = _class_weights(step, _previous_labels(step), settings.acquire.class_balance).tolist()
     return QueryPlan(split, str(location), reuse, str(previous_model), weights)
 
 
-def labelled_pixels(labels: pd.DataFrame | None, shard: list[tuple[int, list[str]]]) -> dict[str, np.ndarray]:
-    """The labelled (y, x) of a shard's images: what its selection must not ask again."""
+def labelled_by_shard(step: StepInput, plan: QueryPlan) -> list[dict[str, np.ndarray]]:
+    """For each shard, the labelled (y, x) of its images: what its selection must not ask again."""
+    labels = _previous_labels(step)
     if labels is None:
-        return {}
-    wanted = {image_id for _, ids in shard for image_id in ids}
-    rows = labels[labels["image_id"].isin(wanted)]
-    return {image_id: group[["y", "x"]].to_numpy() for image_id, group in rows.groupby("image_id", sort=False)}
+        return [{} for _ in plan.shards]
+    by_image = {image_id: group[["y", "x"]].to_numpy() for image_id, group in labels.groupby("image_id", sort=False)}
+    return [{image_id: by_image[image_id] for _, ids in shard for image_id in ids if image_id in by_image}
+            for shard in plan.shards]
+
+
+def _previous_labels(step: StepInput) -> pd.DataFrame | None:
+    """Every label before this round (the previous round's snapshot); None in round 0."""
+    previous_snapshot = step.inputs.get("previous_snapshot")
+    return read_labels(previous_snapshot) if previous_snapshot is not None else None
 
 
 def query_shard(step: StepInput, plan: QueryPlan, index: int,

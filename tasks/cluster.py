@@ -24,10 +24,9 @@ from distributed import get_worker
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pixelpick.labels import read_labels
 from pixelpick.recipe import STEPS, begin_step, record_step
 from pixelpick.step_input import StepInput
-from pixelpick.steps import QueryPlan, finish_query, labelled_pixels, plan_query, query_shard
+from pixelpick.steps import QueryPlan, finish_query, labelled_by_shard, plan_query, query_shard
 from tasks.steps import open_for_task
 
 
@@ -62,10 +61,7 @@ def plan_shards(campaign_dir: str, round_id: int, shards: int) -> dict[str, Any]
         return None
     query = step.prepare(campaign, round_id)
     plan = plan_query(query, shards)
-    previous_snapshot = query.inputs.get("previous_snapshot")
-    labels = read_labels(previous_snapshot) if previous_snapshot is not None else None
-    return {"key": key, "step": query, "plan": plan,
-            "labelled": [labelled_pixels(labels, shard) for shard in plan.shards]}
+    return {"key": key, "step": query, "plan": plan, "labelled": labelled_by_shard(query, plan)}
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1, task_run_name="query-shard-{index}")
