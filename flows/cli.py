@@ -262,7 +262,7 @@ def run_campaign(args: argparse.Namespace) -> None:
 def run_round(args: argparse.Namespace) -> None:
     cluster = _cluster(args)
     _opened(args, args.round)
-    from flows.round import on_cluster  # after the checks: the flows import torch, which takes seconds
+    from flows.round import on_cluster  # after the checks: the flows import Prefect and MLflow (seconds)
 
     summary = on_cluster(cluster)(_choice(args), args.round, cluster)
     miou = "n/a" if summary["miou"] is None else f"{100 * summary['miou']:.1f}"

@@ -1,13 +1,15 @@
 """One active-learning round as a Prefect flow: the recipe's steps as tasks, then versioning and reporting.
 
     pixelpick round 1                         # round 1 of the campaign in params.yaml (earlier rounds must exist)
+
+The cluster's module (Dask, and torch for the query's shards) is imported only when a cluster is asked for: a run
+without one, or a scheduled run that finds nothing to do, starts without them.
 """
 
 from prefect import flow
 
 from flows.parameters import CampaignChoice, ClusterChoice
 from tasks.campaigns import finish_round, hold_campaign, start_campaign
-from tasks.cluster import dask_task_runner, query_on_cluster
 from tasks.steps import run_step_task
 
 
@@ -21,6 +23,8 @@ def round_flow(campaign: CampaignChoice = CampaignChoice(), round_id: int = 0,
     with hold_campaign(opened["dir"]):
         for step in opened["steps"]:
             if step == "query" and cluster.enabled:
+                from tasks.cluster import query_on_cluster
+
                 query_on_cluster(opened["dir"], round_id, cluster.shard_count)
             else:
                 run_step_task(opened["dir"], step, round_id)
@@ -29,5 +33,8 @@ def round_flow(campaign: CampaignChoice = CampaignChoice(), round_id: int = 0,
 
 def on_cluster(cluster: ClusterChoice):
     """The round flow with the cluster's task runner (the flow's own process runs everything without one)."""
-    runner = dask_task_runner(cluster.workers, cluster.address)
-    return round_flow if runner is None else round_flow.with_options(task_runner=runner)
+    if not cluster.enabled:
+        return round_flow
+    from tasks.cluster import dask_task_runner
+
+    return round_flow.with_options(task_runner=dask_task_runner(cluster.workers, cluster.address))

@@ -16,7 +16,7 @@ writes are idempotent.
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import dask
@@ -51,8 +51,19 @@ def dask_task_runner(workers: int = 0, address: str | None = None):
 _THREAD_LIMITS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")  # Dask's defaults for its workers
 
 
+@dataclass(frozen=True)
+class ShardedQuery:
+    """What the shards of a round's query are given, and what its end records: the step's key and input, the plan,
+    and each shard's images' labelled pixels."""
+
+    key: str
+    step: StepInput
+    plan: QueryPlan
+    labelled: list[dict]
+
+
 @task(cache_policy=NO_CACHE, task_run_name="plan-query-r{round_id:02d}")
-def plan_shards(campaign_dir: str, round_id: int, shards: int) -> dict[str, Any] | None:
+def plan_shards(campaign_dir: str, round_id: int, shards: int) -> ShardedQuery | None:
     """The query's plan, or None when the step is fresh (nothing to do). Inputs go to workers as values."""
     campaign = open_for_task(campaign_dir)
     step = STEPS["query"]
@@ -61,7 +72,7 @@ def plan_shards(campaign_dir: str, round_id: int, shards: int) -> dict[str, Any]
         return None
     query = step.prepare(campaign, round_id)
     plan = plan_query(query, shards)
-    return {"key": key, "step": query, "plan": plan, "labelled": labelled_by_shard(query, plan)}
+    return ShardedQuery(key, query, plan, labelled_by_shard(query, plan))
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1, task_run_name="query-shard-{index}")
@@ -75,7 +86,7 @@ def run_shard(query: StepInput, plan: QueryPlan, index: int, labelled: dict) -> 
 
 
 @task(cache_policy=NO_CACHE, task_run_name="finish-query-r{round_id:02d}")
-def finish_shards(campaign_dir: str, round_id: int, prepared: dict[str, Any], results: list[dict]) -> dict:
+def finish_shards(campaign_dir: str, round_id: int, prepared: ShardedQuery, results: list[dict]) -> dict:
     """Merge the shards' picks into the round's queries and record the step as done."""
     import pandas as pd
 
@@ -83,8 +94,8 @@ def finish_shards(campaign_dir: str, round_id: int, prepared: dict[str, Any], re
     frames = [pd.DataFrame(result["queries"]).astype({"y": "int32", "x": "int32", "score": "float32",
                                                        "round": "int32"}) for result in results]
     seconds = [result["seconds"] for result in results]
-    measured = finish_query(prepared["step"], prepared["plan"], frames, seconds)
-    return asdict(record_step(campaign, STEPS["query"], round_id, prepared["key"], measured))
+    measured = finish_query(prepared.step, prepared.plan, frames, seconds)
+    return asdict(record_step(campaign, STEPS["query"], round_id, prepared.key, measured))
 
 
 def query_on_cluster(campaign_dir: str, round_id: int, shards: int) -> dict | None:
@@ -92,6 +103,6 @@ def query_on_cluster(campaign_dir: str, round_id: int, shards: int) -> dict | No
     prepared = plan_shards(campaign_dir, round_id, shards)
     if prepared is None:
         return None
-    futures = [run_shard.submit(prepared["step"], prepared["plan"], index, labelled)
-               for index, labelled in enumerate(prepared["labelled"])]
+    futures = [run_shard.submit(prepared.step, prepared.plan, index, labelled)
+               for index, labelled in enumerate(prepared.labelled)]
     return finish_shards(campaign_dir, round_id, prepared, [future.result() for future in futures])
