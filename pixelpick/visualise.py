@@ -5,11 +5,18 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # headless: flows run on servers
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def _pyplot():
+    """matplotlib's pyplot, headless (flows run on servers). Imported when a figure is drawn: it takes half a second,
+    and the steps that draw nothing (every DVC stage but evaluate) start without it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def query_panel(
@@ -20,7 +27,7 @@ def query_panel(
 ) -> bytes:
     """A PNG with one row per image: the image with its picks (red rings), and the score map (brighter = more
     informative) when the round had a model."""
-    rows = len(images)
+    rows, plt = len(images), _pyplot()
     fig, axes = plt.subplots(rows, 2, figsize=(7, 2.6 * rows), squeeze=False)
     for row, (image, yx, score, title) in enumerate(zip(images, picks, scores, titles)):
         left, right = axes[row]
@@ -46,6 +53,7 @@ def query_panel(
 def progress_plot(rows: Sequence[dict], title: str) -> bytes:
     """A PNG of mIoU (%) against labelled pixels per image, one point per evaluated round; rounds whose mIoU was not
     measured are left out (and said so when none was). Byte-identical for identical rows."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     measured = [row for row in rows if row.get("miou") is not None]
     if measured:

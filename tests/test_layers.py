@@ -182,8 +182,10 @@ def test_a_dvc_stages_command_starts_without_prefect_mlflow_or_a_web_server(refe
 
 def test_the_stages_that_write_files_only_start_without_torch_or_the_orchestration_stack():
     """`pixelpick step settings` runs on every `dvc repro` after params.yaml changes, annotate and ingest in every
-    round: they read and write tables, so their start must not pay for importing torch, Prefect or MLflow."""
+    round: they read and write tables, so their start must not pay for importing torch, Prefect, MLflow or
+    matplotlib."""
     probe = ("import sys, flows.cli, tasks.pipeline_files, pixelpick.recipe, pixelpick.labelling\n"
-             "print(sorted(set(sys.modules) & {'prefect', 'mlflow', 'dvc', 'torch', 'torchvision', 'skimage'}))")
+             "print(sorted(set(sys.modules) & {'prefect', 'mlflow', 'dvc', 'torch', 'torchvision', 'skimage',"
+             " 'matplotlib'}))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
