@@ -3,10 +3,14 @@ MLflow on a SQLite file: versioning, lineage, caching by content, loadable model
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -33,9 +37,17 @@ def run(*cmd: str, cwd: Path) -> str:
 
 def scratch_repo(folder: Path, params: str = TINY_PARAMS) -> Path:
     """A git + DVC repository holding a params.yaml, as a project using PixelPick would."""
-    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(_empty_repo(), folder, symlinks=True, dirs_exist_ok=True)
     (folder / "params.yaml").write_text(params)
     (folder / ".gitignore").write_text("/data/synthetic/\n/data/cache/\n")  # each campaign ignores its own rounds
+    return folder
+
+
+@functools.cache
+def _empty_repo() -> Path:
+    """`git init` and `dvc init` once per test process (a DVC start each time): scratch repositories are copies."""
+    folder = Path(tempfile.mkdtemp(prefix="empty-repo-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     run("git", "init", "-q", cwd=folder)
     run("git", "config", "user.email", "test@example.com", cwd=folder)
     run("git", "config", "user.name", "test", cwd=folder)

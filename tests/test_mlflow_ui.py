@@ -8,6 +8,7 @@ uses a fresh browser profile for that reason.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -58,7 +59,8 @@ def mlflow_ui(tmp_path_factory) -> Iterator[tuple[str, str]]:
     log = (home / "server.log").open("w")
     process = subprocess.Popen(
         [Path(sys.executable).parent / "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+         "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # as the README says
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(process, lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200,
