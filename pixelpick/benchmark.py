@@ -264,6 +264,7 @@ DENSE_TRAIN = Step(
     steps.train,  # with no snapshot among its inputs: on every pixel's ground truth
     lambda c, r: {"training_state": str(c.files(r).training_state)},
     reads="train",
+    records_recipe=True,
 )
 DENSE_EVALUATE = Step(
     "evaluate-dense",

@@ -65,7 +65,8 @@ class Step:
     """One step: its name, the recipe keys in its key, its inputs and outputs (named paths, given the campaign and
     the round), the function that runs it on its `StepInput`, and where it may keep what is not an output.
     `reads`: the step whose declared settings it reads (pixelpick/settings.py), when not its own name. `metrics`:
-    its output is a small metrics file."""
+    its output is a small metrics file. `records_recipe`: its output says which recipe made it (a checkpoint), so
+    its input carries the campaign's recipe record."""
 
     name: str
     settings: Callable[[Campaign, int], tuple[str, ...]]
@@ -75,6 +76,7 @@ class Step:
     scratch: Callable[[Campaign, int], dict[str, str]] = _nothing
     reads: str | None = None
     metrics: bool = False
+    records_recipe: bool = False
 
     def prepare(self, campaign: Campaign, round_id: int, runtime: Runtime | None = None) -> StepInput:
         """Everything the step of round `round_id` computes from, and nothing more: the one value every way of
@@ -86,7 +88,7 @@ class Step:
             keyed=keyed,
             inputs=self.inputs(campaign, round_id), outputs=self.outputs(campaign, round_id),
             scratch=self.scratch(campaign, round_id), manifest=campaign.pool_manifest(round_id),
-            simulated=campaign.simulated, provenance=campaign.recipe_settings(),
+            simulated=campaign.simulated, provenance=campaign.recipe_settings() if self.records_recipe else {},
             runtime=runtime or Runtime())
 
 
@@ -179,7 +181,7 @@ INGEST = Step(
     labelling.ingest,
 )
 TRAIN_STEP = Step("train", _train_settings, _train_inputs, lambda c, r: {"model": c.files(r).model},
-                  lambda step: _steps().train(step), _train_scratch)
+                  lambda step: _steps().train(step), _train_scratch, records_recipe=True)
 EVALUATE = Step(
     "evaluate",
     _reads("evaluate"),
