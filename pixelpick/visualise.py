@@ -9,7 +9,7 @@ import numpy as np
 
 
 def _pyplot():
-    """matplotlib's pyplot, headless (flows run on servers). Imported when a figure is drawn: it takes half a second,
+    """matplotlib's pyplot, headless (flows run on servers). Imported when a figure is drawn: it takes about 0.4 s,
     and the steps that draw nothing (every DVC stage but evaluate) start without it."""
     import matplotlib
 
