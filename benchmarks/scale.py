@@ -6,9 +6,10 @@ Prints figures, asserts nothing (docs/performance.md has the measured ones and t
     python benchmarks/scale.py --images 1000 --images 10000 --modes 2    # per-worker memory as the pool grows
 
 For each mode it runs the recipe's query step the way a round does (`plan_query`, `query_shard` per shard,
-`finish_query`) on a model saved as the previous round's, and reports images/s, the peak resident memory of each
-process that did the work, and the store's size. Workers are local Dask processes with one thread each; the
-single-process mode uses every core, as a round does by default. Run it on an otherwise idle machine.
+`finish_query`) on a model saved as the previous round's, after round 0's random labels, and reports images/s, the
+peak resident memory of each process that did the work, and the store's size. Workers are local Dask processes with
+one thread each; the single-process mode uses every core, as a round does by default. Run it on an otherwise idle
+machine.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def make_campaign(folder: Path, images: int, size: tuple[int, int]):
 
     from pixelpick.campaign import open_campaign
     from pixelpick.checkpoints import save_checkpoint
-    from pixelpick.recipe import TRAIN_STEP
+    from pixelpick.recipe import STEPS, TRAIN_STEP, run_step
 
     overrides = {"data.root": str(folder / f"pool-{images}"), "data.synthetic.num_train": images,
                  "data.synthetic.num_val": 1, "data.synthetic.height": size[0], "data.synthetic.width": size[1],
@@ -46,6 +47,8 @@ def make_campaign(folder: Path, images: int, size: tuple[int, int]):
     campaign = open_campaign(REPO / "params.yaml", overrides)
     print(f"pool of {images} images at {size[0]}x{size[1]} ready in {time.perf_counter() - started:.0f} s",
           flush=True)
+    for name in ("query", "annotate", "ingest"):  # round 0's labels (random picks), which round 1 must not ask again
+        run_step(campaign, STEPS[name], 0)
     torch.manual_seed(0)
     model = TRAIN_STEP.prepare(campaign, 0).new_model()
     save_checkpoint(campaign.files(0).model, model, arch=campaign.settings.model.arch,
@@ -53,13 +56,14 @@ def make_campaign(folder: Path, images: int, size: tuple[int, int]):
     return campaign
 
 
-def _shard_in_process(query, plan, index: int, threads: int) -> tuple[object, dict, float]:
+def _shard_in_process(query, plan, index: int, labelled: dict, threads: int) -> tuple[object, dict, float]:
     """One shard in a fresh process with `threads` threads; returns its picks, seconds and peak memory."""
     from dataclasses import replace
 
     from pixelpick.steps import query_shard
 
-    frame, seconds = query_shard(replace(query, runtime=replace(query.runtime, threads=threads)), plan, index, {})
+    frame, seconds = query_shard(replace(query, runtime=replace(query.runtime, threads=threads)), plan, index,
+                                 labelled)
     return frame, seconds, peak_rss_mib()
 
 
@@ -75,13 +79,13 @@ def run_query(campaign, workers: int, shards: int) -> dict:
     query = QUERY.prepare(campaign, 1)  # round 1's query step, from round 0's model
     remove_store(query.scratch["probability_store"])  # each mode infers afresh, none reuses another's store
     started = time.perf_counter()
-    plan = plan_query(query, shards=shards if workers else 1)
+    plan, labelled = plan_query(query, shards=shards if workers else 1)
     planned = time.perf_counter() - started
     if workers == 0:
         with ProcessPoolExecutor(1) as pool:
             pool.submit(int).result()  # the process is up
             shards_started = time.perf_counter()
-            outputs = [pool.submit(_shard_in_process, query, plan, 0, os.cpu_count() or 1).result()]
+            outputs = [pool.submit(_shard_in_process, query, plan, 0, labelled[0], os.cpu_count() or 1).result()]
             shard_seconds = time.perf_counter() - shards_started
         peaks = [outputs[0][2]]
     else:
@@ -90,8 +94,8 @@ def run_query(campaign, workers: int, shards: int) -> dict:
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True) as cluster, \
                 Client(cluster) as client:
             shards_started = time.perf_counter()
-            futures = [client.submit(_shard_in_process, query, plan, index, 1, pure=False)
-                       for index in range(len(plan.shards))]
+            futures = [client.submit(_shard_in_process, query, plan, index, shard_labelled, 1, pure=False)
+                       for index, shard_labelled in enumerate(labelled)]
             outputs = client.gather(futures)
             shard_seconds = time.perf_counter() - shards_started
             peaks = list(client.run(peak_rss_mib).values())

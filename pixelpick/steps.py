@@ -73,20 +73,24 @@ def query(step: StepInput) -> dict[str, Any]:
     """Choose the round's pixels: k per image, never one already labelled (nor, in simulation, void). In one
     process: the plan's single shard, then the merge (a cluster runs the same three functions, shards in
     parallel)."""
-    plan = plan_query(step)
-    frame, seconds = query_shard(step, plan, 0, labelled_by_shard(step, plan)[0])
+    plan, labelled = plan_query(step)
+    frame, seconds = query_shard(step, plan, 0, labelled[0])
     return finish_query(step, plan, [frame], [seconds])
 
 
-def plan_query(step: StepInput, shards: int = 1) -> QueryPlan:
-    """Split the round's query into `shards` runs of whole inference batches; create (or reuse) the store."""
+def plan_query(step: StepInput, shards: int = 1) -> tuple[QueryPlan, list[dict[str, np.ndarray]]]:
+    """Split the round's query into `shards` runs of whole inference batches and create (or reuse) the store.
+    Returns the plan and, for each shard, the labelled (y, x) of its images: what its selection must not ask again.
+    The previous snapshot is read once, for those and for the class weights."""
     settings = step.settings
-    previous_model = step.inputs.get("previous_model")
+    previous_model, previous_snapshot = step.inputs.get("previous_model"), step.inputs.get("previous_snapshot")
+    labels = read_labels(previous_snapshot) if previous_snapshot is not None else None
     batches = pool_batches(step.pool, settings.train.eval_batch_size)
     count = max(1, min(shards, len(batches)))
     split = [batches[i * len(batches) // count:(i + 1) * len(batches) // count] for i in range(count)]
+    labelled = _labelled_by_shard(labels, split)
     if previous_model is None or settings.acquire.strategy == "random":
-        return QueryPlan(split)
+        return QueryPlan(split), labelled
     location = step.scratch["probability_store"]
     key = value_digest({"model": file_md5(previous_model), "strategy": settings.acquire.strategy,
                         "mc_samples": settings.acquire.mc_samples,
@@ -111,24 +115,17 @@ def plan_query(step: StepInput, shards: int = 1) -> QueryPlan:
                      settings.acquire.strategy, key=key)
     weights = None
     if settings.acquire.class_balance > 0:
-        weights = _class_weights(step, _previous_labels(step), settings.acquire.class_balance).tolist()
-    return QueryPlan(split, str(location), reuse, str(previous_model), weights)
+        weights = _class_weights(step, labels, settings.acquire.class_balance).tolist()
+    return QueryPlan(split, str(location), reuse, str(previous_model), weights), labelled
 
 
-def labelled_by_shard(step: StepInput, plan: QueryPlan) -> list[dict[str, np.ndarray]]:
-    """For each shard, the labelled (y, x) of its images: what its selection must not ask again."""
-    labels = _previous_labels(step)
+def _labelled_by_shard(labels: pd.DataFrame | None,
+                       shards: list[list[tuple[int, list[str]]]]) -> list[dict[str, np.ndarray]]:
     if labels is None:
-        return [{} for _ in plan.shards]
+        return [{} for _ in shards]
     by_image = {image_id: group[["y", "x"]].to_numpy() for image_id, group in labels.groupby("image_id", sort=False)}
     return [{image_id: by_image[image_id] for _, ids in shard for image_id in ids if image_id in by_image}
-            for shard in plan.shards]
-
-
-def _previous_labels(step: StepInput) -> pd.DataFrame | None:
-    """Every label before this round (the previous round's snapshot); None in round 0."""
-    previous_snapshot = step.inputs.get("previous_snapshot")
-    return read_labels(previous_snapshot) if previous_snapshot is not None else None
+            for shard in shards]
 
 
 def query_shard(step: StepInput, plan: QueryPlan, index: int,

@@ -1,10 +1,11 @@
 """A round's query on a Dask cluster: the pool split into shards, one task per shard, merged into the same queries.
 
 The recipe's query step is three library functions (`pixelpick.steps`): `plan_query` splits the pool into shards of
-whole inference batches and creates the round's probability store; `query_shard` runs the previous model over one
-shard's images, writes their chunks (one chunk per image, so no two shards share one) and picks their pixels;
-`finish_query` merges the picks in pool order and marks the store complete. In one process they run one after the
-other (`steps.query`); here each shard is a Prefect task that `prefect-dask`'s task runner sends to a worker.
+whole inference batches, gives each its images' labelled pixels and creates the round's probability store;
+`query_shard` runs the previous model over one shard's images, writes their chunks (one chunk per image, so no two
+shards share one) and picks their pixels; `finish_query` merges the picks in pool order and marks the store complete.
+In one process they run one after the other (`steps.query`); here each shard is a Prefect task that `prefect-dask`'s
+task runner sends to a worker.
 
 A shard task is given everything it needs as objects: the query step's input (`pixelpick.step_input`), the plan, its
 images' labelled pixels. It reads the dataset, the model checkpoint and the store, so workers need those three (a
@@ -26,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pixelpick.recipe import STEPS, begin_step, record_step
 from pixelpick.step_input import StepInput
-from pixelpick.steps import QueryPlan, finish_query, labelled_by_shard, plan_query, query_shard
+from pixelpick.steps import QueryPlan, finish_query, plan_query, query_shard
 from tasks.steps import open_for_task
 
 
@@ -71,8 +72,8 @@ def plan_shards(campaign_dir: str, round_id: int, shards: int) -> ShardedQuery |
     if done is not None:
         return None
     query = step.prepare(campaign, round_id)
-    plan = plan_query(query, shards)
-    return ShardedQuery(key, query, plan, labelled_by_shard(query, plan))
+    plan, labelled = plan_query(query, shards)
+    return ShardedQuery(key, query, plan, labelled)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1, task_run_name="query-shard-{index}")

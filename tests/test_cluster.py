@@ -66,7 +66,7 @@ def assert_same_query(campaign, reference):
 
 
 def test_shards_are_whole_batches_and_never_share_a_chunk(reference):
-    plan = plan_query(QUERY.prepare(reference, 1), shards=5)
+    plan, _ = plan_query(QUERY.prepare(reference, 1), shards=5)
     images = [image_id for shard in plan.shards for _, ids in shard for image_id in ids]
     assert sorted(images) == sorted(reference.pool.image_ids) and len(images) == len(set(images))
     assert len(plan.shards) == 5
