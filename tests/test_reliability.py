@@ -220,15 +220,19 @@ def test_a_killed_flows_server_is_stopped_and_its_flow_runs_marked_crashed_by_th
         tmp_path, migrated_prefect_database):
     repo = scratch_repo(tmp_path / "repo")
     home, environment = _temporary_server_environment(tmp_path, migrated_prefect_database)
-    process = subprocess.Popen(["pixelpick", "campaign", *LONGER], cwd=repo, text=True, env=environment,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Its output goes to a file: a pipe nobody reads while it runs could fill and stop it.
+    with (tmp_path / "campaign.log").open("w") as log:
+        process = subprocess.Popen(["pixelpick", "campaign", *LONGER], cwd=repo, text=True, env=environment,
+                                   stdout=log, stderr=subprocess.STDOUT)
     wait_for(lambda: (repo / "data/runs/tiny/rounds/r00/train.resume.pt").exists() or process.poll() is not None,
              what="training under Prefect")
     process.kill()
     process.wait()
+    output = (tmp_path / "campaign.log").read_text()[-3000:]
+    assert process.returncode == -signal.SIGKILL, output  # killed while training, not ended on its own
     orphans = _servers(home)
-    assert orphans
-    assert _flow_run_states(home) == [("campaign", "RUNNING"), ("round-00", "RUNNING")]
+    assert orphans, output
+    assert _flow_run_states(home) == [("campaign", "RUNNING"), ("round-00", "RUNNING")], output
 
     # Any command stops the orphaned server, one that runs no flow too.
     subprocess.run(["pixelpick", "pipeline", *LONGER], cwd=repo, env=environment, check=True, capture_output=True)
