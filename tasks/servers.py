@@ -113,20 +113,26 @@ OWNER_TAG = "pixelpick.process:"
 
 def owner_tag() -> str:
     """This process, as a flow run's tag: host, pid and start time (a pid alone may be reused)."""
-    started = int(psutil.Process().create_time())
-    return f"{OWNER_TAG}{socket.gethostname()}:{os.getpid()}:{started}"
+    return f"{OWNER_TAG}{socket.gethostname()}:{os.getpid()}:{_started_since_boot(psutil.Process())}"
+
+
+def _started_since_boot(process: psutil.Process) -> str:
+    """When `process` started, in seconds since the machine booted. Not its start time on the clock: psutil derives
+    that from the boot time the kernel reports, which moves whenever the clock is stepped (NTP, a virtual machine
+    synchronising with its host), and a live process would then look like another one with its pid."""
+    return f"{process.create_time() - psutil.boot_time():.2f}"
 
 
 def _owner_gone(tag: str) -> bool:
     try:
         host, pid, started = tag.removeprefix(OWNER_TAG).rsplit(":", 2)
-        pid, started = int(pid), int(started)
+        pid = int(pid)
     except ValueError:
         return False
     if host != socket.gethostname():  # another machine's run: not ours to judge
         return False
     try:
-        return int(psutil.Process(pid).create_time()) != started
+        return _started_since_boot(psutil.Process(pid)) != started
     except psutil.NoSuchProcess:
         return True
 

@@ -215,6 +215,21 @@ def test_a_signal_stops_a_prefect_campaign_within_seconds_and_its_temporary_serv
     assert states["campaign"] in ("CRASHED", "CANCELLED") and "RUNNING" not in states.values(), states
 
 
+def test_a_running_process_owns_its_flow_runs_after_the_clock_is_stepped(monkeypatch):
+    """The kernel's boot time, from which psutil derives start times on the clock, moves when the clock is stepped:
+    a live process must not then look gone, or the next command would mark its running flow runs Crashed."""
+    import psutil
+
+    from tasks.servers import _owner_gone, owner_tag
+
+    tag = owner_tag()
+    boot_time = psutil._psplatform.boot_time
+    monkeypatch.setattr(psutil._psplatform, "boot_time", lambda: boot_time() + 1.0)  # the clock, a second on
+    assert not _owner_gone(tag)
+    assert _owner_gone(f"{tag.rsplit(':', 1)[0]}:0.01")  # the same pid, started at another time: a reused pid
+    assert _owner_gone(f"{tag.rsplit(':', 2)[0]}:{2**22 + 1}:0.01")  # no such process
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
 def test_a_killed_flows_server_is_stopped_and_its_flow_runs_marked_crashed_by_the_next_commands(
         tmp_path, migrated_prefect_database):
