@@ -142,8 +142,9 @@ def label_in_the_ui(label_studio: LabelStudio, project: int, screenshots: Path) 
         for image_id, task in tasks.items():
             page.goto(f"{label_studio.url}/projects/{project}/data?task={task}")
             image = page.locator("img[alt=image]")
-            image.wait_for(state="attached", timeout=60_000)
-            page.wait_for_function("() => document.querySelector('img[alt=image]').naturalWidth > 0")
+            # The editor re-renders while it loads a task, so the image can be gone between two polls.
+            page.wait_for_function("() => document.querySelector('img[alt=image]')?.naturalWidth > 0",
+                                   timeout=60_000)
             regions = page.locator(".lsf-tree__node_type_keypointregion")
             regions.nth(len(keys[image_id]) - 1).wait_for()
             # The pre-annotation's points (the queried pixels) arrive as regions of the new annotation.
