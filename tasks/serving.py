@@ -52,7 +52,8 @@ class SegmentationModel(PythonModel):
 
         self.predictor = Predictor(context.artifacts["checkpoint"])
 
-    def predict(self, context, model_input, params=None) -> dict[str, np.ndarray]:  # noqa: ANN001
+    # The input's type hint tells MLflow the model takes an array: without one it warns at every logging and loading.
+    def predict(self, context, model_input: np.ndarray, params=None) -> dict[str, np.ndarray]:  # noqa: ANN001
         output = (params or {}).get("output", DEFAULT_OUTPUT)
         check_output(output)  # before the forward pass is paid for
         return encode_output(self.predictor.predict(np.asarray(model_input, dtype=np.uint8)), output)

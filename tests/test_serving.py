@@ -35,7 +35,7 @@ class StubModel(SegmentationModel):
 def model(tmp_path_factory):
     """Saved and loaded through MLflow with the real signature, so its parameter checking is what a request meets."""
     path = tmp_path_factory.mktemp("served") / "model"
-    mlflow.pyfunc.save_model(path, python_model=StubModel(), signature=model_signature(3))
+    mlflow.pyfunc.save_model(path, python_model=StubModel(), signature=model_signature(3), input_example=IMAGES)
     return mlflow.pyfunc.load_model(str(path))
 
 
