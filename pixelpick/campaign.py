@@ -329,7 +329,7 @@ def check_against_data(campaign: Campaign) -> None:
     try:
         pool = campaign.pool
     except DatasetError as error:
-        raise CampaignError(f"data.train_split: {error}") from None
+        raise CampaignError(f"the pool (data.root, data.train_split): {error}") from None
     if len(pool) == 0:
         raise CampaignError(f"data.train_split: split {settings.data.train_split!r} of {settings.data.root} has no "
                             "images")

@@ -374,7 +374,7 @@ def load_settings(path: str | Path = "params.yaml", overrides: dict[str, Any] | 
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError as exc:
-        raise SettingsError(f"settings file not found: {path}") from exc
+        raise SettingsError(f"settings file not found: {path.absolute()}") from exc  # which folder was searched
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

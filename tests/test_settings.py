@@ -20,6 +20,12 @@ def test_repository_params_load_and_resolve_paths_against_the_file():
     assert settings.campaign.run_dir == REPO / "data" / "runs" / settings.campaign.name
 
 
+def test_a_missing_settings_file_is_named_with_the_folder_searched(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SettingsError, match=f"settings file not found: {tmp_path / 'params.yaml'}$"):
+        load_settings("params.yaml")
+
+
 def test_unknown_key_is_named(tmp_path):
     with pytest.raises(SettingsError, match=r"train\.epochz"):
         load_settings(write(tmp_path, "train:\n  epochz: 3\n"))
